@@ -1,0 +1,235 @@
+"""Typed configuration: nested dataclasses loaded strictly from YAML.
+
+`configs/default.yaml` lists every field below with a one-line comment. Loading is strict:
+an unknown key or a value of the wrong type raises `ConfigError` naming the dotted key.
+`section.key=value` overrides (from `--set`) are parsed with `yaml.safe_load`, checked the
+same way, and logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(PipelineError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class SynthConfig:
+    patients: int = 5  # patients per modality (CT and MR each get this many)
+    seed: int = 0  # same seed -> byte-identical data set
+    ct_size: int = 160  # in-plane matrix of the CT series (rows = columns)
+    mr_size: int = 128  # in-plane matrix of the MR series
+    ct_slices: list[int] = field(default_factory=lambda: [40, 56])  # [min, max] CT slice count
+    mr_slices: list[int] = field(default_factory=lambda: [26, 36])  # [min, max] MR slice count
+
+
+@dataclass
+class PrepareConfig:
+    sequences: list[str] = field(
+        default_factory=lambda: ["CT", "T1DUAL_InPhase", "T1DUAL_OutPhase", "T2SPIR"]
+    )  # which sequences to ingest
+    folds: int = 5  # number of patient-level cross-validation folds
+    fold_seed: int = 0  # seed of the patient -> fold assignment
+    spacing_tolerance: float = 0.01  # max relative deviation of a slice step from the median
+    orientation_tolerance: float = 1e-4  # max difference between slice direction cosines
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # UNet features per level
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level
+    num_res_units: int = 2  # residual units per block (0 = plain convolutions)
+    dropout: float = 0.1  # dropout probability
+    norm: str = "instance"  # normalisation layer: instance | batch
+
+
+@dataclass
+class TrainConfig:
+    roi_size: list[int] = field(default_factory=lambda: [192, 192])  # in-plane model input size
+    ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
+    mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
+    liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
+    slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
+    batch_size: int = 16  # slices per optimisation step (per process under DDP)
+    epochs: int = 40  # epochs per fold
+    lr: float = 2e-3  # peak learning rate of AdamW
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: int = 2  # linear warm-up before the decay
+    schedule: str = "cosine"  # decay after warm-up: cosine | poly
+    loss: str = "dice_ce"  # dice_ce | dice_focal | bce
+    val_every: int = 1  # validate every N epochs
+    amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: CUDA AMP on GPU, bf16 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader workers
+    cache_rate: float = 1.0  # fraction of volumes whose deterministic transforms are cached
+    seed: int = 0  # seed of weights, sampling and augmentation
+
+
+@dataclass
+class InferConfig:
+    folds: str = "all"  # "all" = ensemble of every fold's best checkpoint, or one fold number
+    batch_size: int = 32  # slices per forward pass
+    largest_component: bool = True  # keep only the largest connected liver component
+    fill_holes: bool = True  # fill enclosed holes in the liver mask
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    save_image: bool = False  # also write the image NIfTI beside each mask
+    montage: bool = True  # write a PNG montage per case
+
+
+@dataclass
+class EvaluateConfig:
+    hd_percentile: float = 95.0  # percentile of the Hausdorff distance reported besides MSSD
+
+
+@dataclass
+class Config:
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp` where lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads '1e-3' (no dot) as a string; accept it as the number it clearly is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass `obj` from `mapping`, recursing into nested sections."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply_mapping(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _check_value(dotted, value, hints[key]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'section.key=value' into (['section', 'key'], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply_mapping(cfg, nested)
+        log.info("config override %s = %r", ".".join(parts), value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- `configs/default.yaml` (or `path`) <- overrides, checked strictly."""
+    cfg = Config()
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            _apply_mapping(cfg, data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    elif path != DEFAULT_CONFIG:
+        raise ConfigError(f"{path}: config file not found")
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply_mapping(cfg, data)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return its path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""CHAOS liver segmentation pipeline: command-line entry point.
+
+    python run.py synth    --out DIR [--patients N] [--seed S]
+    python run.py prepare  --data CHAOS_ROOT --out DIR [--sequences CT,T2SPIR,...]
+    python run.py train    --data PREPARED_DIR --run RUN_DIR [--fold K|all] [--resume]
+    python run.py infer    --run RUN_DIR --input PATH --out DIR [--format nifti|chaos-png]
+    python run.py evaluate --pred PATH --ref PATH [--dicom DIR] --out DIR
+    python run.py report   --run RUN_DIR
+    python run.py demo     [--out DIR]     synth -> prepare -> train -> infer -> evaluate
+
+Every command takes --config FILE and --set section.key=value. Each subcommand is a thin
+wrapper around one function of the `pipeline` package; torch and MONAI are imported inside
+the commands so that `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pipeline")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def _config(args, extra: list[str] | None = None):
+    from pipeline.config import load_config
+
+    return load_config(args.config, [*(extra or []), *args.overrides])
+
+
+def cmd_synth(args) -> int:
+    from pipeline.synth import generate_dataset
+
+    extra = []
+    if args.patients is not None:
+        extra.append(f"synth.patients={args.patients}")
+    if args.seed is not None:
+        extra.append(f"synth.seed={args.seed}")
+    cfg = _config(args, extra)
+    root = generate_dataset(args.out, cfg.synth)
+    print(f"synthetic CHAOS data set written to {root}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from pipeline.prepare import prepare_dataset
+
+    extra = [f"prepare.sequences=[{args.sequences}]"] if args.sequences else []
+    cfg = _config(args, extra)
+    prepare_dataset(args.data, args.out, cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.train import run_training
+
+    cfg = _config(args)
+    run_training(data_dir=args.data, run_dir=args.run, fold=args.fold, cfg=cfg, resume=args.resume)
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from pipeline.infer import run_inference
+
+    run_inference(
+        run_dir=args.run, input_path=args.input, out_dir=args.out, overrides=args.overrides,
+        config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
+        series=args.series, fmt=args.format, data_dir=args.data,
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.evaluate import run_evaluation
+
+    cfg = _config(args)
+    run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, dicom=args.dicom, cfg=cfg)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    path = write_report(args.run, eval_dir=args.eval)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    cfg = _config(args)
+    run_demo(args.out, cfg, budget_minutes=args.minutes)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="CHAOS liver segmentation on MONAI: DICOM -> NIfTI -> 2D UNet -> masks.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic data set in the CHAOS Train_Sets layout")
+    p.add_argument("--out", type=Path, required=True, help="output folder (Train_Sets/ is created inside)")
+    p.add_argument("--patients", type=int, default=None, help="patients per modality (synth.patients)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (synth.seed)")
+    _common(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="CHAOS DICOM + Ground PNG -> NIfTI images/labels + datalist with folds")
+    p.add_argument("--data", type=Path, required=True, help="CHAOS root (the folder holding Train_Sets/, or Train_Sets itself)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (imagesTr/, labelsTr/, datalist.json)")
+    p.add_argument("--sequences", default=None,
+                   help="comma-separated subset of CT,T1DUAL_InPhase,T1DUAL_OutPhase,T2SPIR")
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the 2D UNet, one fold or the whole cross-validation")
+    p.add_argument("--data", type=Path, required=True, help="prepared folder (holding datalist.json)")
+    p.add_argument("--run", type=Path, required=True, help="run folder (fold_<k>/ is created inside)")
+    p.add_argument("--fold", default="0", help="fold number or 'all' (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from fold_<k>/last.pt")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="DICOM series or prepared NIfTI -> one NIfTI liver mask per case")
+    p.add_argument("--run", type=Path, required=True, help="trained run folder")
+    p.add_argument("--input", type=Path, required=True,
+                   help="CHAOS root, a single DICOM series folder, or a prepared folder / datalist.json")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fold", default=None, help="use one fold instead of the fold ensemble")
+    p.add_argument("--patients", default=None, help="comma-separated patient ids (e.g. CT_3,MR_1)")
+    p.add_argument("--sequences", default=None, help="comma-separated sequences")
+    p.add_argument("--series", default=None, help="SeriesInstanceUID to pick when a folder holds several")
+    p.add_argument("--data", type=Path, default=None, help="prepared folder, for ground truth in montages")
+    p.add_argument("--format", choices=["nifti", "chaos-png"], default="nifti",
+                   help="chaos-png also writes challenge-style PNG slices")
+    _common(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("evaluate", help="score masks with the CHAOS metrics (Dice, RAVD, ASSD, MSSD, HD95)")
+    p.add_argument("--pred", type=Path, required=True, help="predicted mask(s): NIfTI file/folder or PNG folder(s)")
+    p.add_argument("--ref", type=Path, required=True, help="reference mask(s): NIfTI, PNG folder(s), or a CHAOS root")
+    p.add_argument("--dicom", type=Path, default=None, help="DICOM folder or CHAOS root giving PNG geometry")
+    p.add_argument("--out", type=Path, required=True, help="output folder (metrics.csv, metrics.json)")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write an offline HTML report of a run")
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    p.add_argument("--eval", type=Path, default=None, help="evaluate output folder to include")
+    _common(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="synth -> prepare -> train -> infer -> evaluate on synthetic data")
+    p.add_argument("--out", type=Path, default=Path("data/demo"), help="work folder (default data/demo)")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget in minutes")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from pipeline.errors import PipelineError
+
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

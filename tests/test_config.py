@@ -1,0 +1,66 @@
+"""Config loading: strict keys and types, overrides, round trip."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    DEFAULT_CONFIG, Config, ConfigError, config_to_dict, load_config, save_config,
+)
+
+
+def test_default_yaml_lists_every_field_with_its_default():
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert data == config_to_dict(Config())
+
+
+def test_default_yaml_has_a_comment_on_every_key():
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        if line.startswith("  ") and ":" in line and not line.strip().startswith("#"):
+            assert "#" in line, f"no comment on: {line}"
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="train.epochz"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.batch_size=2.5", "train.batch_size"),
+    ("model.channels=[8, x]", r"model.channels\[1\]"),
+    ("infer.fill_holes=1", "infer.fill_holes"),
+    ("nosection.key=1", "nosection"),
+    ("train", "section.key=value"),
+])
+def test_bad_overrides_fail_with_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-3", "model.channels=[8,16]", "prepare.sequences=[CT]"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.channels == [8, 16] and cfg.prepare.sequences == ["CT"]
+    # an int is accepted where a float is expected, and stored as float
+    assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(path) == cfg
+    assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
