@@ -76,7 +76,7 @@ def cmd_infer(args) -> int:
     run_inference(
         run_dir=args.run, input_path=args.input, out_dir=args.out, overrides=args.overrides,
         config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
-        series=args.series, fmt=args.format, data_dir=args.data,
+        series=args.series, fmt=args.format,
     )
     return 0
 
@@ -144,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", default=None, help="comma-separated patient ids (e.g. CT_3,MR_1)")
     p.add_argument("--sequences", default=None, help="comma-separated sequences")
     p.add_argument("--series", default=None, help="SeriesInstanceUID to pick when a folder holds several")
-    p.add_argument("--data", type=Path, default=None, help="prepared folder, for ground truth in montages")
     p.add_argument("--format", choices=["nifti", "chaos-png"], default="nifti",
                    help="chaos-png also writes challenge-style PNG slices")
     _common(p)
