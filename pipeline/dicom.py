@@ -6,17 +6,25 @@ passed to `write_series` is indexed (slice, row, column) = (k, r, c).
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid,
 )
 
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -185,3 +193,250 @@ def write_series(
             ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+# Why hand-written geometry: SimpleITK's ImageSeriesReader sorts slices but returns LPS, does not
+# check that the steps are even (a missing slice goes unnoticed) or that there is no gantry tilt,
+# and hides which file became which slice, which the Ground-PNG pairing needs. dcm2niix is the
+# reference viewers agree with; we reproduce its voxel order and affine (tested against it):
+#   NIfTI i = DICOM column, j = rows-1-row (rows stored bottom-up), k = slices ascending along
+#   normal = cross(IOP[:3], IOP[3:]) whatever the file names, InstanceNumbers or PatientPosition.
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_NOT_IMAGES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+_DIRECTORY_SOP = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (a DICOMDIR)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders 'IMG-2' before 'IMG-10' (the order people and the CHAOS README use)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+@dataclass
+class SeriesGeometry:
+    """Where the voxels of a volume in NIfTI order (i=column, j=flipped row, k=slice) lie.
+
+    affine: 4x4 float64, voxel index -> RAS mm (equal to dcm2niix's for the same series).
+    shape: (columns, rows, slices); spacing: mm along (i, j, k).
+    files: the source file of NIfTI slice k, i.e. the slice order.
+    rows, cols: the shape of each file's 2D pixel array as stored (rows x cols).
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    files: list[Path]
+    modality: str
+    series_uid: str
+    rows: int
+    cols: int
+
+    def stack(self, slices_by_file: Mapping[Path, np.ndarray]) -> np.ndarray:
+        """Per-file 2D arrays (rows x cols, as stored, e.g. Ground PNGs) -> volume in NIfTI order."""
+        missing = [str(f) for f in self.files if Path(f) not in slices_by_file]
+        if missing:
+            raise PipelineError(f"{missing[0]}: no 2D slice given for this file ({len(missing)} missing)")
+        first = np.asarray(slices_by_file[Path(self.files[0])])
+        out = np.empty(self.shape, dtype=first.dtype)
+        for k, f in enumerate(self.files):
+            arr = np.asarray(slices_by_file[Path(f)])
+            if arr.shape != (self.rows, self.cols):
+                raise PipelineError(f"{f}: 2D slice has shape {arr.shape}, expected {(self.rows, self.cols)}")
+            out[:, :, k] = to_nifti_slice(arr)
+        return out
+
+    def unstack(self, volume: np.ndarray) -> dict[Path, np.ndarray]:
+        """Inverse of `stack`: volume in NIfTI order -> {source file: 2D array rows x cols}."""
+        volume = np.asarray(volume)
+        if volume.shape != tuple(self.shape):
+            raise PipelineError(f"volume shape {volume.shape} does not match series shape {tuple(self.shape)}")
+        return {Path(f): from_nifti_slice(volume[:, :, k]) for k, f in enumerate(self.files)}
+
+
+def to_nifti_slice(arr: np.ndarray) -> np.ndarray:
+    """2D (rows x cols, as stored) -> (i=column, j=flipped row), dcm2niix's in-plane order."""
+    return np.asarray(arr)[::-1, :].T
+
+
+def from_nifti_slice(arr: np.ndarray) -> np.ndarray:
+    """Inverse of `to_nifti_slice`: (i, j) -> rows x cols, as stored in DICOM/PNG."""
+    return np.ascontiguousarray(np.asarray(arr).T[::-1, :])
+
+
+def _list_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """Headers of the image files in `folder`; harmless non-image files are skipped with a warning."""
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: DICOM folder not found")
+    entries = sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+    out = []
+    for path in entries:
+        if not path.is_file():
+            continue
+        if path.name.startswith(".") or path.name in _NOT_IMAGES:
+            log.warning("%s: not a DICOM image, skipped", path)
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            log.warning("%s: not a DICOM file, skipped", path)
+            continue
+        except (OSError, ValueError, EOFError) as exc:
+            raise PipelineError(f"{path}: unreadable DICOM file ({exc})") from None
+        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        if sop == _DIRECTORY_SOP or "ImagePositionPatient" not in ds or "Rows" not in ds:
+            log.warning("%s: DICOM file without an image (e.g. DICOMDIR), skipped", path)
+            continue
+        out.append((path, ds))
+    if not out:
+        subdirs = [p.name for p in entries if p.is_dir()]
+        hint = f" (it holds folders {', '.join(subdirs)}: pass one of them)" if subdirs else ""
+        raise PipelineError(f"{folder}: no DICOM image files found{hint}")
+    return out
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str, path: Path, n: int) -> np.ndarray:
+    try:
+        values = np.array([float(v) for v in ds[keyword].value], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}: missing or invalid {keyword}") from None
+    if values.shape != (n,) or not np.all(np.isfinite(values)):
+        raise PipelineError(f"{path}: {keyword} must hold {n} numbers, got {ds[keyword].value}")
+    return values
+
+
+def _select_series(folder: Path, headers, series_uid: str | None):
+    uids: dict[str, int] = {}
+    for _, ds in headers:
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        uids[uid] = uids.get(uid, 0) + 1
+    if series_uid is not None:
+        if series_uid not in uids:
+            raise PipelineError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found {', '.join(uids)})")
+        return [(p, ds) for p, ds in headers if str(ds.get("SeriesInstanceUID", "")) == series_uid]
+    if len(uids) > 1:
+        listing = "; ".join(f"{u or '<none>'} ({c} files)" for u, c in uids.items())
+        raise PipelineError(f"{folder}: holds {len(uids)} series, pick one with series_uid: {listing}")
+    return headers
+
+
+def read_series(
+    folder: str | Path,
+    series_uid: str | None = None,
+    *,
+    orientation_tolerance: float = 1e-4,
+    spacing_tolerance: float = 0.01,
+) -> tuple[np.ndarray, SeriesGeometry]:
+    """Read one single-frame DICOM series folder into (volume, geometry).
+
+    Returns volume float32 (columns, rows, slices) in dcm2niix's voxel order with the modality
+    rescale applied (HU for CT), and its SeriesGeometry (RAS affine in mm). Slices are ordered by
+    ImagePositionPatient along the slice normal; spacing comes from the positions.
+    Raises PipelineError naming the file on: missing/empty folder, several series, inconsistent
+    orientation or matrix size, uneven spacing (missing slices), gantry tilt, undecodable pixels.
+    """
+    folder = Path(folder)
+    headers = _select_series(folder, _list_headers(folder), series_uid)
+    path0, ds0 = headers[0]
+    iop0 = _float_list(ds0, "ImageOrientationPatient", path0, 6)
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1.0) > 1e-3:
+        raise PipelineError(f"{path0}: ImageOrientationPatient {iop0.tolist()} is not two orthogonal unit vectors")
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
+    positions = []
+    for path, ds in headers:
+        iop = _float_list(ds, "ImageOrientationPatient", path, 6)
+        if np.max(np.abs(iop - iop0)) > orientation_tolerance:
+            raise PipelineError(
+                f"{path}: ImageOrientationPatient {iop.tolist()} differs from {path0.name} {iop0.tolist()}"
+            )
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise PipelineError(f"{path}: image is {ds.Rows}x{ds.Columns}, {path0.name} is {rows}x{cols}")
+        positions.append(_float_list(ds, "ImagePositionPatient", path, 3))
+    positions = np.array(positions)
+    order = np.argsort(positions @ normal, kind="stable")
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    files = [p for p, _ in headers]
+    step = _check_steps(files, positions, normal, spacing_tolerance, headers[0][1])
+
+    pixel_spacing = _float_list(ds0, "PixelSpacing", path0, 2)  # [between rows, between columns]
+    volume = np.empty((cols, rows, len(files)), dtype=np.float32)
+    for k, path in enumerate(tqdm(files, desc=f"read {folder.name}", unit="slice", leave=False, disable=None)):
+        volume[:, :, k] = to_nifti_slice(_read_pixels(path, rows, cols))
+
+    # Voxel (i, j, k) lies at P_first + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step*normal (LPS).
+    dr, dc = pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = -col_dir * dr
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = positions[0] + (rows - 1) * dr * col_dir
+    affine = np.eye(4)
+    affine[:3] = _LPS_TO_RAS @ lps[:3]
+    geometry = SeriesGeometry(
+        affine=affine, shape=volume.shape, spacing=(float(dc), float(dr), float(step)), files=files,
+        modality=str(ds0.get("Modality", "")), series_uid=str(ds0.get("SeriesInstanceUID", "")),
+        rows=rows, cols=cols,
+    )
+    return volume, geometry
+
+
+def _check_steps(files, positions, normal, tolerance, ds0) -> float:
+    """Median slice step along the normal (mm); PipelineError on duplicates, gaps or gantry tilt."""
+    if len(files) == 1:
+        # One slice has no step; the header's thickness is the only information there is.
+        return float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+    deltas = np.diff(positions, axis=0)
+    steps = deltas @ normal
+    step = float(np.median(steps))
+    for k, s in enumerate(steps):
+        if s < 1e-6 * max(step, 1.0):
+            raise PipelineError(f"{files[k + 1]}: same slice position as {files[k].name} (duplicate slice)")
+    for k, s in enumerate(steps):
+        if abs(s - step) > tolerance * step:
+            raise PipelineError(
+                f"{files[k + 1]}: uneven slice spacing, {s:.4g} mm after {files[k].name} vs median "
+                f"{step:.4g} mm (missing slice?)"
+            )
+        # Positions must move along the normal; a sideways drift is gantry tilt, which a plain
+        # affine cannot describe (dcm2niix would need to resample).
+        drift = np.linalg.norm(deltas[k] - s * normal)
+        if drift > tolerance * step:
+            raise PipelineError(
+                f"{files[k + 1]}: slice position drifts {drift:.4g} mm off the slice normal (gantry tilt)"
+            )
+    return step
+
+
+def _read_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
+    """Stored pixels with the modality rescale applied, float32 rows x cols."""
+    try:
+        ds = pydicom.dcmread(path)
+        arr = apply_modality_lut(ds.pixel_array, ds)
+    except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
+        raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
+    if arr.shape != (rows, cols):
+        raise PipelineError(f"{path}: pixel data has shape {arr.shape}, expected {(rows, cols)}")
+    return arr.astype(np.float32)
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any) -> Path:
+    """Write `array` (NIfTI voxel order) with `affine` (RAS mm) atomically; sform and qform code 1.
+
+    nibabel's gzip writer stores mtime 0, so the same inputs give byte-identical files.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or np.allclose(affine, np.eye(4)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise PipelineError(f"{path}: refusing to write a NIfTI with an identity or singular affine")
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path

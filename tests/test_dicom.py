@@ -82,3 +82,192 @@ def test_dcm2niix_converts_a_written_series(tmp_path):
     assert img.shape == (10, 12, 5)
     np.testing.assert_allclose(sorted(img.header.get_zooms()), sorted((0.7, 0.8, 2.5)), atol=1e-5)
     assert sorted(np.asarray(img.dataobj).ravel().tolist()) == sorted(vol.ravel().tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# read_series: order, geometry and agreement with dcm2niix
+# ---------------------------------------------------------------------------------------------
+from pipeline.dicom import from_nifti_slice, read_series, to_nifti_slice, write_nifti  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+
+GEOMETRIES = {
+    "axial_hfs": dict(row_dir=(1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.7, 2.5)),
+    "axial_reversed": dict(row_dir=(1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.7, -2.5)),
+    "oblique": dict(row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL, spacing=(0.8, 0.7, 3.0)),
+    "oblique_reversed": dict(row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL, spacing=(0.9, 0.6, -3.0)),
+    "ffs_flipped_rows": dict(row_dir=(-1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.8, -2.0),
+                             patient_position="FFS"),
+    "coronal": dict(row_dir=(1, 0, 0), col_dir=(0, 0, -1), spacing=(1.0, 0.7, 4.0)),
+}
+
+
+def _dcm2niix(folder, out):
+    out.mkdir()
+    subprocess.run([DCM2NIIX, "-z", "y", "-b", "n", "-f", "%s", "-o", str(out), str(folder)],
+                   check=True, capture_output=True)
+    (nii,) = out.glob("*.nii.gz")
+    return nib.load(nii)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_read_series_orders_slices_by_position_not_file_name(tmp_path, name):
+    vol = ramp_volume(5, 12, 10)
+    kw = GEOMETRIES[name]
+    write_tiny(tmp_path, vol, file_names=shuffled_names(5), **kw)
+    data, geo = read_series(tmp_path)
+    step = kw["spacing"][2]
+    ascending = vol if step > 0 else vol[::-1]  # NIfTI slices run up the normal
+    assert data.dtype == np.float32 and data.shape == (10, 12, 5) == geo.shape
+    for k in range(5):
+        np.testing.assert_array_equal(from_nifti_slice(data[:, :, k]), ascending[k])
+    np.testing.assert_allclose(geo.spacing, (kw["spacing"][1], kw["spacing"][0], abs(step)), atol=1e-6)
+    # geo.files[k] really is the file holding NIfTI slice k
+    for k, f in enumerate(geo.files):
+        np.testing.assert_array_equal(pydicom.dcmread(f).pixel_array, ascending[k])
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_read_series_matches_dcm2niix_affine_and_voxels(tmp_path, name):
+    vol = ramp_volume(5, 12, 10)
+    write_tiny(tmp_path / "dcm", vol, file_names=shuffled_names(5), modality="CT",
+               rescale_intercept=-1024.0, **GEOMETRIES[name])
+    data, geo = read_series(tmp_path / "dcm")
+    ref = _dcm2niix(tmp_path / "dcm", tmp_path / "nii")
+    np.testing.assert_allclose(geo.affine, ref.affine, atol=1e-3)
+    np.testing.assert_array_equal(data, ref.get_fdata(dtype=np.float32))
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    vol = np.arange(2 * 4 * 4, dtype=float).reshape(2, 4, 4) * 2.0 - 1000.0
+    write_tiny(tmp_path, vol, modality="CT", rescale_slope=2.0, rescale_intercept=-1000.0)
+    data, geo = read_series(tmp_path)
+    assert geo.modality == "CT"
+    np.testing.assert_array_equal(from_nifti_slice(data[:, :, 1]), vol[1])
+
+
+def test_stack_and_unstack_are_inverse_and_follow_file_order(tmp_path):
+    vol = ramp_volume(4, 6, 5)
+    paths = write_tiny(tmp_path, vol, spacing=(1, 1, -2), file_names=shuffled_names(4))
+    data, geo = read_series(tmp_path)
+    per_file = geo.unstack(data)
+    for k, p in enumerate(paths):  # paths[k] holds volume[k], as written
+        np.testing.assert_array_equal(per_file[p], vol[k])
+    np.testing.assert_array_equal(geo.stack(per_file), data)
+    np.testing.assert_array_equal(from_nifti_slice(to_nifti_slice(vol[0])), vol[0])
+    # NIfTI j runs bottom-up: the last stored row becomes j = 0
+    np.testing.assert_array_equal(to_nifti_slice(vol[0])[:, 0], vol[0][-1, :])
+
+
+def test_stack_names_the_file_with_a_wrongly_shaped_slice(tmp_path):
+    write_tiny(tmp_path, ramp_volume(3, 6, 5))
+    _, geo = read_series(tmp_path)
+    slices = {f: np.zeros((6, 5)) for f in geo.files}
+    slices[geo.files[1]] = np.zeros((5, 6))
+    with pytest.raises(PipelineError, match=rf"{geo.files[1].name}.*shape"):
+        geo.stack(slices)
+
+
+def test_harmless_non_dicom_files_are_skipped_with_a_warning(tmp_path, caplog):
+    write_tiny(tmp_path, ramp_volume(3, 4, 4))
+    (tmp_path / ".DS_Store").write_bytes(b"\0\1junk")
+    (tmp_path / "notes.txt").write_text("hello")
+    write_tiny(tmp_path / "dd", ramp_volume(1, 4, 4))
+    dicomdir = pydicom.dcmread(next((tmp_path / "dd").iterdir()))
+    del dicomdir.ImagePositionPatient
+    dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    dicomdir.save_as(tmp_path / "DICOMDIR")
+    data, geo = read_series(tmp_path)
+    assert data.shape[2] == 3 and len(geo.files) == 3
+    assert "notes.txt" in caplog.text and "DICOMDIR" in caplog.text and ".DS_Store" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# read_series: every integrity error names the file (or folder) and the problem
+# ---------------------------------------------------------------------------------------------
+def test_missing_folder_is_an_error_naming_it(tmp_path):
+    with pytest.raises(PipelineError, match=r"nowhere.*not found"):
+        read_series(tmp_path / "nowhere")
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    with pytest.raises(PipelineError, match=r"empty: no DICOM image files"):
+        read_series(tmp_path / "empty")
+
+
+def test_several_series_in_one_folder_are_listed_unless_one_is_picked(tmp_path):
+    write_tiny(tmp_path, ramp_volume(3, 4, 4), series_uid="1.2.3.1", file_names=["a1", "a2", "a3"])
+    write_tiny(tmp_path, ramp_volume(2, 4, 4), series_uid="1.2.3.2", file_names=["b1", "b2"])
+    with pytest.raises(PipelineError, match=r"holds 2 series.*1\.2\.3\.1 \(3 files\).*1\.2\.3\.2 \(2 files\)"):
+        read_series(tmp_path)
+    data, geo = read_series(tmp_path, series_uid="1.2.3.2")
+    assert data.shape[2] == 2 and geo.series_uid == "1.2.3.2"
+    with pytest.raises(PipelineError, match=r"no series with SeriesInstanceUID 9\.9"):
+        read_series(tmp_path, series_uid="9.9")
+
+
+def test_missing_slice_is_reported_as_uneven_spacing(tmp_path):
+    paths = write_tiny(tmp_path, ramp_volume(5, 4, 4))
+    paths[2].unlink()
+    with pytest.raises(PipelineError, match=rf"{paths[3].name}: uneven slice spacing.*missing slice"):
+        read_series(tmp_path)
+
+
+def test_duplicate_slice_position_is_an_error(tmp_path):
+    write_tiny(tmp_path, ramp_volume(3, 4, 4), extra_tags=lambda k: {"ImagePositionPatient": [0, 0, min(k, 1) * 2.0]})
+    with pytest.raises(PipelineError, match=r"duplicate slice"):
+        read_series(tmp_path)
+
+
+def test_inconsistent_orientation_names_the_file(tmp_path):
+    tilt = [1, 0, 0, 0, 0.9998, 0.02]
+    paths = write_tiny(tmp_path, ramp_volume(4, 4, 4),
+                       extra_tags=lambda k: {"ImageOrientationPatient": tilt} if k == 3 else {})
+    with pytest.raises(PipelineError, match=rf"{paths[3].name}: ImageOrientationPatient .* differs"):
+        read_series(tmp_path)
+
+
+def test_gantry_tilt_is_an_error(tmp_path):
+    paths = write_tiny(tmp_path, ramp_volume(4, 4, 4),
+                       extra_tags=lambda k: {"ImagePositionPatient": [0.0, 0.5 * k, 2.5 * k]})
+    with pytest.raises(PipelineError, match=rf"{paths[1].name}: .*gantry tilt"):
+        read_series(tmp_path)
+
+
+def test_differing_matrix_sizes_are_an_error(tmp_path):
+    write_tiny(tmp_path, ramp_volume(2, 4, 4), series_uid="1.2.3", file_names=["a1", "a2"])
+    write_tiny(tmp_path, ramp_volume(1, 6, 4), series_uid="1.2.3", file_names=["b1"], origin=(-10, -20, 40))
+    with pytest.raises(PipelineError, match=r"b1: image is 6x4"):
+        read_series(tmp_path)
+
+
+def test_unreadable_pixel_data_names_the_file(tmp_path):
+    paths = write_tiny(tmp_path, ramp_volume(3, 8, 8))
+    raw = paths[1].read_bytes()
+    paths[1].write_bytes(raw[:-40])  # truncated pixel data
+    with pytest.raises(PipelineError, match=rf"{paths[1].name}: cannot decode pixel data"):
+        read_series(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# write_nifti
+# ---------------------------------------------------------------------------------------------
+def test_write_nifti_sets_sform_and_qform_and_is_byte_reproducible(tmp_path):
+    write_tiny(tmp_path / "dcm", ramp_volume(3, 6, 5), row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL)
+    data, geo = read_series(tmp_path / "dcm")
+    a = write_nifti(tmp_path / "a.nii.gz", data, geo.affine, np.int16)
+    b = write_nifti(tmp_path / "b.nii.gz", data, geo.affine, np.int16)
+    assert a.read_bytes() == b.read_bytes()
+    img = nib.load(a)
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    np.testing.assert_allclose(img.get_qform(), geo.affine, atol=1e-4)
+    np.testing.assert_allclose(img.affine, geo.affine, atol=1e-6)
+    assert img.get_data_dtype() == np.int16
+    assert not list(tmp_path.glob(".partial*"))
+
+
+def test_write_nifti_refuses_an_identity_affine(tmp_path):
+    with pytest.raises(PipelineError, match="identity"):
+        write_nifti(tmp_path / "x.nii.gz", np.zeros((2, 2, 2)), np.eye(4), np.uint8)
