@@ -450,8 +450,9 @@ def synth_mr_patient(folder: Path, pid: int, cfg: SynthConfig) -> dict:
         fov = float(rng.uniform(max(330, 2 * anat.a + 30), 420))
         oblique = rng.uniform() < 0.4
         rot = _rotation(rng, 8.0) if oblique else np.eye(3)
-        # Cover the liver: centre the stack a little below the dome, breath-hold shift +-10 mm.
-        top_z = rng.uniform(25, 60) + rng.uniform(-10, 10)
+        # Like a real abdominal MR stack: centred near the hila, never starting below the dome;
+        # +-10 mm breath-hold shift between the two acquisitions.
+        top_z = max(10.0, -70.0 + step * (n - 1) / 2) + rng.uniform(-10, 10)
         grid = _make_grid(rng, cfg.mr_size, n, fov, step, centre, top_z, rot, False)
         p = _body_points(grid, centre, body_rot)
         t = anat.tissues(p)
