@@ -178,8 +178,8 @@ def _mean_std(values: Sequence[float]) -> str:
     values = [v for v in values if math.isfinite(v)]
     if not values:
         return "–"
-    # Population std (ddof 0), as numpy's default, so the page matches train's printed table.
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    # Sample std (n - 1), as train's printed cross-validation table, so the two agree.
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
@@ -214,7 +214,8 @@ def _summary_section(run_dir: Path, folds: list[tuple[int, Path]]) -> str:
         log.warning("report: %s", exc)
         rows.append(("folds found", ", ".join(str(k) for k, _ in folds) or "none"))
         return ('<section id="summary"><h2>Run summary</h2>'
-                + _table(["item", "value"], rows, "summary-table", numeric=False) + _unavailable("configuration", str(exc))
+                + _table(["item", "value"], rows, "summary-table", numeric=False)
+                + _unavailable("configuration", str(exc))
                 + "</section>")
     run_date = dt.datetime.fromtimestamp(cfg_path.stat().st_mtime, dt.timezone.utc)
     roi_text = _get(cfg, "train.roi_size").strip("[]").replace(", ", " × ")
@@ -390,38 +391,50 @@ def _training_section(folds: list[tuple[int, Path]]) -> str:
     return head + "".join(_fold_section(k, p) for k, p in folds) + "</section>"
 
 
-def _eval_section(eval_dir: Path | None) -> str:
+def _eval_section(eval_dir: Path | None, table: Table | None, reason: str) -> str:
     head = '<section id="evaluation"><h2>Evaluation</h2>'
-    if eval_dir is None:
-        return head + _unavailable("evaluation", "no evaluate folder given (run.py report --eval DIR)") + "</section>"
-    try:
-        table = _read_csv(eval_dir / "metrics.csv")
-    except ArtefactUnavailable as exc:
-        log.warning("report: %s", exc)
-        return head + _unavailable("evaluation", str(exc)) + "</section>"
+    if table is None:
+        return head + _unavailable("evaluation", reason) + "</section>"
     key = table.columns[0]
+    # Paths make the table unreadably wide; the source folder is named above the table instead.
+    columns = [c for c in table.columns if not c.endswith("_file")]
     is_summary = [r.get(key, "").strip().lower() in _SUMMARY_LABELS for r in table.rows]
     cases = [r for r, s in zip(table.rows, is_summary) if not s]
-    summary = [r for r, s in zip(table.rows, is_summary) if s]
-    body = [[_fmt(c, r.get(c, "")) for c in table.columns] for r in cases]
-    foot = [[_fmt(c, r.get(c, "")) for c in table.columns] for r in summary]
-    if cases and not summary:
-        mean_row = [f"mean ({len(cases)})"]
-        for c in table.columns[1:]:
-            values = [_number(r.get(c)) for r in cases]
-            finite = [v for v in values if math.isfinite(v)]
-            mean_row.append(_fmt(c, repr(statistics.fmean(finite))) if finite else "–")
-        foot = [mean_row]
-    return (head + f'<p class="src">source: {_esc(eval_dir / "metrics.csv")}; CHAOS points: Dice &lt; 0.8, '
-            "RAVD &gt; 5 %, ASSD &gt; 15 mm, MSSD &gt; 60 mm score 0; the score is the mean of the four points.</p>"
-            + _table(table.columns, body, "eval-cases", foot) + "</section>")
+    body = [[_fmt(c, r.get(c, "")) for c in columns] for r in cases]
+    foot = [[_fmt(c, r.get(c, "")) for c in columns] for r, s in zip(table.rows, is_summary) if s]
+    if cases and not foot:
+        # Population std, as evaluate's metrics.json summary.
+        stats = {"mean": statistics.fmean, "std": statistics.pstdev}
+        for name, fn in stats.items():
+            row = [f"{name} ({len(cases)} cases)" if name == "mean" else name]
+            for c in columns[1:]:
+                finite = [v for v in (_number(r.get(c)) for r in cases) if math.isfinite(v)]
+                row.append(_fmt(c, repr(fn(finite))) if finite else "–")
+            foot.append(row)
+    return (head + f'<p class="src">source: {_esc(eval_dir / "metrics.csv")}. CHAOS points: Dice &lt; 0.8, '
+            "RAVD &gt; 5 %, ASSD &gt; 15 mm or MSSD &gt; 60 mm score 0 for that metric; the score is the mean "
+            "of the four points.</p>" + _table(columns, body, "eval-cases", foot) + "</section>")
+
+
+def _eval_pred_dirs(eval_dir: Path) -> list[Path]:
+    """The prediction folder that evaluate scored (metrics.json "pred"): infer writes montages there."""
+    try:
+        pred = _read_json(eval_dir / "metrics.json").get("pred")
+    except (ArtefactUnavailable, AttributeError) as exc:
+        log.info("report: no prediction folder from %s (%s)", eval_dir / "metrics.json", exc)
+        return []
+    if not isinstance(pred, str) or not pred:
+        return []
+    # evaluate stores the path as given on its command line, so it may be relative to any cwd.
+    return [Path(pred), eval_dir.parent / pred]
 
 
 def _find_montages(run_dir: Path, eval_dir: Path | None, montage_dir: Path | None) -> list[Path]:
+    """*_montage.png in montage_dir, evaluate's prediction folder, next to it, and infer*/ folders."""
     folders = [montage_dir] if montage_dir is not None else []
     if eval_dir is not None:
-        folders += [eval_dir, eval_dir.parent]
-    folders += sorted(p for p in run_dir.glob("infer*") if p.is_dir())
+        folders += [*_eval_pred_dirs(eval_dir), eval_dir, eval_dir.parent, *sorted(eval_dir.parent.glob("infer*"))]
+    folders += [*sorted(run_dir.glob("infer*")), *sorted(run_dir.parent.glob("infer*"))]
     seen: dict[Path, Path] = {}
     for folder in folders:
         if folder.is_dir():
@@ -430,8 +443,13 @@ def _find_montages(run_dir: Path, eval_dir: Path | None, montage_dir: Path | Non
     return list(seen.values())
 
 
-def _montage_section(paths: list[Path]) -> str:
+def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
     head = '<section id="montages"><h2>Per-patient overlays</h2>'
+    scores = {}
+    if evaluation is not None:
+        key = evaluation.columns[0]
+        shown = [c for c in ("dice", "score") if c in evaluation.columns]
+        scores = {r.get(key, ""): ", ".join(f"{c} {_fmt(c, r.get(c, ''))}" for c in shown) for r in evaluation.rows}
     if not paths:
         return head + _unavailable("montages", "no *_montage.png found (run infer with montages)") + "</section>"
     figures = []
@@ -439,7 +457,9 @@ def _montage_section(paths: list[Path]) -> str:
         case = path.name[: -len("_montage.png")]
         try:
             figures.append(f"<figure>{_img(_png_data_uri(path), f'overlay montage of {case}', 'montage')}"
-                           f"<figcaption>{_esc(case)}</figcaption></figure>")
+                           f"<figcaption>{_esc(case)}"
+                           + (f" · {_esc(scores[case])}" if scores.get(case) else "")
+                           + "</figcaption></figure>")
         except ArtefactUnavailable as exc:
             log.warning("report: %s", exc)
             figures.append(f"<figure>{_unavailable(case, str(exc))}</figure>")
@@ -483,6 +503,13 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
     if montage_path is not None and not montage_path.is_dir():
         raise PipelineError(f"{montage_path}: montage folder not found")
 
+    evaluation, eval_reason = None, "no evaluate folder given (run.py report --eval DIR)"
+    if eval_path is not None:
+        try:
+            evaluation = _read_csv(eval_path / "metrics.csv")
+        except ArtefactUnavailable as exc:
+            log.warning("report: %s", exc)
+            eval_reason = str(exc)
     montages = _find_montages(run_dir, eval_path, montage_path)
     log.info("report: run %s, %d fold(s), evaluation %s, %d montage(s)", run_dir, len(folds),
              eval_path or "none", len(montages))
@@ -495,7 +522,7 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>", nav,
         _summary_section(run_dir, folds), _cv_section(run_dir, folds), _training_section(folds),
-        _eval_section(eval_path), _montage_section(montages),
+        _eval_section(eval_path, evaluation, eval_reason), _montage_section(montages, evaluation),
         "</body></html>\n",
     ])
     out = run_dir / REPORT_NAME

@@ -1,6 +1,7 @@
 """run.py report: one offline HTML page per run, checked as text and rendered in headless Chromium."""
 import csv
 import html
+import json
 import os
 import re
 import shutil
@@ -23,9 +24,11 @@ FOLD_PATIENTS = {0: ["MR_1", "MR_2", "CT_3"], 1: ["MR_5", "MR_8"]}
 CV_DICE = {"MR_1": 0.9412, "MR_2": 0.9187, "CT_3": 0.9555, "MR_5": 0.9034, "MR_8": 0.9321}
 EVAL_ROWS = [
     {"case": "MR_1_T2SPIR", "dice": 0.9412, "ravd_pct": 2.31, "assd_mm": 1.84, "mssd_mm": 21.7, "hd95_mm": 5.2,
-     "dice_points": 94.12, "ravd_points": 53.8, "assd_points": 87.73, "mssd_points": 63.83, "score": 74.87},
+     "dice_points": 94.12, "ravd_points": 53.8, "assd_points": 87.73, "mssd_points": 63.83, "score": 74.87,
+     "pred_ml": 1523.4, "ref_ml": 1489.0, "pred_file": "/x/masks/MR_1_T2SPIR_liver.nii.gz", "ref_file": "/y/MR_1.nii.gz"},
     {"case": EVIL_CASE, "dice": 0.7712, "ravd_pct": 8.5, "assd_mm": 4.1, "mssd_mm": 70.2, "hd95_mm": 12.9,
-     "dice_points": 0.0, "ravd_points": 0.0, "assd_points": 72.67, "mssd_points": 0.0, "score": 18.17},
+     "dice_points": 0.0, "ravd_points": 0.0, "assd_points": 72.67, "mssd_points": 0.0, "score": 18.17,
+     "pred_ml": 1700.2, "ref_ml": 1567.0, "pred_file": "/x/masks/evil_liver.nii.gz", "ref_file": "/y/evil.nii.gz"},
 ]
 
 
@@ -58,7 +61,11 @@ def _fold_metrics(patients: list[str], epochs: int = 4) -> list[dict]:
 
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
-    """A run folder shaped like train's output (two folds, CV summary) plus evaluate and infer folders."""
+    """A run folder shaped like train's output (two folds, CV summary) plus evaluate and infer folders.
+
+    Montages sit where infer writes them: in the prediction folder evaluate scored (named in its
+    metrics.json) and in an infer folder inside the run.
+    """
     run = tmp_path / "runs" / "mr_t2"
     run.mkdir(parents=True)
     cfg = config_to_dict(Config())
@@ -78,13 +85,16 @@ def run_dir(tmp_path: Path) -> Path:
             (fold / name).write_bytes(b"x")
         cv_rows += [{"fold": k, "patient": p, "dice": CV_DICE[p]} for p in patients]
     _write_csv(run / "cv_summary.csv", cv_rows)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _png(masks / "CT_3_montage.png", (90, 30), 250)
     evaluation = tmp_path / "eval"
     evaluation.mkdir()
     _write_csv(evaluation / "metrics.csv", EVAL_ROWS)
+    (evaluation / "metrics.json").write_text(json.dumps({"cases": EVAL_ROWS, "pred": str(masks)}))
     infer = run / "infer_test"
     infer.mkdir()
     _png(infer / "MR_1_T2SPIR_montage.png", (90, 30), 120)
-    _png(evaluation / "CT_3_montage.png", (90, 30), 250)
     return run
 
 
@@ -107,9 +117,9 @@ def test_report_lists_every_cv_patient_with_its_dice_and_the_overall_mean(run_di
     for patient, dice in CV_DICE.items():
         assert patient in page and f"{dice:.4f}" in page
     values = np.array(list(CV_DICE.values()))
-    assert f"{values.mean():.4f} ± {values.std():.4f}" in page
+    assert f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" in page
     fold0 = np.array([CV_DICE[p] for p in FOLD_PATIENTS[0]])
-    assert f"{fold0.mean():.4f} ± {fold0.std():.4f}" in page
+    assert f"{fold0.mean():.4f} ± {fold0.std(ddof=1):.4f}" in page
 
 
 def test_report_shows_run_config_and_best_and_final_epoch_of_each_fold(run_dir):
@@ -129,7 +139,9 @@ def test_report_shows_evaluation_rows_with_points_and_a_mean_row(run_dir):
     for col in ("ravd_pct", "assd_mm", "mssd_mm", "hd95_mm", "score"):
         assert f"<th>{col}</th>" in page
     assert "74.87" in page and "18.17" in page
-    assert f"{(74.87 + 18.17) / 2:.2f}" in page and "mean (2)" in page
+    assert f"{(74.87 + 18.17) / 2:.2f}" in page and "mean (2 cases)" in page
+    assert f"{np.std([74.87, 18.17]):.2f}" in page  # population std, as evaluate's summary
+    assert "pred_file" not in page and "/x/masks" not in page  # paths stay out of the table
 
 
 def test_report_escapes_a_malicious_case_name(run_dir):
@@ -144,7 +156,8 @@ def test_report_embeds_images_as_data_uris_and_loads_nothing_external(run_dir):
     assert len(sources) == len(FOLD_PATIENTS) + 2  # curves per fold + two montages
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="(https?:)?//', page) and "<link" not in page
-    assert "MR_1_T2SPIR" in re.search(r'id="montages".*', page, re.S).group(0)
+    montages = re.search(r'id="montages".*', page, re.S).group(0)
+    assert "MR_1_T2SPIR · dice 0.9412, score 74.87" in montages and "CT_3" in montages
 
 
 def test_missing_optional_artefacts_show_not_available_instead_of_crashing(run_dir):
