@@ -195,12 +195,16 @@ def _pair_ct(ground_dir: Path, pngs: list[Path], files: list[Path]) -> dict[Path
 
 def _pair_by_stem(case: CaseSource, pngs: list[Path], files: list[Path]) -> dict[Path, Path]:
     by_stem = {p.stem: p for p in pngs}
-    stems = {f.stem for f in files}
-    # T1DUAL's Ground is shared by both phases, so an InPhase run must use exactly its own stems.
     for f in files:
         if f.stem not in by_stem:
             raise PipelineError(f"{f}: no Ground PNG {f.stem}.png in {case.ground_dir}")
-    extra = [p for p in pngs if p.stem not in stems]
+    owned = {f.stem for f in files}
+    if case.sequence.startswith("T1DUAL_"):
+        # The T1DUAL Ground is shared: PNGs named after the other phase's files are not extra.
+        sibling = case.dicom_dir.parent / ("OutPhase" if case.dicom_dir.name == "InPhase" else "InPhase")
+        if sibling.is_dir():
+            owned |= {f.stem for f in sibling.iterdir() if f.is_file()}
+    extra = [p for p in pngs if p.stem not in owned]
     if extra:
         raise PipelineError(f"{extra[0]}: extra Ground PNG without a DICOM file in {case.dicom_dir}")
     return {f: by_stem[f.stem] for f in files}
