@@ -187,8 +187,9 @@ class Anatomy:
         cavity = sup(self.fat + self.wall) < 1 + wobble
 
         t = np.full(x.shape, AIR, dtype=np.uint8)
-        t[y > b * 0.9 + 18] = TABLE
-        t[y > b * 0.9 + 30] = AIR
+        # Scanner table: a shallow curved board just behind the patient's back.
+        board = y - (b * 0.9 + 4 + 0.0006 * x**2)
+        t[(board > 0) & (board < 9) & (np.abs(x) < 230)] = TABLE
         t[body] = FAT
         t[muscle_wall] = MUSCLE
         t[cavity] = FAT
