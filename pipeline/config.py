@@ -96,6 +96,7 @@ class InferConfig:
 @dataclass
 class EvaluateConfig:
     hd_percentile: float = 95.0  # percentile of the Hausdorff distance reported besides MSSD
+    missing: str = "error"  # reference case without a prediction: error | skip (listed in metrics.json)
 
 
 @dataclass

@@ -1,0 +1,348 @@
+"""Score predicted liver masks against references with the CHAOS metrics: `run.py evaluate`.
+
+Either side may be
+- a NIfTI file, or a folder of NIfTI files matched by case name. References: `<case>.nii.gz`
+  (e.g. prepare's labelsTr/), liver = label 1. Predictions: `<case>_liver.nii.gz` (infer's
+  output) or `<case>.nii.gz`, liver = any non-zero voxel.
+- a folder of PNG slices (CHAOS Ground or submission style), with the series' DICOM folder
+  (`dicom`) giving the geometry: PNG i in natural file-name order belongs to DICOM file i in
+  natural file-name order. Reference PNGs are read like CHAOS Ground (CT: any non-zero is liver;
+  MR grey levels: liver is the 55..70 band, the other organs are not liver); prediction PNGs:
+  any non-zero is liver.
+- a folder of such PNG folders, one per case, named `<case>` or `<case>_png` (infer's
+  `--format chaos-png`), with `dicom` (or a CHAOS-root `ref`) giving each case's geometry.
+- a CHAOS root (Train_Sets layout): every case with a Ground folder, Ground paired with its
+  DICOM files by `pipeline.chaos` (verified pairing).
+`dicom` may be one DICOM series folder (for a single PNG case) or a CHAOS root.
+
+Every reference case needs a prediction: a missing one is an error naming the case, unless
+`cfg.evaluate.missing == "skip"` (then it is listed under "missing" in metrics.json and left
+out of the means). Predictions without a reference are ignored with a log line.
+Prediction and reference must have the same shape and affine (within 1e-3), else an error
+naming both files. Metrics are computed in world mm from the reference's affine
+(`pipeline.metrics`).
+
+Outputs in out_dir (written atomically): metrics.csv (one row per case), metrics.json (the same
+rows plus mean and std per metric; non-finite values written as null) and config.yaml; a
+summary table is printed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import Config, save_config
+from pipeline.errors import PipelineError
+from pipeline.io import safe_name, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+AFFINE_TOLERANCE = 1e-3
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class MaskSource:
+    """One case's mask on disk; `load()` -> (bool mask in NIfTI order (i, j, k), 4x4 affine in mm)."""
+
+    case: str
+    path: Path  # named in error messages: the NIfTI file or the PNG folder
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def read_nifti_mask(path: Path, reference: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A mask NIfTI -> (bool array (i, j, k), affine). Reference: label 1 is liver; prediction: non-zero."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, ValueError, EOFError) as exc:
+        raise PipelineError(f"{path}: unreadable NIfTI ({exc})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise PipelineError(f"{path}: expected a 3-D mask, got shape {data.shape}")
+    if reference:
+        mask = data == 1
+        if not mask.any() and np.any(data != 0):
+            log.warning("%s: no voxel has label 1 (liver) although the file is not empty", path)
+    else:
+        mask = data != 0
+    return mask, np.asarray(img.affine, dtype=np.float64)
+
+
+@lru_cache(maxsize=8)
+def _geometry(dicom_dir: Path):
+    """SeriesGeometry of a DICOM series folder (cached: pred and ref PNGs often share a series)."""
+    from pipeline.dicom import read_series
+
+    return read_series(dicom_dir)[1]
+
+
+def _pngs(folder: Path) -> list[Path]:
+    from pipeline.dicom import natural_key
+
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+                   and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+
+
+def read_png_mask(folder: Path, dicom_dir: Path, reference: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of PNG slices + its DICOM series -> (bool mask (i, j, k), affine).
+
+    PNG i (natural order) belongs to DICOM file i (natural order), as for CHAOS CT Ground and
+    challenge submissions. Reference PNGs are read as Ground of the series' modality
+    (MR grey levels: liver is 55..70 only); prediction PNGs: any non-zero is liver.
+    """
+    from pipeline.chaos import png_labels
+    from pipeline.dicom import natural_key
+
+    geometry = _geometry(Path(dicom_dir))
+    pngs = _pngs(folder)
+    files = sorted(geometry.files, key=lambda p: natural_key(Path(p).name))
+    if len(pngs) != len(files):
+        raise PipelineError(f"{folder}: {len(pngs)} PNG files for {len(files)} DICOM files in {dicom_dir}")
+    mode = geometry.modality if reference else "CT"  # png_labels' CT rule: any non-zero is liver
+    slices = {Path(f): png_labels(png, mode, (geometry.rows, geometry.cols)) for f, png in zip(files, pngs)}
+    return geometry.stack(slices) == 1, np.asarray(geometry.affine, dtype=np.float64)
+
+
+def _chaos_ground_source(case) -> MaskSource:
+    def load():
+        from pipeline.chaos import read_ground
+
+        geometry = _geometry(case.dicom_dir)
+        return read_ground(case, geometry) == 1, np.asarray(geometry.affine, dtype=np.float64)
+
+    return MaskSource(case.case, case.ground_dir, load)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding cases
+# ---------------------------------------------------------------------------------------------
+def _is_chaos_root(path: Path) -> bool:
+    return any((c / "CT").is_dir() or (c / "MR").is_dir() for c in (path, path / "Train_Sets", path / "Test_Sets"))
+
+
+def _chaos_dicom_dirs(root: Path) -> dict[str, Path]:
+    from pipeline.chaos import find_cases
+
+    return {c.case: c.dicom_dir for c in find_cases(root)}
+
+
+def _nifti_sources(files: list[Path], reference: bool) -> dict[str, MaskSource]:
+    sources: dict[str, MaskSource] = {}
+    for f in files:
+        stem = _nifti_stem(f)
+        case = stem[: -len("_liver")] if not reference and stem.endswith("_liver") else stem
+        if case in sources:
+            raise PipelineError(f"{f}: a second mask for case {case} (also {sources[case].path.name})")
+        sources[case] = MaskSource(case, f, lambda f=f: read_nifti_mask(f, reference))
+    return sources
+
+
+def _png_case_name(folder: Path) -> str:
+    name = folder.name[: -len("_png")] if folder.name.endswith("_png") else folder.name
+    return safe_name(name, "PNG folder name")
+
+
+def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict[str, Path]) -> dict[str, MaskSource]:
+    """{case: MaskSource} for a NIfTI file/folder, PNG folder(s) or CHAOS root (see module doc).
+
+    dicom_dirs: known DICOM series per case (from a CHAOS root) for PNG cases.
+    """
+    path = Path(path)
+    side = "reference" if reference else "prediction"
+    if not path.exists():
+        raise PipelineError(f"{path}: {side} not found")
+    if path.is_file():
+        if not _is_nifti(path):
+            raise PipelineError(f"{path}: {side} file is not a NIfTI (.nii or .nii.gz)")
+        return _nifti_sources([path], reference)
+    if _is_chaos_root(path):
+        from pipeline.chaos import find_cases
+
+        cases = [c for c in find_cases(path) if c.ground_dir is not None]
+        if not cases:
+            raise PipelineError(f"{path}: CHAOS root without any Ground folder")
+        if reference:
+            return {c.case: _chaos_ground_source(c) for c in cases}
+        return {c.case: _png_source(c.case, c.ground_dir, c.dicom_dir, reference) for c in cases}
+    niftis = sorted(p for p in path.iterdir() if _is_nifti(p))
+    if niftis:
+        return _nifti_sources(niftis, reference)
+    if _pngs(path):
+        if dicom is None or _is_chaos_root(dicom):
+            raise PipelineError(f"{path}: a folder of PNG slices needs --dicom with its DICOM series folder")
+        return {_png_case_name(path): _png_source(_png_case_name(path), path, dicom, reference)}
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _pngs(p))
+    if subfolders:
+        sources = {}
+        for folder in subfolders:
+            case = _png_case_name(folder)
+            if case not in dicom_dirs:
+                raise PipelineError(f"{folder}: no DICOM series known for case {case} (give --dicom CHAOS_ROOT)")
+            sources[case] = _png_source(case, folder, dicom_dirs[case], reference)
+        return sources
+    raise PipelineError(f"{path}: no NIfTI masks, PNG slices or CHAOS layout found in this {side} folder")
+
+
+def _png_source(case: str, folder: Path, dicom_dir: Path, reference: bool) -> MaskSource:
+    return MaskSource(case, folder, lambda: read_png_mask(folder, dicom_dir, reference))
+
+
+def match_cases(preds: dict[str, MaskSource], refs: dict[str, MaskSource], missing: str) -> tuple[list, list[str]]:
+    """[(case, pred, ref)] in reference order and the list of reference cases without a prediction."""
+    if len(preds) == 1 and len(refs) == 1:
+        # One mask on each side (e.g. two files): pair them whatever their names.
+        (case, ref), pred = next(iter(refs.items())), next(iter(preds.values()))
+        return [(case, pred, ref)], []
+    absent = [c for c in refs if c not in preds]
+    if absent and missing != "skip":
+        raise PipelineError(
+            f"no prediction for case(s) {', '.join(absent)} in {next(iter(preds.values())).path.parent}"
+            " (set evaluate.missing=skip to score only the cases predicted)"
+        )
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        log.info("predictions without a reference, ignored: %s", ", ".join(extra))
+    pairs = [(c, preds[c], refs[c]) for c in refs if c in preds]
+    if not pairs:
+        raise PipelineError("no prediction matches any reference case by name")
+    return pairs, absent
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and tables
+# ---------------------------------------------------------------------------------------------
+def score_case(case: str, pred: MaskSource, ref: MaskSource, hd_percentile: float) -> dict:
+    from pipeline.metrics import chaos_metrics, spacing_from_affine
+
+    p, p_affine = pred.load()
+    r, r_affine = ref.load()
+    if p.shape != r.shape:
+        raise PipelineError(f"{pred.path}: shape {p.shape} differs from the reference {ref.path} {r.shape}")
+    if not np.allclose(p_affine, r_affine, atol=AFFINE_TOLERANCE):
+        diff = float(np.abs(p_affine - r_affine).max())
+        raise PipelineError(f"{pred.path}: affine differs from the reference {ref.path} (max difference {diff:.4g})")
+    row = {"case": case}
+    row.update(chaos_metrics(p, r, spacing_from_affine(r_affine), hd_percentile))
+    row.update(pred_file=str(pred.path), ref_file=str(ref.path))
+    return row
+
+
+def _finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def summarise(rows: list[dict], columns: list[str]) -> dict[str, dict[str, float | None]]:
+    """{column: {'mean', 'std'}} over cases (population std); inf/nan propagate, written as null."""
+    out = {}
+    for col in columns:
+        values = np.array([row[col] for row in rows], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            mean, std = float(values.mean()), float(values.std())
+        out[col] = {"mean": _finite_or_none(mean), "std": _finite_or_none(std)}
+    return out
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def format_table(rows: list[dict], summary: dict, columns: list[str]) -> str:
+    """Plain-text table: one line per case, then mean +- std."""
+    width = max([len("case")] + [len(r["case"]) for r in rows])
+    head = f"{'case':<{width}}" + "".join(f" {c:>13}" for c in columns)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(f"{row['case']:<{width}}" + "".join(f" {row[c]:>13.4g}" for c in columns))
+    lines.append("-" * len(head))
+
+    def cell(stat):
+        mean, std = stat["mean"], stat["std"]
+        return f" {'n/a':>13}" if mean is None or std is None else f" {f'{mean:.4g}+-{std:.2g}':>13}"
+
+    lines.append(f"{'mean+-std':<{width}}" + "".join(cell(summary[c]) for c in columns))
+    return "\n".join(lines)
+
+
+def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom: str | Path | None = None,
+                   cfg: Config | None = None) -> dict:
+    """Score `pred` against `ref` (see module doc); write metrics.csv, metrics.json, config.yaml.
+
+    Returns the metrics.json content: {'cases': [row per case], 'summary': {metric: {mean, std}},
+    'missing': [...], 'hd_percentile': P, 'pred': ..., 'ref': ..., 'dicom': ...}. Row keys: case,
+    dice, ravd_pct, assd_mm, mssd_mm, hd<P>_mm, dice_points, ravd_points, assd_points,
+    mssd_points, score, pred_ml, ref_ml, pred_file, ref_file.
+    """
+    from tqdm import tqdm
+
+    from pipeline.metrics import hd_key
+
+    cfg = cfg or Config()
+    if cfg.evaluate.missing not in ("error", "skip"):
+        raise PipelineError(f"config evaluate.missing must be 'error' or 'skip', got {cfg.evaluate.missing!r}")
+    pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
+    dicom = Path(dicom) if dicom is not None else None
+    dicom_dirs: dict[str, Path] = {}
+    if dicom is not None and _is_chaos_root(dicom):
+        dicom_dirs.update(_chaos_dicom_dirs(dicom))
+    if ref.is_dir() and _is_chaos_root(ref):
+        dicom_dirs.update(_chaos_dicom_dirs(ref))
+    refs = find_masks(ref, True, dicom, dicom_dirs)
+    preds = find_masks(pred, False, dicom, dicom_dirs)
+    pairs, absent = match_cases(preds, refs, cfg.evaluate.missing)
+    if absent:
+        log.warning("no prediction for %d case(s), skipped: %s", len(absent), ", ".join(absent))
+
+    hd = hd_key(cfg.evaluate.hd_percentile)
+    rows = []
+    for case, p, r in tqdm(pairs, desc="evaluate", unit="case"):
+        row = score_case(case, p, r, cfg.evaluate.hd_percentile)
+        log.info("%s: Dice %.4f RAVD %.2f %% ASSD %.2f mm MSSD %.2f mm score %.1f",
+                 case, row["dice"], row["ravd_pct"], row["assd_mm"], row["mssd_mm"], row["score"])
+        rows.append(row)
+
+    metric_cols = ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "dice_points", "ravd_points",
+                   "assd_points", "mssd_points", "score", "pred_ml", "ref_ml"]
+    summary = summarise(rows, metric_cols)
+    write_text(out_dir / "metrics.csv", _csv_text(rows, ["case", *metric_cols, "pred_file", "ref_file"]))
+    result = {
+        "cases": [{k: _finite_or_none(v) for k, v in row.items()} for row in rows],
+        "summary": summary, "missing": absent, "hd_percentile": cfg.evaluate.hd_percentile,
+        "pred": str(pred), "ref": str(ref), "dicom": str(dicom) if dicom else None,
+    }
+    write_json(out_dir / "metrics.json", result)
+    save_config(cfg, out_dir / "config.yaml")
+    print(format_table(rows, summary, ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "score"]))
+    print(f"metrics written to {out_dir / 'metrics.csv'} and {out_dir / 'metrics.json'}")
+    return result
