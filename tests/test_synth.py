@@ -197,3 +197,24 @@ def test_cli_synth_writes_the_requested_number_of_patients(tmp_path):
     assert main(argv + [a for o in overrides for a in ("--set", o.replace(" ", ""))]) == 0
     assert [p.name for p in (tmp_path / "Train_Sets" / "CT").iterdir()] == [str(CT_IDS[0])]
     assert [p.name for p in (tmp_path / "Train_Sets" / "MR").iterdir()] == [str(MR_IDS[0])]
+
+
+def test_an_interrupted_run_leaves_only_complete_patients(tmp_path, monkeypatch):
+    import pipeline.synth as synth
+
+    calls = {"n": 0}
+    real = synth.write_series
+
+    def failing_write_series(folder, volume, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second series: the first MR patient's in-phase
+            raise KeyboardInterrupt
+        return real(folder, volume, **kw)
+
+    monkeypatch.setattr(synth, "write_series", failing_write_series)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path, tiny(patients=1))
+    root = tmp_path / "Train_Sets"
+    assert [p.name for p in (root / "CT").iterdir()] == [str(CT_IDS[0])]
+    assert not (root / "MR").exists(), "a half-written MR patient was left in Train_Sets"
+    assert not list(tmp_path.glob(".synth-partial*"))
