@@ -231,9 +231,9 @@ def _summary_section(run_dir: Path, folds: list[tuple[int, Path]]) -> str:
         ("optimiser", f"AdamW, lr {_get(cfg, 'train.lr')}, weight decay {_get(cfg, 'train.weight_decay')}, "
                       f"{_get(cfg, 'train.warmup_epochs')} warm-up epochs then {_get(cfg, 'train.schedule')}"),
         ("precision / device", f"amp {_get(cfg, 'train.amp')}, device {_get(cfg, 'train.device')}"),
-        ("sequences", _get(cfg, "prepare.sequences").strip("[]")),
-        ("folds", f"{_get(cfg, 'prepare.folds')} in the data set; trained here: "
-                  f"{', '.join(str(k) for k, _ in folds) or 'none'}"),
+        # The fold count comes from the folders: the config's prepare section may not be the one
+        # the data set was prepared with (train never re-reads it).
+        ("folds trained", f"{len(folds)}: {', '.join(str(k) for k, _ in folds) or 'none'}"),
         ("seed", _get(cfg, "train.seed")),
     ]
     full = yaml.safe_dump(cfg, sort_keys=False)
@@ -490,7 +490,7 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
     ``*_montage.png``. Raises PipelineError when `run_dir` is not a run folder (neither
     config.yaml nor fold_<k>/) or `eval_dir`/`montage_dir` is given but does not exist.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # so the page names the run even for `--run .`
     if not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: run folder not found")
     folds = _fold_dirs(run_dir)

@@ -213,12 +213,12 @@ def test_cli_report_writes_the_page(run_dir):
 
 # --------------------------------------------------------------------------- rendering
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture()
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e .[test])")
     from selenium.webdriver.chrome.service import Service
 
@@ -226,7 +226,7 @@ def browser(tmp_path):
         if not os.access(exe, os.X_OK):
             pytest.skip(f"{exe} missing (apt-get install chromium chromium-driver)")
     # Selenium Manager must never try to download a browser or driver: both are given explicitly.
-    os.environ["SE_OFFLINE"] = "true"
+    monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
