@@ -360,7 +360,10 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
 def _make_grid(rng: np.random.Generator, size: int, n_slices: int, fov: float, step: float,
                centre: np.ndarray, top_z: float, rot: np.ndarray, descending: bool) -> Grid:
     """A grid of `n_slices` axial(-ish) slices whose first (or last) slice lies at body z = top_z."""
-    px = round(fov / size, 6)
+    # Binary fractions of a mm (exact in float32 and in a DS string): dcm2niix computes its
+    # affine in float32, so such values keep it within 1e-3 mm of the exact geometry even
+    # at CT table heights of z ~ 1700 mm.
+    px = round(fov / size * 256) / 256
     row_dir, col_dir = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 1.0, 0])
     normal = np.cross(row_dir, col_dir)
     half = (size - 1) / 2 * px
@@ -370,7 +373,7 @@ def _make_grid(rng: np.random.Generator, size: int, n_slices: int, fov: float, s
     first = top if descending else bottom
     origin = first - half * row_dir - half * col_dir
     return Grid((n_slices, size, size), (px, px, -step if descending else step),
-                np.round(origin, 4), row_dir, col_dir)
+                np.round(origin * 64) / 64, row_dir, col_dir)
 
 
 def _body_points(grid: Grid, centre: np.ndarray, body_rot: np.ndarray) -> np.ndarray:
@@ -397,7 +400,7 @@ def synth_ct_patient(folder: Path, pid: int, cfg: SynthConfig) -> dict:
     rng = _patient_rng(cfg.seed, "CT", pid)
     anat = Anatomy(rng)
     n = int(rng.integers(cfg.ct_slices[0], cfg.ct_slices[1] + 1))
-    step = round(float(rng.uniform(2.0, 3.0)), 2)
+    step = round(float(rng.uniform(2.0, 3.0)) * 64) / 64
     fov = float(rng.uniform(max(320, 2 * anat.a + 30), 420))
     centre = np.array([rng.uniform(-20, 20), rng.uniform(-40, 0), rng.uniform(900, 1700)])
     body_rot = _rotation(rng, 3.0)
@@ -447,7 +450,7 @@ def synth_mr_patient(folder: Path, pid: int, cfg: SynthConfig) -> dict:
     row = {"patient": f"MR_{pid}"}
     for seq in ("T1DUAL", "T2SPIR"):
         n = int(rng.integers(cfg.mr_slices[0], cfg.mr_slices[1] + 1))
-        step = round(float(rng.uniform(5.5, 9.0)), 2)
+        step = round(float(rng.uniform(5.5, 9.0)) * 64) / 64
         fov = float(rng.uniform(max(330, 2 * anat.a + 30), 420))
         oblique = rng.uniform() < 0.4
         rot = _rotation(rng, 8.0) if oblique else np.eye(3)
