@@ -218,3 +218,11 @@ def test_an_interrupted_run_leaves_only_complete_patients(tmp_path, monkeypatch)
     assert [p.name for p in (root / "CT").iterdir()] == [str(CT_IDS[0])]
     assert not (root / "MR").exists(), "a half-written MR patient was left in Train_Sets"
     assert not list(tmp_path.glob(".synth-partial*"))
+
+
+def test_montage_shows_four_sequences_as_a_png(root, tmp_path):
+    from pipeline.synth import save_montage
+
+    out = save_montage(root, tmp_path / "montage.png")
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size[0] > 2 * img.size[1] > 0
