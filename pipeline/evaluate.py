@@ -164,7 +164,15 @@ def _nifti_sources(files: list[Path], reference: bool) -> dict[str, MaskSource]:
     return sources
 
 
-def _png_case_name(folder: Path) -> str:
+def _png_case_name(folder: Path, dicom_dir: Path | None = None) -> str:
+    """Case id of a PNG folder: `<case>` / `<case>_png`, or for a CHAOS Ground folder the CHAOS case id."""
+    parts = folder.resolve().parts
+    if folder.name == "Ground" and len(parts) >= 4:
+        if parts[-3] == "CT" and parts[-2].isdigit():
+            return f"CT_{int(parts[-2])}"
+        if parts[-4] == "MR" and parts[-3].isdigit():
+            phase = f"_{dicom_dir.name}" if dicom_dir is not None and dicom_dir.name in ("InPhase", "OutPhase") else ""
+            return safe_name(f"MR_{int(parts[-3])}_{parts[-2]}{phase}", "PNG folder name")
     name = folder.name[: -len("_png")] if folder.name.endswith("_png") else folder.name
     return safe_name(name, "PNG folder name")
 
@@ -197,7 +205,8 @@ def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict
     if _pngs(path):
         if dicom is None or _is_chaos_root(dicom):
             raise PipelineError(f"{path}: a folder of PNG slices needs --dicom with its DICOM series folder")
-        return {_png_case_name(path): _png_source(_png_case_name(path), path, dicom, reference)}
+        case = _png_case_name(path, dicom)
+        return {case: _png_source(case, path, dicom, reference)}
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _pngs(p))
     if subfolders:
         sources = {}

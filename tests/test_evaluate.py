@@ -217,6 +217,13 @@ def test_chaos_root_reference_against_infer_style_png_folders(tmp_path):
     assert result["cases"][0]["dice"] == 1.0
 
 
+def test_png_folder_named_case_png_gives_the_case_id(series, tmp_path):
+    dicom, names = series
+    pngs = write_pngs(tmp_path / "MR_7_T2SPIR_png", names, liver_planes(), 63)
+    result = run_evaluation(pred=pngs, ref=pngs, dicom=dicom, out_dir=tmp_path / "out")
+    assert result["cases"][0]["case"] == "MR_7_T2SPIR"
+
+
 # ---------------------------------------------------------------------------------------------
 # Real CHAOS data
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +232,7 @@ def test_real_ct_ground_against_itself_scores_perfectly(tmp_path):
     ct = REAL / "CT" / "3"
     result = run_evaluation(pred=ct / "Ground", ref=ct / "Ground", dicom=ct / "DICOM_anon", out_dir=tmp_path)
     row = result["cases"][0]
+    assert row["case"] == "CT_3"
     assert (row["dice"], row["ravd_pct"], row["assd_mm"], row["mssd_mm"]) == (1.0, 0.0, 0.0, 0.0)
     assert row["score"] == 100.0
     assert 1000 < row["ref_ml"] < 3000  # an adult liver
@@ -240,3 +248,52 @@ def test_real_mr_ground_liver_excludes_the_other_organs(tmp_path):
         Image.fromarray((((arr >= 55) & (arr <= 70)) * 255).astype(np.uint8)).save(liver_only / png.name)
     result = run_evaluation(pred=liver_only, ref=t2 / "Ground", dicom=t2 / "DICOM_anon", out_dir=tmp_path / "out")
     assert result["cases"][0]["dice"] == 1.0
+
+
+def _official_chaos_surface_distances(v_ref, v_seg, dicom_dir):
+    """ASSD / MSSD the way the CHAOS evaluation code computes them (independent re-statement).
+
+    Volumes are (file, row, col) stacks in file-name order; world points from the first and last
+    DICOM file in file-name order, PixelSpacing and ImageOrientationPatient; KD-tree distances
+    between 6-connected border voxels (outside the volume counts as foreground).
+    """
+    import pydicom
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    files = sorted(Path(dicom_dir).glob("*.dcm"))
+    first, last = pydicom.dcmread(files[0]), pydicom.dcmread(files[-1])
+    t1, tn = np.array(first.ImagePositionPatient, float), np.array(last.ImagePositionPatient, float)
+    x, y = np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    di, dj = (float(v) for v in first.PixelSpacing)
+    m = np.stack([x * di, y * dj, (t1 - tn) / (1 - len(files))], axis=1)
+
+    def border_points(v):
+        s = ndimage.generate_binary_structure(3, 1)
+        idx = np.array(np.nonzero(v ^ ndimage.binary_erosion(v, structure=s, border_value=1)))
+        return (m @ np.stack([idx[1], idx[2], idx[0]])).T + t1
+
+    ref_pts, seg_pts = border_points(v_ref), border_points(v_seg)
+    d1, d2 = cKDTree(ref_pts).query(seg_pts)[0], cKDTree(seg_pts).query(ref_pts)[0]
+    both = np.concatenate([d1, d2])
+    return both.mean(), both.max()
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"real CHAOS data not found at {REAL}")
+def test_real_ct_distances_equal_the_official_chaos_algorithm(tmp_path):
+    ct = REAL / "CT" / "3"
+    pngs = sorted((ct / "Ground").glob("*.png"))
+    v_ref = np.stack([np.asarray(Image.open(p)) != 0 for p in pngs])
+    v_seg = v_ref.copy()
+    liver_slices = np.flatnonzero(v_ref.any(axis=(1, 2)))
+    v_seg[liver_slices[0]] = False  # miss the top liver slice
+    v_seg[liver_slices[10]:liver_slices[20]] = np.roll(v_seg[liver_slices[10]:liver_slices[20]], 3, axis=2)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for p, plane in zip(pngs, v_seg):
+        Image.fromarray(plane.astype(np.uint8) * 63).save(pred / p.name)
+    row = run_evaluation(pred=pred, ref=ct / "Ground", dicom=ct / "DICOM_anon", out_dir=tmp_path / "out")["cases"][0]
+    assd, mssd = _official_chaos_surface_distances(v_ref, v_seg, ct / "DICOM_anon")
+    assert row["assd_mm"] == pytest.approx(assd, rel=1e-4)
+    assert row["mssd_mm"] == pytest.approx(mssd, rel=1e-4)
+    assert 0 < row["assd_mm"] < row["mssd_mm"]
