@@ -225,4 +225,4 @@ def test_montage_shows_four_sequences_as_a_png(root, tmp_path):
 
     out = save_montage(root, tmp_path / "montage.png")
     img = Image.open(out)
-    assert img.format == "PNG" and img.size[0] > 2 * img.size[1] > 0
+    assert img.format == "PNG" and img.size[0] > img.size[1] > 100  # 4 columns x 2 rows
