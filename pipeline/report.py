@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
+import functools
 import html
 import io
 import json
@@ -40,6 +41,7 @@ REPORT_NAME = "report.html"
 NOT_AVAILABLE = "not available"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
+_INTEGER = re.compile(r"[+-]?\d+")
 _SUMMARY_LABELS = {"mean", "std", "overall", "all", "summary", "median"}
 _FOLD_ARTEFACTS = ("config.yaml", "split.json", "labels.json", "normalisation.json",
                    "best.pt", "last.pt", "train.log", "metrics.csv", "curves.png")
@@ -55,6 +57,17 @@ class Table:
 
     columns: list[str]
     rows: list[dict[str, str]]
+
+    @functools.cached_property
+    def integer_columns(self) -> set[str]:
+        """Columns whose every filled cell is an integer (epoch, fold): printed as is."""
+        return {c for c in self.columns
+                if any(r.get(c, "").strip() for r in self.rows)
+                and all(_INTEGER.fullmatch(r.get(c, "").strip() or "0") for r in self.rows)}
+
+    def cells(self, row: dict[str, str], columns: Sequence[str] | None = None) -> list[str]:
+        """Display texts of `row`; a "1" in a float column (evaluate writes %g) reads 1.0000 like its neighbours."""
+        return [_fmt(c, row.get(c, ""), c in self.integer_columns) for c in (columns or self.columns)]
 
 
 # --------------------------------------------------------------------------- reading artefacts
@@ -125,18 +138,18 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(column: str, text: str) -> str:
+def _fmt(column: str, text: str, integer: bool = False) -> str:
     """Readable text for one CSV cell: integers as is, Dice to 4 decimals, lr in e-notation."""
     value = _number(text)
     stripped = str(text).strip()
     if math.isnan(value) or not math.isfinite(value):
         return stripped if stripped else "–"
-    if re.fullmatch(r"[+-]?\d+", stripped):
+    if integer and _INTEGER.fullmatch(stripped):
         return stripped
     col = column.lower()
     if col == "lr" or col.endswith("_lr"):
         return f"{value:.2e}"
-    if "dice" in col and abs(value) <= 1:
+    if "dice" in col and "points" not in col and abs(value) <= 1:
         return f"{value:.4f}"
     if value != 0 and abs(value) < 0.01:
         return f"{value:.2e}"
@@ -292,7 +305,7 @@ def _cv_section(run_dir: Path, folds: list[tuple[int, Path]]) -> str:
     all_dice = [_number(r["dice"]) for r in table.rows]
     overall = _mean_std(all_dice)
     foot = [("all", str(len(all_dice)), overall, _fmt("dice", str(min(all_dice))))]
-    patient_rows = [[_fmt(c, r.get(c, "")) for c in table.columns] for r in table.rows]
+    patient_rows = [table.cells(r) for r in table.rows]
     return (head + f'<p class="headline">mean Dice over {len(all_dice)} patients: <b>{_esc(overall)}</b> '
             f'(mean ± std)</p><p class="src">source: {_esc(source)}</p>'
             + "<h3>Per fold</h3>"
@@ -371,10 +384,10 @@ def _fold_section(k: int, fold_dir: Path) -> str:
         rows = []
         try:
             best, _ = _best_epoch_dice(metrics)
-            rows.append(["best", *(_fmt(c, best.get(c, "")) for c in metrics.columns)])
+            rows.append(["best", *metrics.cells(best)])
         except ArtefactUnavailable as exc:
             parts.append(_unavailable("best epoch", str(exc)))
-        rows.append(["final", *(_fmt(c, metrics.rows[-1].get(c, "")) for c in metrics.columns)])
+        rows.append(["final", *metrics.cells(metrics.rows[-1])])
         times = [_number(r.get("epoch_time_s")) for r in metrics.rows]
         if any(math.isfinite(t) for t in times):
             total = sum(t for t in times if math.isfinite(t))
@@ -400,8 +413,8 @@ def _eval_section(eval_dir: Path | None, table: Table | None, reason: str) -> st
     columns = [c for c in table.columns if not c.endswith("_file")]
     is_summary = [r.get(key, "").strip().lower() in _SUMMARY_LABELS for r in table.rows]
     cases = [r for r, s in zip(table.rows, is_summary) if not s]
-    body = [[_fmt(c, r.get(c, "")) for c in columns] for r in cases]
-    foot = [[_fmt(c, r.get(c, "")) for c in columns] for r, s in zip(table.rows, is_summary) if s]
+    body = [table.cells(r, columns) for r in cases]
+    foot = [table.cells(r, columns) for r, s in zip(table.rows, is_summary) if s]
     if cases and not foot:
         # Population std, as evaluate's metrics.json summary.
         stats = {"mean": statistics.fmean, "std": statistics.pstdev}
@@ -449,7 +462,8 @@ def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
     if evaluation is not None:
         key = evaluation.columns[0]
         shown = [c for c in ("dice", "score") if c in evaluation.columns]
-        scores = {r.get(key, ""): ", ".join(f"{c} {_fmt(c, r.get(c, ''))}" for c in shown) for r in evaluation.rows}
+        scores = {r.get(key, ""): ", ".join(f"{c} {t}" for c, t in zip(shown, evaluation.cells(r, shown)))
+                  for r in evaluation.rows}
     if not paths:
         return head + _unavailable("montages", "no *_montage.png found (run infer with montages)") + "</section>"
     figures = []

@@ -139,9 +139,21 @@ def test_report_shows_evaluation_rows_with_points_and_a_mean_row(run_dir):
     for col in ("ravd_pct", "assd_mm", "mssd_mm", "hd95_mm", "score"):
         assert f"<th>{col}</th>" in page
     assert "74.87" in page and "18.17" in page
+    assert "0.0000" not in page  # zero points print as points (0.00), not as a Dice
     assert f"{(74.87 + 18.17) / 2:.2f}" in page and "mean (2 cases)" in page
     assert f"{np.std([74.87, 18.17]):.2f}" in page  # population std, as evaluate's summary
     assert "pred_file" not in page and "/x/masks" not in page  # paths stay out of the table
+
+
+def test_whole_numbers_in_float_columns_print_like_their_neighbours(run_dir, tmp_path):
+    # evaluate writes %g: a perfect case reads "1,0,0" but must line up with 0.9412 and 2.31.
+    evaluation = tmp_path / "eval_g"
+    evaluation.mkdir()
+    _write_csv(evaluation / "metrics.csv", [{"case": "CT_1", "dice": "1", "ravd_pct": "0", "slices": "78"},
+                                            {"case": "CT_2", "dice": "0.95", "ravd_pct": "2.5", "slices": "80"}])
+    page = _page(run_dir, eval_dir=evaluation)
+    first = re.search(r'<table id="eval-cases">.*?<tbody>\s*<tr>(.*?)</tr>', page, re.S).group(1)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", first) == ["CT_1", "1.0000", "0.00", "78"]
 
 
 def test_report_escapes_a_malicious_case_name(run_dir):
