@@ -25,7 +25,8 @@ CV_DICE = {"MR_1": 0.9412, "MR_2": 0.9187, "CT_3": 0.9555, "MR_5": 0.9034, "MR_8
 EVAL_ROWS = [
     {"case": "MR_1_T2SPIR", "dice": 0.9412, "ravd_pct": 2.31, "assd_mm": 1.84, "mssd_mm": 21.7, "hd95_mm": 5.2,
      "dice_points": 94.12, "ravd_points": 53.8, "assd_points": 87.73, "mssd_points": 63.83, "score": 74.87,
-     "pred_ml": 1523.4, "ref_ml": 1489.0, "pred_file": "/x/masks/MR_1_T2SPIR_liver.nii.gz", "ref_file": "/y/MR_1.nii.gz"},
+     "pred_ml": 1523.4, "ref_ml": 1489.0, "pred_file": "/x/masks/MR_1_T2SPIR_liver.nii.gz",
+     "ref_file": "/y/MR_1.nii.gz"},
     {"case": EVIL_CASE, "dice": 0.7712, "ravd_pct": 8.5, "assd_mm": 4.1, "mssd_mm": 70.2, "hd95_mm": 12.9,
      "dice_points": 0.0, "ravd_points": 0.0, "assd_points": 72.67, "mssd_points": 0.0, "score": 18.17,
      "pred_ml": 1700.2, "ref_ml": 1567.0, "pred_file": "/x/masks/evil_liver.nii.gz", "ref_file": "/y/evil.nii.gz"},
