@@ -6,13 +6,13 @@ Either side may be
   output) or `<case>.nii.gz`, liver = any non-zero voxel.
 - a folder of PNG slices (CHAOS Ground or submission style), with the series' DICOM folder
   (`dicom`) giving the geometry: PNG i in natural file-name order belongs to DICOM file i in
-  natural file-name order. Reference PNGs are read like CHAOS Ground (CT: any non-zero is liver;
-  MR grey levels: liver is the 55..70 band, the other organs are not liver); prediction PNGs:
-  any non-zero is liver.
+  natural file-name order. A stack in MR Ground grey levels (liver 55..70 plus other organs)
+  counts only the liver band; any other stack (CT Ground 0/1, submissions at 63 or 255):
+  any non-zero pixel is liver. The same rule holds for predictions and references.
 - a folder of such PNG folders, one per case, named `<case>` or `<case>_png` (infer's
   `--format chaos-png`), with `dicom` (or a CHAOS-root `ref`) giving each case's geometry.
 - a CHAOS root (Train_Sets layout): every case with a Ground folder, Ground paired with its
-  DICOM files by `pipeline.chaos` (verified pairing).
+  DICOM files by `pipeline.chaos.pair_ground` (MR by stem, CT by index; verified).
 `dicom` may be one DICOM series folder (for a single PNG case) or a CHAOS root.
 
 Every reference case needs a prediction: a missing one is an error naming the case, unless
@@ -110,14 +110,50 @@ def _pngs(folder: Path) -> list[Path]:
                    and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
-def read_png_mask(folder: Path, dicom_dir: Path, reference: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A folder of PNG slices + its DICOM series -> (bool mask (i, j, k), affine).
+def _read_png(png: Path, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(png) as im:
+            if im.mode not in ("1", "L", "I", "I;16"):
+                raise PipelineError(f"{png}: PNG mask has mode {im.mode}, expected greyscale")
+            arr = np.asarray(im)
+    except OSError as exc:
+        raise PipelineError(f"{png}: unreadable PNG ({exc})") from None
+    if arr.shape != tuple(shape):
+        raise PipelineError(f"{png}: PNG is {arr.shape[0]}x{arr.shape[1]}, DICOM is {shape[0]}x{shape[1]}")
+    return arr
+
+
+def png_stack_liver(pngs_by_file: dict[Path, Path], geometry) -> np.ndarray:
+    """{DICOM file: PNG} -> bool liver volume in NIfTI order (geometry.shape).
+
+    The stack's grey levels decide how to read it: MR Ground (values in the liver band 55..70
+    AND other non-zero values, i.e. kidneys/spleen at 126/189/252) -> liver is the 55..70 band
+    and any value outside the four CHAOS bands is an error; otherwise (CT Ground 0/1,
+    submission PNGs with one grey level such as 63 or 255) any non-zero pixel is liver.
+    """
+    from pipeline.chaos import MR_GREY_RANGES
+
+    raw = {Path(f): _read_png(png, (geometry.rows, geometry.cols)) for f, png in pngs_by_file.items()}
+    low, high, _ = MR_GREY_RANGES[0]
+    in_band = any(np.any((a >= low) & (a <= high)) for a in raw.values())
+    outside = any(np.any((a != 0) & ((a < low) | (a > high))) for a in raw.values())
+    if not (in_band and outside):
+        return geometry.stack({f: a != 0 for f, a in raw.items()})
+    for f, a in raw.items():
+        known = (a == 0) | np.logical_or.reduce([(a >= lo) & (a <= hi) for lo, hi, _ in MR_GREY_RANGES])
+        if not known.all():
+            raise PipelineError(f"{pngs_by_file[f]}: grey value {int(a[~known].flat[0])} is outside the CHAOS label ranges")
+    return geometry.stack({f: (a >= low) & (a <= high) for f, a in raw.items()})
+
+
+def read_png_folder(folder: Path, dicom_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of PNG slices + its DICOM series -> (bool liver mask (i, j, k), affine).
 
     PNG i (natural order) belongs to DICOM file i (natural order), as for CHAOS CT Ground and
-    challenge submissions. Reference PNGs are read as Ground of the series' modality
-    (MR grey levels: liver is 55..70 only); prediction PNGs: any non-zero is liver.
+    challenge submissions (and for MR Ground, whose PNGs carry the DICOM stems).
     """
-    from pipeline.chaos import png_labels
     from pipeline.dicom import natural_key
 
     geometry = _geometry(Path(dicom_dir))
@@ -125,17 +161,17 @@ def read_png_mask(folder: Path, dicom_dir: Path, reference: bool) -> tuple[np.nd
     files = sorted(geometry.files, key=lambda p: natural_key(Path(p).name))
     if len(pngs) != len(files):
         raise PipelineError(f"{folder}: {len(pngs)} PNG files for {len(files)} DICOM files in {dicom_dir}")
-    mode = geometry.modality if reference else "CT"  # png_labels' CT rule: any non-zero is liver
-    slices = {Path(f): png_labels(png, mode, (geometry.rows, geometry.cols)) for f, png in zip(files, pngs)}
-    return geometry.stack(slices) == 1, np.asarray(geometry.affine, dtype=np.float64)
+    return png_stack_liver(dict(zip(files, pngs)), geometry), np.asarray(geometry.affine, dtype=np.float64)
 
 
 def _chaos_ground_source(case) -> MaskSource:
+    """A CHAOS case's Ground, paired with its DICOM files by pipeline.chaos (verified pairing)."""
     def load():
-        from pipeline.chaos import read_ground
+        from pipeline.chaos import pair_ground
 
         geometry = _geometry(case.dicom_dir)
-        return read_ground(case, geometry) == 1, np.asarray(geometry.affine, dtype=np.float64)
+        pairs = pair_ground(case, list(geometry.files))
+        return png_stack_liver(pairs, geometry), np.asarray(geometry.affine, dtype=np.float64)
 
     return MaskSource(case.case, case.ground_dir, load)
 
@@ -196,9 +232,7 @@ def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict
         cases = [c for c in find_cases(path) if c.ground_dir is not None]
         if not cases:
             raise PipelineError(f"{path}: CHAOS root without any Ground folder")
-        if reference:
-            return {c.case: _chaos_ground_source(c) for c in cases}
-        return {c.case: _png_source(c.case, c.ground_dir, c.dicom_dir, reference) for c in cases}
+        return {c.case: _chaos_ground_source(c) for c in cases}
     niftis = sorted(p for p in path.iterdir() if _is_nifti(p))
     if niftis:
         return _nifti_sources(niftis, reference)
@@ -206,7 +240,7 @@ def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict
         if dicom is None or _is_chaos_root(dicom):
             raise PipelineError(f"{path}: a folder of PNG slices needs --dicom with its DICOM series folder")
         case = _png_case_name(path, dicom)
-        return {case: _png_source(case, path, dicom, reference)}
+        return {case: _png_source(case, path, dicom)}
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _pngs(p))
     if subfolders:
         sources = {}
@@ -214,13 +248,13 @@ def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict
             case = _png_case_name(folder)
             if case not in dicom_dirs:
                 raise PipelineError(f"{folder}: no DICOM series known for case {case} (give --dicom CHAOS_ROOT)")
-            sources[case] = _png_source(case, folder, dicom_dirs[case], reference)
+            sources[case] = _png_source(case, folder, dicom_dirs[case])
         return sources
     raise PipelineError(f"{path}: no NIfTI masks, PNG slices or CHAOS layout found in this {side} folder")
 
 
-def _png_source(case: str, folder: Path, dicom_dir: Path, reference: bool) -> MaskSource:
-    return MaskSource(case, folder, lambda: read_png_mask(folder, dicom_dir, reference))
+def _png_source(case: str, folder: Path, dicom_dir: Path) -> MaskSource:
+    return MaskSource(case, folder, lambda: read_png_folder(folder, dicom_dir))
 
 
 def match_cases(preds: dict[str, MaskSource], refs: dict[str, MaskSource], missing: str) -> tuple[list, list[str]]:

@@ -181,6 +181,17 @@ def test_mr_ground_pngs_count_only_the_liver_grey_band(series, tmp_path):
     assert result["cases"][0]["dice"] == 1.0
 
 
+def test_mr_ground_with_an_unknown_grey_level_names_the_png(series, tmp_path):
+    dicom, names = series
+    planes = liver_planes() * 63
+    planes[2, 0, 0] = 126
+    planes[3, 0, 0] = 90  # between the liver and kidney bands
+    ref = write_pngs(tmp_path / "Ground", names, planes, 1)
+    with pytest.raises(PipelineError, match="grey value 90") as err:
+        run_evaluation(pred=ref, ref=ref, dicom=dicom, out_dir=tmp_path / "out")
+    assert Path(names[3]).stem + ".png" in str(err.value)
+
+
 def test_png_slices_shifted_by_one_file_lose_overlap(series, tmp_path):
     dicom, names = series
     _, geom = read_series(dicom)
