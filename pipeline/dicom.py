@@ -187,7 +187,8 @@ def write_series(
         tags = extra_tags(k) if callable(extra_tags) else extra_tags
         for keyword, value in (tags or {}).items():
             setattr(ds, keyword, value)
-        ds.PixelData = stored[k].tobytes()
+        pixels = stored[k].tobytes()
+        ds.PixelData = pixels + b"\0" * (len(pixels) % 2)  # DICOM values have even length
         path = folder / file_names[k]
         with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)

@@ -86,6 +86,7 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> 
         rows.append(row)
         log.debug("%s: %s, liver %.1f ml", case.case, row["shape"], row["liver_ml"])
 
+    _warn_stale(out_dir, entries)
     datalist = {
         "name": "CHAOS",
         "description": "CHAOS CT and MR abdominal organs, prepared by pipeline.prepare",
@@ -99,6 +100,16 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> 
     save_config(cfg, out_dir / "config.yaml")
     print(format_table(rows))
     return datalist
+
+
+def _warn_stale(out_dir: Path, entries: list[dict]) -> None:
+    """Files left by an earlier run with other sequences stay on disk but not in the datalist."""
+    current = {e[key] for e in entries for key in ("image", "label")}
+    stale = [p for sub in ("imagesTr", "labelsTr") for p in sorted((out_dir / sub).glob("*.nii.gz"))
+             if f"{sub}/{p.name}" not in current]
+    if stale:
+        log.warning("%s: %d NIfTI files from an earlier run are not in this datalist (e.g. %s)",
+                    out_dir, len(stale), stale[0].name)
 
 
 def _csv(rows: list[dict]) -> str:

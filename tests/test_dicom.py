@@ -271,3 +271,15 @@ def test_write_nifti_sets_sform_and_qform_and_is_byte_reproducible(tmp_path):
 def test_write_nifti_refuses_an_identity_affine(tmp_path):
     with pytest.raises(PipelineError, match="identity"):
         write_nifti(tmp_path / "x.nii.gz", np.zeros((2, 2, 2)), np.eye(4), np.uint8)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize("dtype,intercept", [(np.uint8, 0.0), (np.int16, 0.0), (np.uint16, -1024.0)])
+def test_every_supported_dtype_reads_back_exactly_and_converts_with_dcm2niix(tmp_path, dtype, intercept):
+    vol = (np.arange(3 * 5 * 7).reshape(3, 5, 7) % 97 - (40 if dtype == np.int16 else 0)).astype(float)
+    write_tiny(tmp_path / "dcm", vol, dtype=dtype, rescale_intercept=intercept, modality="CT")
+    data, geo = read_series(tmp_path / "dcm")
+    for k in range(3):
+        np.testing.assert_array_equal(from_nifti_slice(data[:, :, k]), vol[k])
+    ref = _dcm2niix(tmp_path / "dcm", tmp_path / "nii")
+    np.testing.assert_array_equal(data, ref.get_fdata(dtype=np.float32))

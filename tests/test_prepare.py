@@ -247,12 +247,14 @@ def test_prepare_never_modifies_the_raw_data(tree, tmp_path):
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
-def test_sequences_option_limits_the_cases(tree, tmp_path):
+def test_sequences_option_limits_the_cases_and_warns_about_older_outputs(tree, tmp_path, caplog):
     root, _ = tree
+    prepare_dataset(root, tmp_path / "prep", Config())
     cfg = Config()
     cfg.prepare.sequences = ["CT", "T2SPIR"]
     datalist = prepare_dataset(root, tmp_path / "prep", cfg)
     assert [e["case"] for e in datalist["training"]] == ["CT_1", "MR_2_T2SPIR"]
+    assert "4 NIfTI files from an earlier run are not in this datalist" in caplog.text
 
 
 def test_cli_prepare_error_is_one_line_naming_the_file_and_exits_2(tree, tmp_path):
