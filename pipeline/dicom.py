@@ -287,7 +287,8 @@ def _list_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
         except (OSError, ValueError, EOFError) as exc:
             raise PipelineError(f"{path}: unreadable DICOM file ({exc})") from None
         sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
-        if sop == _DIRECTORY_SOP or "ImagePositionPatient" not in ds or "Rows" not in ds:
+        # An image without ImagePositionPatient is an error later (named); only non-images skip.
+        if sop == _DIRECTORY_SOP or "Rows" not in ds:
             log.warning("%s: DICOM file without an image (e.g. DICOMDIR), skipped", path)
             continue
         out.append((path, ds))

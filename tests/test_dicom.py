@@ -283,3 +283,12 @@ def test_every_supported_dtype_reads_back_exactly_and_converts_with_dcm2niix(tmp
         np.testing.assert_array_equal(from_nifti_slice(data[:, :, k]), vol[k])
     ref = _dcm2niix(tmp_path / "dcm", tmp_path / "nii")
     np.testing.assert_array_equal(data, ref.get_fdata(dtype=np.float32))
+
+
+def test_image_without_position_is_an_error_not_a_silent_skip(tmp_path):
+    paths = write_tiny(tmp_path, ramp_volume(3, 4, 4))
+    ds = pydicom.dcmread(paths[1])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[1])
+    with pytest.raises(PipelineError, match=rf"{paths[1].name}: missing or invalid ImagePositionPatient"):
+        read_series(tmp_path)
