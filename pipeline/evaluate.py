@@ -355,6 +355,7 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     if cfg.evaluate.missing not in ("error", "skip"):
         raise PipelineError(f"config evaluate.missing must be 'error' or 'skip', got {cfg.evaluate.missing!r}")
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
+    _geometry.cache_clear()  # the cache only spares re-reading a series within one evaluation
     dicom = Path(dicom) if dicom is not None else None
     dicom_dirs: dict[str, Path] = {}
     if dicom is not None and _is_chaos_root(dicom):
