@@ -1,0 +1,46 @@
+"""Network and loss built from the config: a MONAI 2D UNet on single-channel axial slices.
+
+Input (B, 1, H, W) float32 intensities in about [0, 1]; output (B, 2, H, W) logits, channel 0
+background, channel 1 liver. Every loss below takes those logits and a (B, 1, H, W) label of 0/1.
+"""
+from __future__ import annotations
+
+from torch import nn
+from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.networks.nets import UNet
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import PipelineError
+
+NUM_CLASSES = 2  # background, liver
+NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """MONAI UNet(spatial_dims=2, in_channels=1, out_channels=2) shaped by `cfg`."""
+    if len(cfg.channels) < 2 or len(cfg.strides) != len(cfg.channels) - 1:
+        raise PipelineError(
+            f"config model.strides: expected {len(cfg.channels) - 1} values for {len(cfg.channels)} "
+            f"model.channels, got {cfg.strides}")
+    if cfg.norm not in NORMS:
+        raise PipelineError(f"config model.norm: expected one of {sorted(NORMS)}, got {cfg.norm!r}")
+    return UNet(
+        spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
+        strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=NORMS[cfg.norm],
+    )
+
+
+def build_loss(cfg: TrainConfig) -> nn.Module:
+    """dice_ce (default) | dice_focal | bce.
+
+    "bce" keeps the two-channel output and uses cross-entropy alone: softmax over two logits is
+    a sigmoid of their difference, so this is binary cross-entropy without changing the model or
+    the prediction code that the other losses share.
+    """
+    if cfg.loss == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if cfg.loss == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+    if cfg.loss == "bce":
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0)
+    raise PipelineError(f"config train.loss: expected dice_ce | dice_focal | bce, got {cfg.loss!r}")

@@ -1,0 +1,99 @@
+"""Whole-volume prediction with 2D networks, shared by training validation and `infer`.
+
+Volumes are (1, H, W, D) float32 tensors as produced by `pipeline.transforms.deterministic_transforms`
+(D = axial slice axis, H, W = the model's roi size); outputs keep that grid.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from monai.inferers import SliceInferer
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; otherwise the named device (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise PipelineError(f"config device: {spec!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"config device: {spec!r} requested but CUDA is not available")
+    return device
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for `amp` on `device`, or None for full float32.
+
+    "auto" is fp16 CUDA AMP on GPU and float32 on CPU: on this project's 2-core CPU (no AMX),
+    bf16 autocast made a UNet training step 2.8x slower (bench/bench_train.py), so it is opt-in.
+    """
+    if amp not in AMP_MODES:
+        raise PipelineError(f"config amp: expected one of {AMP_MODES}, got {amp!r}")
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@contextlib.contextmanager
+def autocast_context(device: torch.device, amp: str) -> Iterator[None]:
+    """torch.autocast for `amp` on `device`; a no-op when that resolves to float32."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The data of a MONAI MetaTensor as a plain tensor (networks run much faster on those)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
+
+
+def slice_logits(model: nn.Module, image: torch.Tensor, batch_size: int, device: torch.device,
+                 amp: str = "off") -> torch.Tensor:
+    """Logits of every axial slice: image (1, H, W, D) -> float32 (C, H, W, D) on the CPU.
+
+    The caller sets eval/train mode; this only runs the slices through the model.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise PipelineError(f"predict: expected an image of shape (1, H, W, D), got {tuple(image.shape)}")
+    inferer = SliceInferer(roi_size=tuple(image.shape[1:3]), sw_batch_size=batch_size, spatial_dim=2,
+                           progress=False)
+    x = plain(image).unsqueeze(0).to(device)  # (B=1, 1, H, W, D)
+    with torch.inference_mode(), autocast_context(device, amp):
+        logits = inferer(x, model)
+    return logits[0].float().cpu()
+
+
+def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
+                   device: torch.device, amp: str = "off") -> torch.Tensor:
+    """Softmax probabilities averaged over `models`: image (1, H, W, D) -> float32 (2, H, W, D).
+
+    Channel 1 is the liver probability. Models are put in eval mode and restored afterwards.
+    """
+    if not models:
+        raise PipelineError("predict: no model to predict with")
+    total = None
+    for model in models:
+        was_training = model.training
+        model.eval()
+        try:
+            probs = torch.softmax(slice_logits(model, image, batch_size, device, amp), dim=0)
+        finally:
+            model.train(was_training)
+        total = probs if total is None else total + probs
+    return total / len(models)

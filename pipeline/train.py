@@ -1,0 +1,521 @@
+"""Train the slice-wise 2D UNet on prepared NIfTI volumes, one fold or the whole cross-validation.
+
+Reads only DATA_DIR/datalist.json and the NIfTI files it lists (see pipeline/transforms.py for
+the volume conventions). Writes a self-describing run folder:
+
+    RUN_DIR/config.yaml                 resolved config
+    RUN_DIR/cv_summary.csv              --fold all: fold, patient, dice (best and last checkpoint)
+    RUN_DIR/fold_<k>/config.yaml, split.json, labels.json, normalisation.json,
+                     best.pt, last.pt, train.log, metrics.csv, curves.png
+
+Checkpoints hold tensors and plain Python types only (`torch.load(weights_only=True)`).
+Under `torchrun` (WORLD_SIZE > 1) one fold trains with DistributedDataParallel; only rank 0
+validates and writes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import Config, config_from_dict, config_to_dict, save_config
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, safe_name, write_json, write_text
+from pipeline.model import build_loss, build_model
+from pipeline.predict import autocast_context, plain, resolve_device, slice_logits
+from pipeline.transforms import LIVER_LABEL, ORIENTATION, deterministic_transforms, random_transforms
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_datalist(data_dir: Path) -> tuple[list[dict], dict, int]:
+    """(entries with absolute paths, label map, number of folds) from DATA_DIR/datalist.json."""
+    from monai.data import load_decathlon_datalist
+
+    path = data_dir / "datalist.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run `python run.py prepare` first)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    entries = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training", base_dir=data_dir)
+    required = ("image", "label", "case", "patient", "modality", "fold")
+    for e in entries:
+        missing = [k for k in required if k not in e]
+        if missing:
+            raise PipelineError(f"{path}: entry {e.get('case', e.get('image'))!r} lacks {missing}")
+        for key in ("image", "label"):
+            if not Path(e[key]).is_file():
+                raise PipelineError(f"{e[key]}: listed in {path} but not found")
+    num_folds = int(raw.get("numFolds", max(e["fold"] for e in entries) + 1))
+    return entries, raw.get("labels", {}), num_folds
+
+
+def split_fold(entries: list[dict], fold: int, data_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Whole patients: the fold number comes from prepare's patient-level assignment."""
+    train = [e for e in entries if int(e["fold"]) != fold]
+    val = [e for e in entries if int(e["fold"]) == fold]
+    if not train or not val:
+        raise PipelineError(f"{data_dir / 'datalist.json'}: fold {fold} leaves {len(train)} training and "
+                            f"{len(val)} validation cases; both must be non-empty")
+    return train, val
+
+
+def reference_transform():
+    """The liver mask on the label file's own voxel grid (1, X, Y, Z), for Dice on the source grid."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LabelFilterd, LoadImaged
+
+    return Compose([LoadImaged("label", reader="NibabelReader", image_only=True),
+                    EnsureChannelFirstd("label"), LabelFilterd("label", applied_labels=[LIVER_LABEL])])
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+@contextmanager
+def distributed(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), else run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield Dist(), resolve_device(device_spec)
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Dist(rank, world, local_rank), device
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- schedule, rng
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Linear warm-up to the peak, then cosine or polynomial (power 0.9, nnU-Net's) decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "poly":
+        return (1.0 - progress) ** 0.9
+    raise PipelineError(f"config train.schedule: expected cosine | poly, got {schedule!r}")
+
+
+def rng_state() -> dict:
+    """torch / numpy / python RNG states as tensors and lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, dataset, generator: torch.Generator) -> None:
+    """Make every random draw of an epoch a function of (seed, epoch, rank) alone.
+
+    Augmentation, sampling order and dropout then do not depend on how the process got here,
+    so a resumed run repeats exactly what an uninterrupted run does.
+    """
+    from monai.data.utils import set_rnd
+
+    epoch_seed = (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+    torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    random.seed(epoch_seed)
+    generator.manual_seed(epoch_seed)
+    set_rnd(dataset, epoch_seed)
+
+
+# ----------------------------------------------------------------------------- fold state
+
+@dataclass
+class FoldState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0  # completed epochs
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, state: FoldState, cfg: Config) -> None:
+    """Weights + optimizer + scheduler + counters + RNG + config, written atomically."""
+    module = state.model.module if hasattr(state.model, "module") else state.model
+    payload = {
+        "model": module.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "best_dice": state.best_dice,
+        "best_epoch": state.best_epoch, "history": state.history, "rng": rng_state(),
+        "config": config_to_dict(cfg),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, state: FoldState) -> None:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise PipelineError(f"{path}: cannot load checkpoint ({exc})") from None
+    module = state.model.module if hasattr(state.model, "module") else state.model
+    module.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch, state.best_dice, state.best_epoch = ckpt["epoch"], ckpt["best_dice"], ckpt["best_epoch"]
+    state.history = list(ckpt["history"])
+    set_rng_state(ckpt["rng"])
+
+
+# ----------------------------------------------------------------------------- epochs
+
+def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler, desc: str, show: bool) -> float:
+    """One pass over the training volumes; returns the mean loss of this process's batches."""
+    state.model.train()
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not show, unit="batch")
+    for batch in bar:
+        # Plain tensors: MetaTensor's per-op metadata bookkeeping made a step ~10x slower.
+        image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
+        state.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, amp):
+            loss = loss_fn(state.model(image), label)
+        scaler.scale(loss).backward()
+        scaler.step(state.optimizer)
+        scaler.update()
+        state.scheduler.step()
+        total, n = total + float(loss.item()), n + 1
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(1, n)
+
+
+def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss_fn, cfg: Config,
+             device) -> tuple[float, dict[str, float]]:
+    """(mean val loss, Dice per patient) on whole held-out volumes.
+
+    Every slice is predicted (SliceInferer), the probabilities are mapped back to the source voxel
+    grid by inverting the resize and reorientation (Invertd), and Dice is computed in 3D there
+    against the untouched label; a patient's Dice is the mean over its cases.
+    """
+    from monai.data import MetaTensor
+    from monai.metrics import compute_dice
+
+    module = model.module if hasattr(model, "module") else model
+    module.eval()
+    losses, dice_by_patient = [], {}
+    for item, ref in zip(val_items, refs):
+        logits = slice_logits(module, item["image"], cfg.train.batch_size, device, cfg.train.amp)
+        with torch.inference_mode():
+            losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
+        probs = MetaTensor(torch.softmax(logits, 0), meta=item["image"].meta,
+                           applied_operations=item["image"].applied_operations)
+        pred = inverter({"pred": probs, "image": item["image"]})["pred"]
+        mask = (pred.argmax(0, keepdim=True) == 1).float()
+        dice = compute_dice(mask[None], ref[None].float(), include_background=True, ignore_empty=False)
+        dice_by_patient.setdefault(item["patient"], []).append(float(dice.item()))
+    module.train()
+    return float(np.mean(losses)), {p: float(np.mean(d)) for p, d in dice_by_patient.items()}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_metrics(path: Path, rows: list[dict], patients: list[str]) -> None:
+    columns = ["epoch", "train_loss", "val_loss", "val_dice_mean", *[f"val_dice_{p}" for p in patients],
+               "lr", "epoch_time_s"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    write_text(path, buf.getvalue())
+
+
+def write_fold_metadata(fold_dir: Path, cfg: Config, fold: int, train: list[dict], val: list[dict],
+                        labels: dict) -> None:
+    save_config(cfg, fold_dir / "config.yaml")
+    write_json(fold_dir / "split.json", {
+        "fold": fold,
+        "train": {"patients": sorted({e["patient"] for e in train}), "cases": sorted(e["case"] for e in train)},
+        "val": {"patients": sorted({e["patient"] for e in val}), "cases": sorted(e["case"] for e in val)},
+    })
+    write_json(fold_dir / "labels.json", {"labels": labels, "liver": LIVER_LABEL,
+                                           "model_output": {"0": "background", "1": "liver"}})
+    write_json(fold_dir / "normalisation.json", {
+        "ct_window": cfg.train.ct_window, "mr_percentiles": cfg.train.mr_percentiles,
+        "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
+
+
+@contextmanager
+def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
+    """Copy everything the "pipeline" loggers say during this fold into train.log."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("pipeline")
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], device, dd: Dist, steps: int) -> None:
+    t, m = cfg.train, cfg.model
+    lines = [
+        f"fold {fold}: {len(train)} training cases ({len({e['patient'] for e in train})} patients), "
+        f"{len(val)} validation cases ({', '.join(sorted({e['patient'] for e in val}))})",
+        f"device {device}, amp {t.amp}, processes {dd.world}, seed {t.seed}",
+        f"model UNet2D channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
+        f"dropout {m.dropout} norm {m.norm}",
+        f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
+        f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
+        f"loss {t.loss}, AdamW lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
+    ]
+    for line in lines:
+        log.info(line)
+
+
+# ----------------------------------------------------------------------------- one fold
+
+def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
+    from monai.data import CacheDataset, DataLoader, partition_dataset
+    from monai.transforms import Compose
+
+    t = cfg.train
+    if t.batch_size % t.slices_per_volume:
+        raise PipelineError(f"config train.batch_size ({t.batch_size}) must be a multiple of "
+                            f"train.slices_per_volume ({t.slices_per_volume}): a batch is whole volumes' draws")
+    if dd.world > 1:
+        # Each rank caches and draws from its own share; even shares keep step counts equal.
+        train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
+                                  even_divisible=True)[dd.rank]
+    train_tf = Compose(deterministic_transforms(t, with_indices=True) + random_transforms(t))
+    train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
+    generator = torch.Generator()
+    loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
+                        num_workers=t.num_workers, generator=generator, drop_last=False)
+    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(t))
+    if dd.main:
+        val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
+        val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]
+        ref_tf = reference_transform()
+        refs = [ref_tf({"label": e["label"]})["label"] > 0 for e in val]
+    return train_ds, loader, generator, val_items, refs, val_tf
+
+
+def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState:
+    from monai.utils import set_determinism
+
+    set_determinism(seed=cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if dd.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, warmup, total, cfg.train.schedule))
+    return FoldState(model, optimizer, scheduler)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_epoch: int
+    dice_best: dict[str, float]
+    dice_last: dict[str, float]
+    minutes: float
+
+
+def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: list[dict], labels: dict,
+               dd: Dist, device, resume: bool) -> FoldResult:
+    from monai.transforms import Invertd
+
+    fold_dir = run_dir / f"fold_{fold}"
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    if last_path.exists() and not resume:
+        raise PipelineError(f"{last_path}: exists; pass --resume to continue this fold or choose another --run")
+    train, val = split_fold(entries, fold, data_dir)
+    patients = sorted({e["patient"] for e in val})
+    if dd.main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    dd.barrier()
+    with fold_log_file(fold_dir / "train.log", dd.main):
+        train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd)
+        steps = len(loader)
+        state = make_state(cfg, device, dd, steps)
+        if resume and last_path.exists():
+            load_checkpoint(last_path, state)
+            log.info("fold %d: resumed from %s after epoch %d", fold, last_path, state.epoch)
+        elif resume:
+            log.warning("fold %d: --resume but %s does not exist; starting from scratch", fold, last_path)
+        if dd.main:
+            write_fold_metadata(fold_dir, cfg, fold, train, val, labels)
+            log_settings(cfg, fold, train, val, device, dd, steps)
+        loss_fn = build_loss(cfg.train)
+        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
+        # Invertd matches applied operations to the very transform objects that made them.
+        inverter = Invertd("pred", transform=val_tf, orig_keys="image", nearest_interp=False)
+        t_start = time.perf_counter()
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch + 1
+            t0 = time.perf_counter()
+            seed_epoch(cfg.train.seed, epoch, dd.rank, train_ds, generator)
+            train_loss = dd.mean(train_one_epoch(state, loader, loss_fn, device, cfg.train.amp, scaler,
+                                                 f"fold {fold} epoch {epoch}/{cfg.train.epochs}", dd.main))
+            row = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": state.scheduler.get_last_lr()[0]}
+            dd.barrier()
+            if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
+                val_loss, dice = validate(state.model, val_items, refs, inverter, loss_fn, cfg, device)
+                row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6)}
+                row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}
+            dd.barrier()
+            row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+            state.epoch = epoch
+            state.history.append(row)
+            if dd.main:
+                finish_epoch(fold_dir, state, row, cfg, patients)
+        minutes = (time.perf_counter() - t_start) / 60
+        if dd.main:
+            from pipeline.plots import plot_curves
+
+            write_metrics(fold_dir / "metrics.csv", state.history, patients)
+            plot_curves(state.history, patients, fold_dir / "curves.png", title=f"fold {fold}")
+    return fold_result(fold, state, patients, minutes)
+
+
+def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patients: list[str]) -> None:
+    """Best checkpoint on a new best mean Dice, last checkpoint always, metrics, summary line."""
+    dice = row.get("val_dice_mean")
+    if dice is not None and dice > state.best_dice:
+        state.best_dice, state.best_epoch = dice, state.epoch
+        save_checkpoint(fold_dir / "best.pt", state, cfg)
+    save_checkpoint(fold_dir / "last.pt", state, cfg)
+    write_metrics(fold_dir / "metrics.csv", state.history, patients)
+    val = "" if dice is None else f"  val loss {row['val_loss']:.4f}  val Dice {dice:.4f}"
+    log.info("epoch %3d/%d  train loss %.4f%s  lr %.2e  %.1fs  (best %.4f @ %d)", state.epoch, cfg.train.epochs,
+             row["train_loss"], val, row["lr"], row["epoch_time_s"], state.best_dice, state.best_epoch)
+
+
+def fold_result(fold: int, state: FoldState, patients: list[str], minutes: float) -> FoldResult:
+    def dice_at(epoch: int) -> dict[str, float]:
+        row = next((r for r in state.history if r["epoch"] == epoch), {})
+        return {p: row[f"val_dice_{p}"] for p in patients if f"val_dice_{p}" in row}
+
+    last_val = max((r["epoch"] for r in state.history if r.get("val_dice_mean") is not None), default=-1)
+    return FoldResult(fold, state.best_epoch, dice_at(state.best_epoch), dice_at(last_val), minutes)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parse_folds(fold: str | int, num_folds: int, data_dir: Path) -> list[int]:
+    if str(fold) == "all":
+        return list(range(num_folds))
+    try:
+        k = int(fold)
+    except ValueError:
+        raise PipelineError(f"--fold: expected a fold number or 'all', got {fold!r}") from None
+    if not 0 <= k < num_folds:
+        raise PipelineError(f"--fold {k}: {data_dir / 'datalist.json'} has folds 0..{num_folds - 1}")
+    return [k]
+
+
+def write_cv_summary(run_dir: Path, results: list[FoldResult]) -> str:
+    """cv_summary.csv (fold, patient, dice, dice_last) and the printed table; returns the table."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["fold", "patient", "dice", "dice_last"])
+    lines = [f"{'fold':>4}  {'patients':>8}  {'mean Dice':>9}  {'min':>6}  {'best epoch':>10}  {'minutes':>7}"]
+    all_dice = []
+    for r in results:
+        for p, d in sorted(r.dice_best.items()):
+            writer.writerow([r.fold, p, f"{d:.6f}", f"{r.dice_last.get(p, float('nan')):.6f}"])
+        values = list(r.dice_best.values())
+        all_dice += values
+        lines.append(f"{r.fold:>4}  {len(values):>8}  {np.mean(values):>9.4f}  {min(values):>6.4f}  "
+                     f"{r.best_epoch:>10}  {r.minutes:>7.1f}")
+    std = statistics.stdev(all_dice) if len(all_dice) > 1 else 0.0
+    lines.append(f"all folds: Dice {np.mean(all_dice):.4f} ± {std:.4f} (mean ± std over {len(all_dice)} patients)")
+    write_text(run_dir / "cv_summary.csv", buf.getvalue())
+    return "\n".join(lines)
+
+
+def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg: Config,
+                 resume: bool = False) -> list[FoldResult]:
+    """Train fold `fold` ("0".."k-1") or every fold ("all") of DATA_DIR's datalist into RUN_DIR."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    entries, labels, num_folds = load_datalist(data_dir)
+    folds = parse_folds(fold, num_folds, data_dir)
+    for e in entries:
+        safe_name(e["patient"], "patient id")  # patients become CSV columns and log lines
+    with distributed(cfg.train.device) as (dd, device):
+        if dd.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        results = [train_fold(data_dir, run_dir, k, cfg, entries, labels, dd, device, resume) for k in folds]
+        if dd.main and str(fold) == "all":
+            print(write_cv_summary(run_dir, results))
+    return results
+
+
+def load_fold_config(fold_dir: str | Path) -> Config:
+    """The resolved config a fold was trained with (for infer)."""
+    import yaml
+
+    path = Path(fold_dir) / "config.yaml"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; is {fold_dir} a trained fold folder?")
+    return config_from_dict(yaml.safe_load(path.read_text()))

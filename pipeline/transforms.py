@@ -1,0 +1,151 @@
+"""MONAI dictionary transforms for training, validation and inference.
+
+Deterministic and random parts are kept apart (model-zoo `deterministic_transforms` /
+`random_transforms`): CacheDataset caches the deterministic chain once per volume and applies
+the random chain on top at every draw.
+
+Data dict in: {"image": path to a NIfTI (X, Y, Z) volume, Z = axial slice axis; CT in HU, MR raw
+intensities, "label": path to a uint8 organ map (0 bg, 1 liver, 2 r. kidney, 3 l. kidney, 4 spleen),
+"modality": "CT" | "MR"}.
+
+After `deterministic_transforms`: "image" float32 MetaTensor (1, H, W, Z), RAS orientation, in-plane
+resized to `roi_size` (H, W), intensities scaled to about [0, 1]; "label" float32 (1, H, W, Z) with
+liver = 1, everything else 0. The spatial steps (orientation, resize) are tracked in the MetaTensor,
+so `monai.transforms.Invertd` brings a prediction back to the source voxel grid.
+
+After `random_transforms`: a list of `slices_per_volume` dicts, each "image"/"label" (1, H, W).
+"""
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+from monai.config import KeysCollection
+from monai.transforms import (
+    EnsureChannelFirstd,
+    FgBgToIndicesd,
+    LabelFilterd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    SqueezeDimd,
+    Transform,
+)
+
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+
+ORIENTATION = "RAS"  # one convention for every volume the network sees
+LIVER_LABEL = 1  # the liver's value in the prepared organ label maps
+_FG, _BG = "label_fg_indices", "label_bg_indices"
+
+
+class NormalizeIntensityByModalityd(MapTransform):
+    """Scale "image" to about [0, 1] with the rule of its modality: CT by a fixed HU window,
+    MR by per-volume percentiles (MR grey levels have no physical unit, so only relative
+    scaling is meaningful).
+
+    MONAI has the two scalings but no dispatch on a metadata field; this holds one of each.
+    """
+
+    def __init__(self, keys: KeysCollection, ct_window: Sequence[float], mr_percentiles: Sequence[float],
+                 modality_key: str = "modality") -> None:
+        super().__init__(keys)
+        self.modality_key = modality_key
+        self.by_modality: dict[str, Transform] = {
+            "CT": ScaleIntensityRanged(keys, a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True),
+            "MR": ScaleIntensityRangePercentilesd(
+                keys, lower=mr_percentiles[0], upper=mr_percentiles[1], b_min=0.0, b_max=1.0, clip=True),
+        }
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        modality = data.get(self.modality_key)
+        if modality not in self.by_modality:
+            source = data.get("image_path") or getattr(data.get(self.first_key(data)), "meta", {}).get(
+                "filename_or_obj", "<unknown volume>")
+            raise PipelineError(
+                f"{source}: modality {modality!r} is not one of {sorted(self.by_modality)} (datalist field 'modality')")
+        return self.by_modality[modality](data)
+
+
+def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
+    if len(cfg.roi_size) != 2 or min(cfg.roi_size) < 8:
+        raise PipelineError(f"config train.roi_size: expected [H, W] with both >= 8, got {cfg.roi_size}")
+    return int(cfg.roi_size[0]), int(cfg.roi_size[1])
+
+
+def image_transforms(cfg: TrainConfig) -> list[Transform]:
+    """The deterministic chain for "image" only (what infer applies before prediction)."""
+    return deterministic_transforms(cfg, keys=("image",))
+
+
+def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
+                             with_indices: bool = False) -> list[Transform]:
+    """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
+
+    `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
+    appends the liver / background voxel indices used by the slice sampler, so that the
+    (costly) index search is cached with the volume instead of redone at every draw.
+    """
+    roi = _check_roi(cfg)
+    keys = tuple(keys)
+    has_label = "label" in keys
+    # Z keeps its length (-1): slices are the unit the 2D network learns from.
+    modes = tuple("nearest" if k == "label" else "area" for k in keys)
+    chain: list[Transform] = [
+        LoadImaged(keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes=ORIENTATION, labels=None),  # labels=None: axes from the MetaTensor space
+        NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
+    ]
+    if has_label:
+        # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
+        # maps (1..4) and CT maps (0/1) alike.
+        chain.append(LabelFilterd("label", applied_labels=[LIVER_LABEL]))
+    chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes))
+    if has_label and with_indices:
+        chain.append(FgBgToIndicesd("label"))
+    return chain
+
+
+def random_transforms(cfg: TrainConfig) -> list[Transform]:
+    """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
+
+    Every random transform is a dictionary transform over ("image", "label"), so a single draw
+    moves both (flips, rotations, affine); intensity transforms touch "image" only.
+    """
+    keys = ("image", "label")
+    ratio = cfg.liver_slice_ratio
+    if not 0.0 <= ratio <= 1.0:
+        raise PipelineError(f"config train.liver_slice_ratio: expected a value in [0, 1], got {ratio}")
+    square = cfg.roi_size[0] == cfg.roi_size[1]
+    chain: list[Transform] = [
+        # (-1, -1, 1): a whole slice; pos/neg weights give the liver / non-liver slice ratio.
+        RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=(-1, -1, 1), pos=ratio, neg=1.0 - ratio,
+            num_samples=cfg.slices_per_volume, fg_indices_key=_FG, bg_indices_key=_BG, allow_smaller=True),
+        SqueezeDimd(keys, dim=-1),
+        RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
+        RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
+    ]
+    if square:  # a 90-degree turn of a non-square slice would change its shape
+        chain.append(RandRotate90d(keys, prob=cfg.rotate90_prob, max_k=3))
+    chain += [
+        RandAffined(keys, prob=cfg.affine_prob, rotate_range=0.26, scale_range=0.1, translate_range=(8, 8),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandGaussianNoised("image", prob=0.2, std=0.03),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+    ]
+    return chain
