@@ -79,6 +79,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers
     cache_rate: float = 1.0  # fraction of volumes whose deterministic transforms are cached
     seed: int = 0  # seed of weights, sampling and augmentation
+    flip_prob: float = 0.5  # probability of a flip, per in-plane axis
+    rotate90_prob: float = 0.0  # probability of a random 90-degree turn (square roi only)
+    affine_prob: float = 0.5  # probability of a small rotation/scale/shift
 
 
 @dataclass
