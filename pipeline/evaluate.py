@@ -73,8 +73,8 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
 
-def read_nifti_mask(path: Path, reference: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A mask NIfTI -> (bool array (i, j, k), affine). Reference: label 1 is liver; prediction: non-zero."""
+def read_nifti_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A mask NIfTI -> (bool liver array (i, j, k), affine)."""
     import nibabel as nib
 
     try:
@@ -86,12 +86,14 @@ def read_nifti_mask(path: Path, reference: bool) -> tuple[np.ndarray, np.ndarray
         data = data[..., 0]
     if data.ndim != 3:
         raise PipelineError(f"{path}: expected a 3-D mask, got shape {data.shape}")
-    if reference:
-        mask = data == 1
-        if not mask.any() and np.any(data != 0):
-            log.warning("%s: no voxel has label 1 (liver) although the file is not empty", path)
-    else:
-        mask = data != 0
+    # A binary mask (one non-zero value, e.g. 1 or 255) is liver wherever non-zero; a label map
+    # with several organs (prepared labelsTr: 1 liver, 2-4 kidneys and spleen) is liver at 1.
+    # The same rule on both sides, so a label map scored against itself gives Dice 1.
+    values = np.unique(data)
+    values = values[values != 0]
+    mask = data == 1 if values.size > 1 else data != 0
+    if values.size > 1 and not mask.any():
+        log.warning("%s: several labels but none is 1 (liver)", path)
     return mask, np.asarray(img.affine, dtype=np.float64)
 
 
@@ -196,7 +198,7 @@ def _nifti_sources(files: list[Path], reference: bool) -> dict[str, MaskSource]:
         case = stem[: -len("_liver")] if not reference and stem.endswith("_liver") else stem
         if case in sources:
             raise PipelineError(f"{f}: a second mask for case {case} (also {sources[case].path.name})")
-        sources[case] = MaskSource(case, f, lambda f=f: read_nifti_mask(f, reference))
+        sources[case] = MaskSource(case, f, lambda f=f: read_nifti_mask(f))
     return sources
 
 

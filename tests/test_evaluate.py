@@ -308,3 +308,14 @@ def test_real_ct_distances_equal_the_official_chaos_algorithm(tmp_path):
     assert row["assd_mm"] == pytest.approx(assd, rel=1e-4)
     assert row["mssd_mm"] == pytest.approx(mssd, rel=1e-4)
     assert 0 < row["assd_mm"] < row["mssd_mm"]
+
+
+def test_an_organ_label_map_scored_against_itself_counts_only_the_liver(tmp_path):
+    labels = np.zeros((12, 10, 6), np.uint8)
+    labels[2:6, 2:6, 1:4] = 1  # liver
+    labels[7:10, 6:9, 1:4] = 2  # a kidney, which must not count as liver on either side
+    (tmp_path / "ref").mkdir()
+    nib.save(nib.Nifti1Image(labels, np.diag([0.8, 0.8, 3.0, 1.0])), str(tmp_path / "ref" / "MR_1_T2SPIR.nii.gz"))
+    run_evaluation(pred=tmp_path / "ref", ref=tmp_path / "ref", out_dir=tmp_path / "out", cfg=Config())
+    row = json.loads((tmp_path / "out" / "metrics.json").read_text())["cases"][0]
+    assert row["dice"] == 1.0 and row["ref_ml"] == pytest.approx(4 * 4 * 3 * 0.8 * 0.8 * 3.0 / 1000)
