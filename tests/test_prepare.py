@@ -268,3 +268,11 @@ def test_cli_prepare_error_is_one_line_naming_the_file_and_exits_2(tree, tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "IMG-0002-00002.dcm: no Ground PNG" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_image_dtype_is_int16_only_when_lossless():
+    from pipeline.prepare import image_dtype
+
+    assert image_dtype(np.array([-1024.0, 0.0, 3071.0], np.float32)) == np.int16
+    assert image_dtype(np.array([0.5, 1.0], np.float32)) == np.float32
+    assert image_dtype(np.array([0.0, 40000.0], np.float32)) == np.float32
