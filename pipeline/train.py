@@ -63,6 +63,9 @@ def load_datalist(data_dir: Path) -> tuple[list[dict], dict, int]:
         missing = [k for k in required if k not in e]
         if missing:
             raise PipelineError(f"{path}: entry {e.get('case', e.get('image'))!r} lacks {missing}")
+        if e["modality"] not in ("CT", "MR"):
+            # checked here because MONAI's Compose would bury the transform's own error in a traceback
+            raise PipelineError(f"{path}: entry {e['case']!r} has modality {e['modality']!r}, expected CT or MR")
         for key in ("image", "label"):
             if not Path(e[key]).is_file():
                 raise PipelineError(f"{e[key]}: listed in {path} but not found")

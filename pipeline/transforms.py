@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping, Sequence
 
+import numpy as np
+
 from monai.config import KeysCollection
 from monai.transforms import (
     EnsureChannelFirstd,
-    FgBgToIndicesd,
     LabelFilterd,
     LoadImaged,
     MapTransform,
@@ -78,6 +79,31 @@ class NormalizeIntensityByModalityd(MapTransform):
         return self.by_modality[modality](data)
 
 
+class SliceIndicesd(MapTransform):
+    """Per-slice sampling indices for RandCropByPosNegLabeld: one voxel index per axial slice,
+    in "label_fg_indices" for slices containing liver and "label_bg_indices" for the others.
+
+    MONAI's FgBgToIndicesd works per voxel, so its "negative" draws land on background voxels
+    of liver slices too and the liver/non-liver slice ratio would not be what the config says;
+    MONAI has no slice-level sampler, hence this.
+    """
+
+    def __init__(self, label_key: str = "label") -> None:
+        super().__init__(label_key)
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        label = d[self.label_key]  # (1, H, W, D)
+        spatial = tuple(label.shape[1:])
+        has_liver = np.asarray((label[0] > 0).reshape(-1, spatial[-1]).any(0))
+        z = np.arange(spatial[-1])
+        # voxel (0, 0, z) names slice z; the cropper then centres the whole-slice crop in-plane
+        flat = np.ravel_multi_index((np.zeros_like(z), np.zeros_like(z), z), spatial)
+        d[_FG], d[_BG] = flat[has_liver], flat[~has_liver]
+        return d
+
+
 def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
     if len(cfg.roi_size) != 2 or min(cfg.roi_size) < 8:
         raise PipelineError(f"config train.roi_size: expected [H, W] with both >= 8, got {cfg.roi_size}")
@@ -94,14 +120,15 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
-    appends the liver / background voxel indices used by the slice sampler, so that the
-    (costly) index search is cached with the volume instead of redone at every draw.
+    appends the liver / non-liver slice indices used by the slice sampler, cached with the volume.
     """
     roi = _check_roi(cfg)
     keys = tuple(keys)
     has_label = "label" in keys
     # Z keeps its length (-1): slices are the unit the 2D network learns from.
-    modes = tuple("nearest" if k == "label" else "area" for k in keys)
+    # nearest-exact and bilinear sample pixel centres; "nearest" and "area" shift by up to half a
+    # source pixel, which misaligned labels with images and inverted masks with the source grid.
+    modes = tuple("nearest-exact" if k == "label" else "bilinear" for k in keys)
     chain: list[Transform] = [
         LoadImaged(keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys),
@@ -112,9 +139,10 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER_LABEL]))
-    chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes))
+    smooth = tuple(k != "label" for k in keys)  # anti-aliasing would blur a label map
+    chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes, anti_aliasing=smooth))
     if has_label and with_indices:
-        chain.append(FgBgToIndicesd("label"))
+        chain.append(SliceIndicesd("label"))
     return chain
 
 
@@ -130,7 +158,8 @@ def random_transforms(cfg: TrainConfig) -> list[Transform]:
         raise PipelineError(f"config train.liver_slice_ratio: expected a value in [0, 1], got {ratio}")
     square = cfg.roi_size[0] == cfg.roi_size[1]
     chain: list[Transform] = [
-        # (-1, -1, 1): a whole slice; pos/neg weights give the liver / non-liver slice ratio.
+        # (-1, -1, 1): a whole slice; pos/neg weights give the liver / non-liver slice ratio
+        # (indices from SliceIndicesd, one per slice).
         RandCropByPosNegLabeld(
             keys, label_key="label", spatial_size=(-1, -1, 1), pos=ratio, neg=1.0 - ratio,
             num_samples=cfg.slices_per_volume, fg_indices_key=_FG, bg_indices_key=_BG, allow_smaller=True),

@@ -1,0 +1,141 @@
+"""Transforms: liver extraction, per-modality scaling, slice sampling, image/label alignment, inversion."""
+import copy
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, Invertd
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.transforms import deterministic_transforms, image_transforms, random_transforms
+
+from tests.nifti_fixtures import make_prepared_dataset
+
+SHAPE = (40, 36, 10)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = make_prepared_dataset(tmp_path_factory.mktemp("prep"), n_mr=1, n_ct=1, shape=SHAPE, folds=2)
+    mr = {"image": str(root / "imagesTr/MR_1_T2SPIR.nii.gz"), "label": str(root / "labelsTr/MR_1_T2SPIR.nii.gz"),
+          "modality": "MR"}
+    ct = {"image": str(root / "imagesTr/CT_1.nii.gz"), "label": str(root / "labelsTr/CT_1.nii.gz"), "modality": "CT"}
+    return mr, ct
+
+
+def cfg_with(*overrides):
+    return load_config(None, ["train.roi_size=[40,36]", *overrides]).train
+
+
+def test_liver_extraction_keeps_only_mr_liver_grey_level(prepared):
+    mr, _ = prepared
+    source = np.asarray(nib.load(mr["label"]).dataobj)
+    assert set(np.unique(source)) == {0, 1, 2, 3, 4}
+    out = Compose(deterministic_transforms(cfg_with()))(dict(mr))
+    assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
+    # roi == source size, so the resize is the identity and voxel counts must match exactly
+    assert int(out["label"].sum()) == int((source == 1).sum())
+
+
+def test_liver_extraction_keeps_ct_liver(prepared):
+    _, ct = prepared
+    source = np.asarray(nib.load(ct["label"]).dataobj)
+    out = Compose(deterministic_transforms(cfg_with()))(dict(ct))
+    assert int(out["label"].sum()) == int((source == 1).sum()) > 0
+
+
+def test_ct_is_windowed_in_hu_and_mr_scaled_by_percentiles(prepared):
+    mr, ct = prepared
+    cfg = cfg_with("train.ct_window=[-100.0,100.0]")
+    ct_out = Compose(deterministic_transforms(cfg))(dict(ct))
+    hu = np.asarray(nib.load(ct["image"]).dataobj)
+    assert float(ct_out["image"].min()) == 0.0 and float(ct_out["image"].max()) == 1.0
+    # the mean of the un-clipped voxels maps linearly from the HU window
+    inside = (hu > -100) & (hu < 100)
+    assert float(ct_out["image"].sum()) == pytest.approx(
+        ((hu[inside] + 100) / 200).sum() + (hu >= 100).sum(), rel=1e-4)
+    mr_out = Compose(deterministic_transforms(cfg))(dict(mr))
+    raw = np.asarray(nib.load(mr["image"]).dataobj)
+    lo, hi = np.percentile(raw, cfg.mr_percentiles)
+    assert float(mr_out["image"].max()) == 1.0
+    assert float((mr_out["image"] == 1.0).float().mean()) == pytest.approx(float((raw >= hi).mean()), abs=0.01)
+
+
+def test_unknown_modality_is_an_error_naming_the_file(prepared):
+    mr, _ = prepared
+    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps what a transform raises
+        Compose(deterministic_transforms(cfg_with()))(dict(mr, modality="PET"))
+    cause = info.value
+    while cause is not None and not isinstance(cause, PipelineError):
+        cause = cause.__cause__
+    assert cause is not None and "MR_1_T2SPIR.nii.gz" in str(cause) and "'PET'" in str(cause)
+
+
+def test_volumes_are_reoriented_to_ras_and_resized_in_plane_only(prepared):
+    mr, _ = prepared
+    out = Compose(deterministic_transforms(cfg_with("train.roi_size=[24,20]")))(dict(mr))
+    assert tuple(out["image"].shape) == (1, 24, 20, SHAPE[2]) == tuple(out["label"].shape)
+    # the fixture's affine is LPS-like (negative x, y): RAS flips both, so the affine diagonal turns positive
+    assert (np.diag(np.asarray(out["image"].affine))[:3] > 0).all()
+
+
+@pytest.mark.parametrize("ratio,expect_liver", [(1.0, True), (0.0, False)])
+def test_slices_are_drawn_with_or_without_liver_by_ratio(prepared, ratio, expect_liver):
+    mr, _ = prepared
+    cfg = cfg_with(f"train.liver_slice_ratio={ratio}", "train.slices_per_volume=6", "train.flip_prob=0.0",
+                   "train.affine_prob=0.0")
+    chain = Compose(deterministic_transforms(cfg, with_indices=True) + random_transforms(cfg))
+    chain.set_random_state(seed=1)
+    samples = chain(dict(mr))
+    assert len(samples) == 6
+    for s in samples:
+        assert tuple(s["image"].shape) == (1, 40, 36)
+        assert bool(s["label"].any()) is expect_liver
+
+
+def test_every_random_transform_moves_image_and_label_together(prepared):
+    """An asymmetric marker present in both image and label stays co-located after each draw."""
+    mr, _ = prepared
+    cfg = cfg_with("train.roi_size=[36,36]", "train.flip_prob=1.0", "train.rotate90_prob=1.0",
+                   "train.affine_prob=1.0", "train.slices_per_volume=4", "train.liver_slice_ratio=1.0")
+    det = Compose(deterministic_transforms(cfg, with_indices=True))(dict(mr))
+    # replace the image by the liver mask itself: any misalignment shows as a mismatch
+    det["image"] = det["label"].clone()
+    random_chain = Compose(random_transforms(cfg))
+    moved = 0
+    for seed in range(6):
+        random_chain.set_random_state(seed=seed)
+        for s in random_chain(copy.deepcopy(det)):
+            image_mask, label = s["image"][0] > 0.5, s["label"][0] > 0.5
+            iou = (image_mask & label).sum() / (image_mask | label).sum()
+            # bilinear (image) vs nearest (label) resampling differs at the rim of a ~17-pixel blob;
+            # a transform applied to one key only moves the off-centre liver by many pixels.
+            shift = (torch.nonzero(image_mask).float().mean(0) - torch.nonzero(label).float().mean(0)).norm()
+            assert iou > 0.8 and shift < 1.0, f"seed {seed}: image and label disagree (IoU {iou:.3f}, shift {shift:.2f})"
+            moved += 1
+    assert moved == 24
+
+
+@pytest.mark.parametrize("roi", [[40, 36], [32, 32]])
+def test_deterministic_chain_inverts_back_to_the_source_grid(prepared, roi):
+    """What infer does: predict on the model grid, Invertd back, compare on the source voxels."""
+    mr, _ = prepared
+    cfg = cfg_with(f"train.roi_size=[{roi[0]},{roi[1]}]")
+    chain = Compose(image_transforms(cfg))
+    data = chain({"image": mr["image"], "modality": "MR"})
+    source_label = np.asarray(nib.load(mr["label"]).dataobj) == 1
+    resized_label = Compose(deterministic_transforms(cfg))(dict(mr))["label"]
+    data["pred"] = resized_label.clone()
+    data["pred"].applied_operations = copy.deepcopy(data["image"].applied_operations)
+    # probabilities go back with the image's (bilinear) interpolation, as in validation and infer
+    back = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False)(data)["pred"]
+    assert tuple(back.shape[1:]) == SHAPE
+    mask = back[0].numpy() > 0.5
+    if roi == [40, 36]:  # no resize: undoing the reorientation must give the source voxels exactly
+        assert np.array_equal(mask, source_label)
+    else:  # nearest down- and up-sampling loses the rim only; the blob stays where it was
+        dice = 2 * (mask & source_label).sum() / (mask.sum() + source_label.sum())
+        shift = np.linalg.norm(np.argwhere(mask).mean(0) - np.argwhere(source_label).mean(0))
+        assert dice > 0.85 and shift < 0.5
