@@ -1,0 +1,135 @@
+"""Training: the real default config with shrunk overrides on a tiny prepared data set."""
+import csv
+
+import pytest
+import torch
+
+import pipeline.train as train_mod
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.train import run_training
+
+from tests.nifti_fixtures import make_prepared_dataset
+
+TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "model.dropout=0.0",
+        "train.roi_size=[32,32]", "train.slices_per_volume=4", "train.batch_size=4", "train.lr=0.01",
+        "train.warmup_epochs=1", "train.epochs=3"]
+ARTEFACTS = ["config.yaml", "split.json", "labels.json", "normalisation.json", "best.pt", "last.pt", "train.log",
+             "metrics.csv", "curves.png"]
+
+
+def tiny_config(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+def read_metrics(fold_dir):
+    with open(fold_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_prepared_dataset(tmp_path_factory.mktemp("prepared"), n_mr=3, n_ct=3, folds=2)
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """One uninterrupted 3-epoch run of fold 0, shared by several tests."""
+    run = tmp_path_factory.mktemp("run")
+    results = run_training(data_dir, run, "0", tiny_config())
+    return run, results
+
+
+def test_tiny_run_decreases_the_loss_and_writes_every_artefact(straight_run):
+    run, results = straight_run
+    fold_dir = run / "fold_0"
+    for name in ARTEFACTS:
+        assert (fold_dir / name).stat().st_size > 0, name
+    assert (run / "config.yaml").is_file()
+    assert not list(run.rglob(".partial-*"))
+    rows = read_metrics(fold_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert {"val_loss", "val_dice_mean", "val_dice_MR_1", "val_dice_CT_2", "lr", "epoch_time_s"} <= set(rows[0])
+    assert 0.0 <= results[0].dice_best["MR_1"] <= 1.0
+
+
+def test_split_holds_whole_patients_apart(straight_run):
+    import json
+
+    split = json.loads((straight_run[0] / "fold_0" / "split.json").read_text())
+    assert not set(split["train"]["patients"]) & set(split["val"]["patients"])
+    assert sorted(split["val"]["patients"]) == ["CT_2", "MR_1", "MR_3"]
+
+
+def test_checkpoints_load_with_weights_only_and_restore_the_model(straight_run):
+    run, _ = straight_run
+    cfg = tiny_config()
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / "fold_0" / name, map_location="cpu", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "epoch", "best_dice", "rng", "config"} <= set(ckpt)
+        model = build_model(cfg.model)
+        model.load_state_dict(ckpt["model"])
+        assert ckpt["config"]["train"]["roi_size"] == [32, 32]
+    assert torch.load(run / "fold_0" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_same_seed_and_config_give_the_same_metrics(straight_run, data_dir, tmp_path):
+    run, _ = straight_run
+    run_training(data_dir, tmp_path, "0", tiny_config())
+    assert without_times(read_metrics(tmp_path / "fold_0")) == without_times(read_metrics(run / "fold_0"))
+
+
+def test_resume_after_an_interruption_continues_exactly(straight_run, data_dir, tmp_path, monkeypatch):
+    finish = train_mod.finish_epoch
+
+    def killed_after_epoch_2(fold_dir, state, *args):
+        finish(fold_dir, state, *args)
+        if state.epoch == 2:
+            raise KeyboardInterrupt  # like Ctrl-C / a kill during epoch 3
+
+    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(data_dir, tmp_path, "0", tiny_config())
+    assert len(read_metrics(tmp_path / "fold_0")) == 2
+    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    run_training(data_dir, tmp_path, "0", tiny_config(), resume=True)
+    resumed = without_times(read_metrics(tmp_path / "fold_0"))
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3]
+    assert resumed == without_times(read_metrics(straight_run[0] / "fold_0"))
+
+
+def test_training_again_into_a_used_fold_needs_resume(straight_run, data_dir):
+    with pytest.raises(PipelineError, match="last.pt.*--resume"):
+        run_training(data_dir, straight_run[0], "0", tiny_config())
+
+
+def test_fold_all_trains_every_fold_and_writes_the_cv_summary(data_dir, tmp_path, capsys):
+    run_training(data_dir, tmp_path, "all", tiny_config("train.epochs=1"))
+    with open(tmp_path / "cv_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["patient"] for r in rows) == ["CT_1", "CT_2", "CT_3", "MR_1", "MR_2", "MR_3"]
+    assert {r["fold"] for r in rows} == {"0", "1"}
+    assert "mean ± std over 6 patients" in capsys.readouterr().out
+    assert (tmp_path / "fold_1" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("fold,match", [("2", "folds 0..1"), ("x", "fold number or 'all'")])
+def test_a_bad_fold_is_an_error(data_dir, tmp_path, fold, match):
+    with pytest.raises(PipelineError, match=match):
+        run_training(data_dir, tmp_path, fold, tiny_config())
+
+
+def test_a_missing_datalist_is_an_error_naming_it(tmp_path):
+    with pytest.raises(PipelineError, match="datalist.json: not found"):
+        run_training(tmp_path, tmp_path / "run", "0", tiny_config())
+
+
+def test_batch_size_must_hold_whole_volume_draws(data_dir, tmp_path):
+    with pytest.raises(PipelineError, match="train.batch_size"):
+        run_training(data_dir, tmp_path, "0", tiny_config("train.batch_size=6"))
