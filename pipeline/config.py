@@ -154,6 +154,10 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/on/no/yes as booleans; for a string option such as amp=off the
+            # user meant the word.
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value

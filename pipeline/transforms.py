@@ -110,13 +110,16 @@ def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
     return int(cfg.roi_size[0]), int(cfg.roi_size[1])
 
 
-def image_transforms(cfg: TrainConfig) -> list[Transform]:
-    """The deterministic chain for "image" only (what infer applies before prediction)."""
-    return deterministic_transforms(cfg, keys=("image",))
+def image_transforms(cfg: TrainConfig, load: bool = True) -> list[Transform]:
+    """The deterministic chain for "image" only (what infer applies before prediction).
+
+    load=False starts from an in-memory channel-first MetaTensor (infer reads DICOM itself).
+    """
+    return deterministic_transforms(cfg, keys=("image",), load=load)
 
 
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
-                             with_indices: bool = False) -> list[Transform]:
+                             with_indices: bool = False, load: bool = True) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
@@ -130,8 +133,7 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     # source pixel, which misaligned labels with images and inverted masks with the source grid.
     modes = tuple("nearest-exact" if k == "label" else "bilinear" for k in keys)
     chain: list[Transform] = [
-        LoadImaged(keys, reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys),
+        *([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
         Orientationd(keys, axcodes=ORIENTATION, labels=None),  # labels=None: axes from the MetaTensor space
         NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
     ]

@@ -64,3 +64,8 @@ def test_saved_config_round_trips(tmp_path):
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_off_is_a_word_for_string_options():
+    cfg = load_config(None, ["train.amp=off", "infer.amp=off"])
+    assert cfg.train.amp == "off" and cfg.infer.amp == "off"

@@ -1,0 +1,300 @@
+"""Inference: DICOM series (or prepared NIfTI) -> one NIfTI liver mask per case on the source grid.
+
+The mask has exactly the shape and affine of the image NIfTI that `prepare` (and dcm2niix) writes
+for the same series: both come from `pipeline.dicom.read_series`. The model sees the volume through
+the run's own deterministic transforms (orientation, normalisation, in-plane resize); MONAI's
+`Invertd` undoes orientation and resize on the probabilities before the argmax, so nothing is
+resampled twice and labels are never interpolated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from pipeline.config import Config, apply_overrides, load_config
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, safe_name, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+LIVER = 1
+# Grey level of the liver in the CHAOS sample submission and MR Ground PNGs.
+CHAOS_PNG_LIVER = 63
+
+
+@dataclass
+class InferCase:
+    """One volume to segment.
+
+    load() -> (volume float32 (X, Y, Z), affine 4x4 RAS, SeriesGeometry or None for NIfTI input);
+    truth(geometry) -> boolean liver mask on the same grid, when ground truth is known.
+    """
+
+    case: str
+    modality: str  # "CT" | "MR" | "" (read from the DICOM header)
+    load: Callable[[], tuple[np.ndarray, np.ndarray, object]]
+    truth: Callable[[object], np.ndarray] | None = None
+
+
+def _dicom_case(case: str, folder: Path, modality: str, series_uid: str | None = None,
+                truth: Callable[[object], np.ndarray] | None = None) -> InferCase:
+    from pipeline.dicom import read_series
+
+    def load():
+        volume, geom = read_series(folder, series_uid=series_uid)
+        return volume, geom.affine, geom
+
+    return InferCase(case=case, modality=modality, load=load, truth=truth)
+
+
+def _chaos_case(source) -> InferCase:
+    from pipeline.chaos import read_ground
+
+    truth = None
+    if source.ground_dir is not None:
+        def truth(geom, source=source):
+            return read_ground(source, geom) == LIVER
+
+    return _dicom_case(source.case, source.dicom_dir, source.modality, truth=truth)
+
+
+def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[str] | None) -> list[InferCase]:
+    import nibabel as nib
+
+    base = datalist.parent
+    try:
+        entries = json.loads(datalist.read_text())["training"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise PipelineError(f"{datalist}: not a datalist with a 'training' list ({exc})") from None
+    cases = []
+    for e in entries:
+        if (patients and e["patient"] not in patients) or (sequences and e["sequence"] not in sequences):
+            continue
+        image, label = base / e["image"], base / e["label"]
+
+        def load(image=image):
+            img = nib.load(str(image))
+            return np.asarray(img.dataobj, dtype=np.float32), img.affine, None
+
+        def truth(_geom, label=label):
+            return np.asarray(nib.load(str(label)).dataobj) == LIVER
+
+        cases.append(InferCase(case=e["case"], modality=e["modality"], load=load,
+                               truth=truth if label.exists() else None))
+    return cases
+
+
+def collect_cases(input_path: Path, patients: Iterable[str] | None = None, sequences: Iterable[str] | None = None,
+                  series_uid: str | None = None) -> list[InferCase]:
+    """Find what to segment: a prepared folder/datalist, a CHAOS root, or one DICOM series folder."""
+    input_path = Path(input_path)
+    pset = set(patients) if patients else None
+    sset = set(sequences) if sequences else None
+    if not input_path.exists():
+        raise PipelineError(f"{input_path}: input not found")
+    if input_path.is_file() and input_path.suffix == ".json":
+        return _prepared_cases(input_path, pset, sset)
+    if not input_path.is_dir():
+        raise PipelineError(f"{input_path}: expected a folder or a datalist.json")
+    if (input_path / "datalist.json").exists():
+        return _prepared_cases(input_path / "datalist.json", pset, sset)
+    if any((input_path / d).is_dir() for d in ("Train_Sets", "Test_Sets", "CT", "MR")):
+        from pipeline.chaos import find_cases
+
+        sources = find_cases(input_path, sequences=sorted(sset) if sset else None,
+                             patients=sorted(pset) if pset else None)
+        return [_chaos_case(s) for s in sources]
+    # Anything else is taken as one series folder; read_series names the folder when it is empty,
+    # holds no DICOM, or holds several series (listing them for --series).
+    return [_dicom_case(safe_name(input_path.name, "folder name"), input_path, "", series_uid)]
+
+
+# --------------------------------------------------------------------------- the run folder
+@dataclass
+class LoadedRun:
+    cfg: Config
+    models: list
+    folds: list[str]
+    device: object  # torch.device
+
+
+def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
+             config_path: Path | None = None) -> LoadedRun:
+    """Read config and best checkpoints of a run folder; one fold or all of them."""
+    import torch
+
+    from pipeline.model import build_model
+    from pipeline.predict import resolve_device
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise PipelineError(f"{run_dir}: not a run folder (config.yaml missing)")
+    cfg = load_config(cfg_file)
+    if config_path is not None:
+        # A user's config may only tune inference; the model and its preprocessing stay the run's.
+        user = load_config(config_path)
+        cfg.infer = user.infer
+    apply_overrides(cfg, overrides)
+    device = resolve_device(cfg.infer.device)
+    fold_dirs = sorted(run_dir.glob("fold_*"), key=lambda p: p.name)
+    if fold is not None and str(fold) != "all":
+        fold_dirs = [d for d in fold_dirs if d.name == f"fold_{fold}"]
+    elif cfg.infer.folds != "all":
+        fold_dirs = [d for d in fold_dirs if d.name == f"fold_{cfg.infer.folds}"]
+    ckpts = [d / "best.pt" for d in fold_dirs if (d / "best.pt").exists()]
+    if not ckpts:
+        which = f"fold_{fold}" if fold not in (None, "all") else "any fold_*"
+        raise PipelineError(f"{run_dir}: no best.pt checkpoint in {which}")
+    models = []
+    for ck in ckpts:
+        try:
+            state = torch.load(ck, map_location="cpu", weights_only=True)
+            model = build_model(cfg.model)
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(f"{ck}: cannot load checkpoint ({first})") from None
+        models.append(model.eval().to(device))
+    log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
+    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device)
+
+
+# --------------------------------------------------------------------------- prediction
+def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """Binary liver mask (X, Y, Z) -> cleaned mask, with MONAI's label transforms."""
+    import torch
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    t = torch.as_tensor(mask[None].astype(np.uint8))
+    if largest_component and t.any():
+        t = KeepLargestConnectedComponent(applied_labels=[LIVER], connectivity=3)(t)
+    if fill_holes and t.any():
+        t = FillHoles(applied_labels=[LIVER])(t)
+    return np.asarray(t[0]).astype(np.uint8)
+
+
+def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, device) -> np.ndarray:
+    """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd
+
+    from pipeline.predict import predict_volume
+    from pipeline.transforms import image_transforms
+
+    pre = Compose(image_transforms(run.cfg.train, load=False))
+    image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+    data = pre({"image": image, "modality": modality})
+    probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,
+                           amp=run.cfg.infer.amp)
+    # Invertd replays the image's applied operations backwards on the prediction, so resize and
+    # orientation are undone on probabilities (bilinear), not on the hard labels.
+    data["pred"] = MetaTensor(probs, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    inv = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    liver = np.asarray(inv[LIVER] if inv.shape[0] > 1 else inv[0], dtype=np.float32)
+    if liver.shape != volume.shape:
+        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {volume.shape}")
+    return liver
+
+
+
+
+# --------------------------------------------------------------------------- outputs
+ITKSNAP_LABELS = """################################################
+# ITK-SnAP Label Description File
+# Columns: IDX -R- -G- -B- -A-- VIS MSH LABEL
+################################################
+    0     0    0    0        0  0  0    "Clear Label"
+    1   {r}  {g}  {b}        1  1  1    "liver"
+"""
+# 3D Slicer colour table (File > Add Data > *.ctbl, then pick it as the segmentation's colour node).
+SLICER_CTBL = "# Color table file for liver masks\n# index name R G B A\n0 background 0 0 0 0\n1 liver {r} {g} {b} 255\n"
+
+
+def write_label_descriptions(out_dir: Path) -> None:
+    from pipeline.visualize import LIVER_RGB
+
+    r, g, b = LIVER_RGB
+    write_text(out_dir / "labels.itksnap.txt", ITKSNAP_LABELS.format(r=r, g=g, b=b))
+    write_text(out_dir / "labels.ctbl", SLICER_CTBL.format(r=r, g=g, b=b))
+
+
+def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
+    """One 8-bit PNG per DICOM file (same stem), liver = 63, as in the challenge's sample submission."""
+    from PIL import Image
+
+    if geom is None:
+        raise PipelineError(f"{case}: --format chaos-png needs DICOM input (NIfTI input has no DICOM files)")
+    folder = out_dir / f"{case}_png"
+    folder.mkdir(parents=True, exist_ok=True)
+    for src, plane in geom.unstack(mask).items():
+        png = (np.asarray(plane) > 0).astype(np.uint8) * CHAOS_PNG_LIVER
+        with atomic_path(folder / f"{Path(src).stem}.png") as tmp:
+            Image.fromarray(png).save(tmp, format="PNG")
+    return folder
+
+
+def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
+                  config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
+                  sequences: str | None = None, series: str | None = None, fmt: str = "nifti") -> list[dict]:
+    """Segment every selected case of `input_path` with the run's model(s); returns one row per case."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.config import save_config
+    from pipeline.dicom import write_nifti
+    from pipeline.visualize import montage
+
+    out_dir = Path(out_dir)
+    cases = collect_cases(input_path, _split(patients), _split(sequences), series)
+    if not cases:
+        raise PipelineError(f"{input_path}: no cases selected")
+    run = load_run(run_dir, fold, overrides, config_path)
+    device = run.device
+    rows = []
+    with torch.inference_mode():
+        for case in tqdm(cases, desc="infer", unit="case"):
+            t0 = time.perf_counter()
+            volume, affine, geom = case.load()
+            modality = case.modality or geom.modality
+            if modality not in ("CT", "MR"):
+                raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
+            prob = predict_case(run, volume, affine, modality, device)
+            mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
+            mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
+            if not rows:  # the folder's shared files, once there is a first mask to describe
+                save_config(run.cfg, out_dir / "config.yaml")
+                write_label_descriptions(out_dir)
+            if run.cfg.infer.save_image:
+                write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
+            if fmt == "chaos-png":
+                write_chaos_png(out_dir, case.case, mask, geom)
+            truth = case.truth(geom) if case.truth is not None else None
+            if run.cfg.infer.montage:
+                montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
+                        title=f"{case.case}  ({'+'.join(run.folds)})")
+            seconds = time.perf_counter() - t0
+            row = {"case": case.case, "mask": mask_path.name, "slices": int(volume.shape[2]),
+                   "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0),
+                   "seconds": round(seconds, 3)}
+            if truth is not None:
+                from pipeline.metrics import dice
+
+                row["dice"] = float(dice(mask > 0, truth > 0))
+            rows.append(row)
+            log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
+                     f", Dice {row['dice']:.4f}" if "dice" in row else "", seconds)
+    write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows})
+    return rows
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None

@@ -1,0 +1,184 @@
+"""Inference: masks on the exact grid of the source series, fold ensemble, post-processing, errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dicom_fixtures import OBLIQUE_COL, OBLIQUE_ROW, write_tiny
+from pipeline.config import load_config, save_config
+from pipeline.dicom import read_series
+from pipeline.errors import PipelineError
+from pipeline.infer import collect_cases, load_run, postprocess, predict_case, run_inference
+from pipeline.model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT.parent / "shared" / "data" / "chaos-real" / "Train_Sets"
+TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "train.roi_size=[16,16]",
+        "infer.amp=off", "infer.device=cpu", "infer.montage=false"]
+
+
+def make_run(run_dir: Path, folds=(0,), seed=0) -> Path:
+    """A run folder with random-weight checkpoints: geometry tests need a model, not a good one."""
+    cfg = load_config(None, TINY)
+    save_config(cfg, run_dir / "config.yaml")
+    for k in folds:
+        torch.manual_seed(seed + k)
+        model = build_model(cfg.model)
+        (run_dir / f"fold_{k}").mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "epoch": 1}, run_dir / f"fold_{k}" / "best.pt")
+    return run_dir
+
+
+def ellipsoid_volume(n=6, rows=24, cols=20):
+    z, r, c = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
+    inside = ((r - rows / 2) / (rows / 3)) ** 2 + ((c - cols / 2) / (cols / 3)) ** 2 + ((z - n / 2) / (n / 2)) ** 2 < 1
+    return np.where(inside, 800.0, 100.0) + r * 2.0
+
+
+ORIENTATIONS = {
+    "axial": dict(),
+    "reversed_step": dict(spacing=(0.8, 0.7, -2.5)),
+    "oblique": dict(row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL),
+    "flipped_rows": dict(row_dir=(-1, 0, 0), col_dir=(0, -1, 0), patient_position="FFS"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_mask_has_the_shape_and_affine_of_the_series(tmp_path, name):
+    series = tmp_path / "My Series!"
+    write_tiny(series, ellipsoid_volume(), **ORIENTATIONS[name])
+    run_dir = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    rows = run_inference(run_dir=run_dir, input_path=series, out_dir=out)
+    volume, geom = read_series(series)
+    assert [r["case"] for r in rows] == ["My_Series"]  # sanitised folder name
+    img = nib.load(str(out / "My_Series_liver.nii.gz"))
+    assert img.shape == volume.shape
+    np.testing.assert_allclose(img.affine, geom.affine, atol=1e-4)
+    assert img.get_data_dtype() == np.uint8
+    assert int(img.header["sform_code"]) > 0 and int(img.header["qform_code"]) > 0
+    np.testing.assert_allclose(img.header.get_qform(), geom.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+    assert (out / "labels.itksnap.txt").exists() and (out / "labels.ctbl").exists()
+    assert not list(out.glob(".partial-*"))
+
+
+def test_fold_ensemble_averages_probabilities(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    run_dir = make_run(tmp_path / "run", folds=(0, 1))
+    volume, geom = read_series(series)
+    both = load_run(run_dir, fold=None)
+    singles = [load_run(run_dir, fold=str(k)) for k in (0, 1)]
+    assert both.folds == ["fold_0", "fold_1"] and len(both.models) == 2
+    with torch.inference_mode():
+        p_both = predict_case(both, volume, geom.affine, "MR", both.device)
+        p_each = [predict_case(r, volume, geom.affine, "MR", r.device) for r in singles]
+    assert not np.allclose(p_each[0], p_each[1], atol=1e-3)  # two different models
+    np.testing.assert_allclose(p_both, (p_each[0] + p_each[1]) / 2, atol=1e-5)
+
+
+def test_largest_component_removes_islands_and_fill_holes_fills():
+    mask = np.zeros((20, 20, 10), np.uint8)
+    mask[2:12, 2:12, 2:8] = 1
+    mask[6:8, 6:8, 4:6] = 0  # an enclosed hole
+    mask[16:18, 16:18, 1:3] = 1  # an island
+    kept = postprocess(mask, largest_component=True, fill_holes=False)
+    assert kept[16:18, 16:18, 1:3].sum() == 0 and kept[2:12, 2:12, 2:8].sum() == 10 * 10 * 6 - 8
+    filled = postprocess(mask, largest_component=True, fill_holes=True)
+    assert filled[6:8, 6:8, 4:6].all() and filled[16:18, 16:18, 1:3].sum() == 0
+    untouched = postprocess(mask, largest_component=False, fill_holes=False)
+    np.testing.assert_array_equal(untouched, mask)
+
+
+def test_chaos_png_output_has_one_png_per_dicom_file_with_liver_63(tmp_path):
+    series = tmp_path / "s"
+    files = write_tiny(series, ellipsoid_volume(), spacing=(0.8, 0.7, -2.5))
+    run_dir = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    run_inference(run_dir=run_dir, input_path=series, out_dir=out, fmt="chaos-png")
+    pngs = sorted((out / "s_png").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(Path(f).stem for f in files)
+    mask = np.asarray(nib.load(str(out / "s_liver.nii.gz")).dataobj)
+    _, geom = read_series(series)
+    planes = {f: np.asarray(Image.open(out / "s_png" / f"{Path(f).stem}.png")) for f in geom.files}
+    assert set(np.unique(np.concatenate([p.ravel() for p in planes.values()]))) <= {0, 63}
+    np.testing.assert_array_equal(geom.stack(planes) > 0, mask > 0)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "infer", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _assert_one_line_error(res, *words):
+    assert res.returncode != 0
+    errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+
+
+def test_empty_input_folder_fails_with_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = _cli("--run", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "empty"), "--out",
+               str(tmp_path / "out"))
+    _assert_one_line_error(res, "empty")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_of_non_dicom_files_fails(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("hello")
+    (junk / "scan.dcm").write_bytes(b"not really dicom" * 20)
+    with pytest.raises(PipelineError, match="junk"):
+        collect_cases(junk)[0].load()
+
+
+def test_run_without_checkpoints_fails(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series)
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "fold_0" / "best.pt").unlink()
+    res = _cli("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(res, "best.pt", str(run_dir))
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_checkpoint_fails_naming_the_file(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series)
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "fold_0" / "best.pt").write_bytes(b"\x80\x02garbage" * 100)
+    res = _cli("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(res, "fold_0/best.pt", "cannot load")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.realdata
+def test_real_ct_mask_overlays_the_prepared_label(tmp_path):
+    if not (REAL / "CT" / "3").exists():
+        pytest.skip(f"real CHAOS data not found at {REAL}")
+    from pipeline.prepare import prepare_dataset
+
+    prepared = tmp_path / "prep"
+    prepare_dataset(REAL.parent, prepared, load_config(None, ["prepare.sequences=[CT]"]))
+    run_dir = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    rows = run_inference(run_dir=run_dir, input_path=REAL.parent, out_dir=out, sequences="CT",
+                         overrides=["infer.montage=true"])
+    assert [r["case"] for r in rows] == ["CT_3"]
+    mask = nib.load(str(out / "CT_3_liver.nii.gz"))
+    label = nib.load(str(prepared / "labelsTr" / "CT_3.nii.gz"))
+    assert mask.shape == label.shape
+    np.testing.assert_array_equal(mask.affine, label.affine)
+    assert (out / "CT_3_montage.png").stat().st_size > 1000
+    assert "dice" in rows[0]  # ground truth found through the CHAOS layout
