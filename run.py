@@ -98,10 +98,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.config import load_config
+    from pipeline.demo import DEMO_CONFIG, run_demo
 
-    cfg = _config(args)
-    run_demo(args.out, cfg, budget_minutes=args.minutes)
+    # configs/demo.yaml holds only what the demo changes from the defaults; --config replaces it.
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    run_demo(args.out, cfg)
     return 0
 
 
@@ -165,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> infer -> evaluate on synthetic data")
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="work folder (default data/demo)")
-    p.add_argument("--minutes", type=float, default=None, help="training time budget in minutes")
     _common(p)
     p.set_defaults(func=cmd_demo)
     return parser
