@@ -242,6 +242,36 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
     return folder
 
 
+def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
+    """Read one case, predict, post-process and write its outputs; returns its summary row."""
+    from pipeline.dicom import write_nifti
+    from pipeline.metrics import dice
+    from pipeline.visualize import montage
+
+    t0 = time.perf_counter()
+    volume, affine, geom = case.load()
+    modality = case.modality or geom.modality
+    if modality not in ("CT", "MR"):
+        raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
+    prob = predict_case(run, volume, affine, modality, run.device)
+    mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
+    mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
+    if run.cfg.infer.save_image:
+        write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
+    if fmt == "chaos-png":
+        write_chaos_png(out_dir, case.case, mask, geom)
+    truth = case.truth(geom) if case.truth is not None else None
+    if run.cfg.infer.montage:
+        montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
+                title=f"{case.case}  ({'+'.join(run.folds)})")
+    row = {"case": case.case, "mask": mask_path.name, "slices": int(volume.shape[2]),
+           "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)}
+    if truth is not None:
+        row["dice"] = float(dice(mask > 0, truth > 0))
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
                   config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
                   sequences: str | None = None, series: str | None = None, fmt: str = "nifti") -> list[dict]:
@@ -250,48 +280,22 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     from tqdm import tqdm
 
     from pipeline.config import save_config
-    from pipeline.dicom import write_nifti
-    from pipeline.visualize import montage
 
     out_dir = Path(out_dir)
     cases = collect_cases(input_path, _split(patients), _split(sequences), series)
     if not cases:
         raise PipelineError(f"{input_path}: no cases selected")
     run = load_run(run_dir, fold, overrides, config_path)
-    device = run.device
     rows = []
     with torch.inference_mode():
         for case in tqdm(cases, desc="infer", unit="case"):
-            t0 = time.perf_counter()
-            volume, affine, geom = case.load()
-            modality = case.modality or geom.modality
-            if modality not in ("CT", "MR"):
-                raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
-            prob = predict_case(run, volume, affine, modality, device)
-            mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
-            mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
+            row = segment_case(run, case, out_dir, fmt)
             if not rows:  # the folder's shared files, once there is a first mask to describe
                 save_config(run.cfg, out_dir / "config.yaml")
                 write_label_descriptions(out_dir)
-            if run.cfg.infer.save_image:
-                write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
-            if fmt == "chaos-png":
-                write_chaos_png(out_dir, case.case, mask, geom)
-            truth = case.truth(geom) if case.truth is not None else None
-            if run.cfg.infer.montage:
-                montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
-                        title=f"{case.case}  ({'+'.join(run.folds)})")
-            seconds = time.perf_counter() - t0
-            row = {"case": case.case, "mask": mask_path.name, "slices": int(volume.shape[2]),
-                   "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0),
-                   "seconds": round(seconds, 3)}
-            if truth is not None:
-                from pipeline.metrics import dice
-
-                row["dice"] = float(dice(mask > 0, truth > 0))
             rows.append(row)
             log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
-                     f", Dice {row['dice']:.4f}" if "dice" in row else "", seconds)
+                     f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
     write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows})
     return rows
 
