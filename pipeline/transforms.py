@@ -27,6 +27,7 @@ from monai.transforms import (
     LabelFilterd,
     LoadImaged,
     MapTransform,
+    EnsureTyped,
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
@@ -160,6 +161,9 @@ def random_transforms(cfg: TrainConfig) -> list[Transform]:
         raise PipelineError(f"config train.liver_slice_ratio: expected a value in [0, 1], got {ratio}")
     square = cfg.roi_size[0] == cfg.roi_size[1]
     chain: list[Transform] = [
+        # Training slices need no metadata, and MetaTensor bookkeeping doubled the cost of this
+        # chain; dropping it here (still deterministic, so cached) leaves plain tensors.
+        EnsureTyped((*keys, _FG, _BG), data_type="tensor", track_meta=False),
         # (-1, -1, 1): a whole slice; pos/neg weights give the liver / non-liver slice ratio
         # (indices from SliceIndicesd, one per slice).
         RandCropByPosNegLabeld(

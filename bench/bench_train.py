@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Training-loop speed vs the bare model step, side by side, on prepared (real) data.
+
+    python bench/bench_train.py --data /tmp/real_prep [--fold 0] [--steps 30] [--set train.amp=bf16 ...]
+
+Alternates one full loop step (next batch from the cached MONAI dataset + random transforms,
+then forward/backward/AdamW) with one bare step (the same model, loss and optimizer on a batch
+made once) so that both see the same machine load, and prints the median slices/s of each and
+their ratio (target >= 0.9). Also times the bare step under every amp mode and prints the peak
+resident memory (ru_maxrss) of a fold's cached training + validation volumes plus training.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.model import build_loss, build_model  # noqa: E402
+from pipeline.predict import autocast_context, plain, resolve_device  # noqa: E402
+from pipeline.train import Dist, build_loaders, load_datalist, split_fold  # noqa: E402
+
+
+def step(model, optimizer, loss_fn, image, label, device, amp) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(device, amp):
+        loss = loss_fn(model(image), label)
+    loss.backward()
+    optimizer.step()
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="prepared folder (datalist.json)")
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(None, args.overrides)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(0)
+
+    entries, _, _ = load_datalist(args.data)
+    train, val = split_fold(entries, args.fold, args.data)
+    t0 = time.perf_counter()
+    _, loader, _, _, _, _ = build_loaders(cfg, train, val, Dist())
+    cache_s = time.perf_counter() - t0
+    model = build_model(cfg.model).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    loss_fn = build_loss(cfg.train)
+
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    first = next_batch()
+    fixed_image, fixed_label = plain(first["image"]).to(device), plain(first["label"]).to(device)
+    n = fixed_image.shape[0]
+
+    def loop_step():
+        batch = next_batch()
+        image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
+        step(model, optimizer, loss_fn, image, label, device, cfg.train.amp)
+        return image.shape[0]
+
+    for _ in range(3):  # warm-up: allocator, oneDNN kernels
+        loop_step()
+        step(model, optimizer, loss_fn, fixed_image, fixed_label, device, cfg.train.amp)
+    loop_rate, bare_rate = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        k = loop_step()
+        loop_rate.append(k / (time.perf_counter() - t))
+        bare_rate.append(n / timed(lambda: step(model, optimizer, loss_fn, fixed_image, fixed_label, device,
+                                                cfg.train.amp)))
+    amp_rates = {}
+    for amp in ("off", "bf16"):
+        times = [timed(lambda: step(model, optimizer, loss_fn, fixed_image, fixed_label, device, amp))
+                 for _ in range(max(5, args.steps // 3))]
+        amp_rates[amp] = n / statistics.median(times)
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    t = cfg.train
+    print(f"device {device}, threads {torch.get_num_threads()}, amp {t.amp}, roi {t.roi_size}, batch {n} slices, "
+          f"model channels {cfg.model.channels} res_units {cfg.model.num_res_units}")
+    print(f"fold {args.fold}: {len(train)} training + {len(val)} validation volumes cached in {cache_s:.1f} s")
+    print(f"{'':24}{'median slices/s':>16}{'min':>8}{'max':>8}")
+    for name, rates in (("training loop", loop_rate), ("bare model step", bare_rate)):
+        print(f"{name:24}{statistics.median(rates):16.1f}{min(rates):8.1f}{max(rates):8.1f}")
+    print(f"ratio loop / bare: {statistics.median(loop_rate) / statistics.median(bare_rate):.3f}  (target >= 0.9)")
+    print("bare step by amp: " + ", ".join(f"{k} {v:.1f} slices/s" for k, v in amp_rates.items())
+          + f"  (bf16/off = {amp_rates['bf16'] / amp_rates['off']:.2f})")
+    print(f"peak resident memory (ru_maxrss): {maxrss_mb:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
