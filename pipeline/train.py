@@ -205,7 +205,8 @@ def save_checkpoint(path: Path, state: FoldState, cfg: Config) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, state: FoldState) -> None:
+def load_checkpoint(path: Path, state: FoldState) -> dict:
+    """Restore `state` from `path`; returns the config dict the checkpoint was trained with."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
@@ -217,6 +218,19 @@ def load_checkpoint(path: Path, state: FoldState) -> None:
     state.epoch, state.best_dice, state.best_epoch = ckpt["epoch"], ckpt["best_dice"], ckpt["best_epoch"]
     state.history = list(ckpt["history"])
     set_rng_state(ckpt["rng"])
+    return ckpt["config"]
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -307,8 +321,6 @@ def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
     try:
         yield
     finally:
@@ -316,9 +328,11 @@ def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
         handler.close()
 
 
-def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], device, dd: Dist, steps: int) -> None:
+def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], device, dd: Dist, steps: int,
+                 data_dir: Path, fold_dir: Path) -> None:
     t, m = cfg.train, cfg.model
     lines = [
+        f"data {data_dir} -> {fold_dir}",
         f"fold {fold}: {len(train)} training cases ({len({e['patient'] for e in train})} patients), "
         f"{len(val)} validation cases ({', '.join(sorted({e['patient'] for e in val}))})",
         f"device {device}, amp {t.amp}, processes {dd.world}, seed {t.seed}",
@@ -401,13 +415,15 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
         steps = len(loader)
         state = make_state(cfg, device, dd, steps)
         if resume and last_path.exists():
-            load_checkpoint(last_path, state)
+            changes = config_changes(load_checkpoint(last_path, state), config_to_dict(cfg))
             log.info("fold %d: resumed from %s after epoch %d", fold, last_path, state.epoch)
+            if changes:
+                log.warning("fold %d: resuming with a changed config: %s", fold, "; ".join(changes))
         elif resume:
             log.warning("fold %d: --resume but %s does not exist; starting from scratch", fold, last_path)
         if dd.main:
             write_fold_metadata(fold_dir, cfg, fold, train, val, labels)
-            log_settings(cfg, fold, train, val, device, dd, steps)
+            log_settings(cfg, fold, train, val, device, dd, steps, data_dir, fold_dir)
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
         # Invertd matches applied operations to the very transform objects that made them.

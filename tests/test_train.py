@@ -1,5 +1,6 @@
 """Training: the real default config with shrunk overrides on a tiny prepared data set."""
 import csv
+import logging
 
 import pytest
 import torch
@@ -41,7 +42,13 @@ def data_dir(tmp_path_factory):
 def straight_run(data_dir, tmp_path_factory):
     """One uninterrupted 3-epoch run of fold 0, shared by several tests."""
     run = tmp_path_factory.mktemp("run")
-    results = run_training(data_dir, run, "0", tiny_config())
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as run.py configures it; train.log records what the logger emits
+    try:
+        results = run_training(data_dir, run, "0", tiny_config())
+    finally:
+        logger.setLevel(level)
     return run, results
 
 
@@ -57,6 +64,8 @@ def test_tiny_run_decreases_the_loss_and_writes_every_artefact(straight_run):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert {"val_loss", "val_dice_mean", "val_dice_MR_1", "val_dice_CT_2", "lr", "epoch_time_s"} <= set(rows[0])
     assert 0.0 <= results[0].dice_best["MR_1"] <= 1.0
+    log_text = (fold_dir / "train.log").read_text()
+    assert "AdamW" in log_text and log_text.count("train loss") == 3
 
 
 def test_split_holds_whole_patients_apart(straight_run):

@@ -139,3 +139,18 @@ def test_deterministic_chain_inverts_back_to_the_source_grid(prepared, roi):
         dice = 2 * (mask & source_label).sum() / (mask.sum() + source_label.sum())
         shift = np.linalg.norm(np.argwhere(mask).mean(0) - np.argwhere(source_label).mean(0))
         assert dice > 0.85 and shift < 0.5
+
+
+def test_in_memory_volumes_get_the_same_preprocessing_as_files(prepared):
+    """infer passes a MetaTensor read from DICOM (load=False); it must match the file path."""
+    from monai.data import MetaTensor
+
+    mr, _ = prepared
+    cfg = cfg_with("train.roi_size=[32,32]")
+    nii = nib.load(mr["image"])
+    volume = MetaTensor(torch.as_tensor(np.asarray(nii.dataobj, dtype=np.float32)[None]),
+                        affine=torch.as_tensor(nii.affine))
+    from_memory = Compose(image_transforms(cfg, load=False))({"image": volume, "modality": "MR"})["image"]
+    from_file = Compose(image_transforms(cfg))({"image": mr["image"], "modality": "MR"})["image"]
+    assert torch.allclose(from_memory.as_tensor(), from_file.as_tensor(), atol=1e-5)
+    assert np.allclose(np.asarray(from_memory.affine), np.asarray(from_file.affine))
