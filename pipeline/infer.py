@@ -169,16 +169,27 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
 
 # --------------------------------------------------------------------------- prediction
 def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Binary liver mask (X, Y, Z) -> cleaned mask, with MONAI's label transforms."""
+    """Binary liver mask (X, Y, Z) -> cleaned uint8 mask, with MONAI's label transforms.
+
+    Both transforms run on the mask's bounding box plus a one-voxel background margin: components
+    and enclosed holes are the same there as in the whole volume, at a fraction of the cost
+    (a liver fills a few percent of a CT volume).
+    """
     import torch
     from monai.transforms import FillHoles, KeepLargestConnectedComponent
 
-    t = torch.as_tensor(mask[None].astype(np.uint8))
-    if largest_component and t.any():
+    out = np.zeros(mask.shape, np.uint8)
+    if not mask.any():
+        return out
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+    crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
+    t = torch.as_tensor(crop[None])
+    if largest_component:
         t = KeepLargestConnectedComponent(applied_labels=[LIVER], connectivity=3)(t)
-    if fill_holes and t.any():
+    if fill_holes:
         t = FillHoles(applied_labels=[LIVER])(t)
-    return np.asarray(t[0]).astype(np.uint8)
+    out[box] = np.asarray(t[0])[1:-1, 1:-1, 1:-1]
+    return out
 
 
 def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, device) -> np.ndarray:

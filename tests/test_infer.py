@@ -182,3 +182,15 @@ def test_real_ct_mask_overlays_the_prepared_label(tmp_path):
     np.testing.assert_array_equal(mask.affine, label.affine)
     assert (out / "CT_3_montage.png").stat().st_size > 1000
     assert "dice" in rows[0]  # ground truth found through the CHAOS layout
+
+
+def test_postprocess_on_the_bounding_box_equals_monai_on_the_whole_volume():
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    from scipy.ndimage import binary_dilation
+
+    rng = np.random.default_rng(3)
+    mask = binary_dilation(rng.random((30, 28, 12)) > 0.93, iterations=1)  # blobs, holes, islands, edge contact
+    full = torch.as_tensor(mask[None].astype(np.uint8))
+    full = FillHoles(applied_labels=[1])(KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(full))
+    np.testing.assert_array_equal(postprocess(mask, True, True), np.asarray(full[0]))
+    assert postprocess(np.zeros((4, 4, 4), bool), True, True).sum() == 0

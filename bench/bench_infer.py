@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Inference cost and quality on real CHAOS series, measured side by side in one run.
+
+    python bench/bench_infer.py --run RUN_DIR [--data ../shared/data/chaos-real] [--repeats 3]
+
+Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
+  e2e   = segment_case: DICOM read -> transforms -> fold-ensemble prediction -> inversion ->
+          post-processing -> mask NIfTI written (montage off), median seconds over repeats;
+  bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
+          infer.batch_size, same autocast, tensors already in memory;
+  ratio = e2e / bare. Peak RSS of the process is printed at the end.
+Quality (when the run has fold_<k>/split.json): every validation patient is segmented by its own
+fold's model, and Dice is reported with/without post-processing and with amp off vs bf16, so the
+defaults (infer.largest_component, infer.fill_holes, infer.amp) can be checked on held-out data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.chaos import find_cases  # noqa: E402
+from pipeline.infer import LIVER, _chaos_case, load_run, postprocess, predict_case, segment_case  # noqa: E402
+from pipeline.metrics import dice  # noqa: E402
+from pipeline.predict import autocast_context, plain  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-real"
+
+
+def bare_forward(run, volume: np.ndarray, affine: np.ndarray, modality: str) -> float:
+    """Seconds for the models' forward passes over every slice (preprocessing done beforehand)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from pipeline.transforms import image_transforms
+
+    pre = Compose(image_transforms(run.cfg.train, load=False))
+    img = pre({"image": MetaTensor(torch.as_tensor(volume[None]), affine=torch.as_tensor(affine)),
+               "modality": modality})["image"]
+    slices = plain(img).permute(3, 0, 1, 2).contiguous().to(run.device)  # (D, 1, H, W)
+    bs = run.cfg.infer.batch_size
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast_context(run.device, run.cfg.infer.amp):
+        for model in run.models:
+            for i in range(0, slices.shape[0], bs):
+                model(slices[i:i + bs])
+    return time.perf_counter() - t0
+
+
+def speed(run, cases, repeats: int) -> None:
+    print(f"\nspeed ({len(run.models)} model(s), batch {run.cfg.infer.batch_size}, amp {run.cfg.infer.amp}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'case':<16}{'slices':>7}{'e2e s':>9}{'bare s':>9}{'ratio':>8}")
+    ratios = {"CT": [], "MR": []}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for case in cases:
+            volume, affine, geom = case.load()
+            e2e = statistics.median(
+                segment_case(run, case, Path(tmp))["seconds"] for _ in range(repeats))
+            bare = statistics.median(bare_forward(run, volume, affine, geom.modality) for _ in range(repeats))
+            ratios[geom.modality].append((e2e, e2e / bare))
+            print(f"{case.case:<16}{volume.shape[2]:>7}{e2e:>9.2f}{bare:>9.2f}{e2e / bare:>8.2f}")
+    for modality, rows in ratios.items():
+        if rows:
+            print(f"{modality}: median {statistics.median(r[0] for r in rows):.2f} s per series, "
+                  f"median ratio e2e/bare {statistics.median(r[1] for r in rows):.2f}")
+
+
+def quality(run_dir: Path, data: Path) -> None:
+    splits = sorted(run_dir.glob("fold_*/split.json"))
+    if not splits:
+        print("\nquality: no fold_<k>/split.json in the run, skipped")
+        return
+    print("\nquality on held-out patients (each by its own fold's model), Dice")
+    variants = [("fp32 raw", "off", False, False), ("fp32 +lcc", "off", True, False),
+                ("fp32 +lcc+fill", "off", True, True), ("bf16 +lcc+fill", "bf16", True, True)]
+    print(f"{'case':<16}" + "".join(f"{v[0]:>16}" for v in variants))
+    table = {v[0]: [] for v in variants}
+    for split_file in splits:
+        fold = split_file.parent.name.split("_")[1]
+        val_cases = set(json.loads(split_file.read_text())["val"]["cases"])
+        sources = [s for s in find_cases(data) if s.case in val_cases]
+        for src in sources:
+            case = _chaos_case(src)
+            volume, affine, geom = case.load()
+            truth = case.truth(geom)
+            row = []
+            probs = {}
+            for name, amp, lcc, fill in variants:
+                if amp not in probs:
+                    run = load_run(run_dir, fold, [f"infer.amp={amp}"])
+                    with torch.inference_mode():
+                        probs[amp] = predict_case(run, volume, affine, geom.modality, run.device)
+                mask = postprocess(probs[amp] >= 0.5, lcc, fill)
+                d = dice(mask == LIVER, truth)
+                table[name].append(d)
+                row.append(d)
+            print(f"{case.case:<16}" + "".join(f"{d:>16.4f}" for d in row))
+    print(f"{'mean':<16}" + "".join(f"{np.mean(table[v[0]]):>16.4f}" for v in variants))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="trained run folder")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CHAOS root with real series")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-mr", type=int, default=4, help="MR series in the speed table")
+    ap.add_argument("--no-quality", action="store_true")
+    args = ap.parse_args()
+    if not args.data.exists():
+        sys.exit(f"error: {args.data}: real CHAOS data not found")
+    run = load_run(args.run, None, ["infer.montage=false"])
+    sources = find_cases(args.data)
+    picked = [s for s in sources if s.modality == "CT"] + [s for s in sources if s.modality == "MR"][: args.max_mr]
+    speed(run, [_chaos_case(s) for s in picked], args.repeats)
+    if not args.no_quality:
+        quality(args.run, args.data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
