@@ -54,32 +54,32 @@ class PrepareConfig:
 class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # UNet features per level
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level
-    num_res_units: int = 2  # residual units per block (0 = plain convolutions)
+    num_res_units: int = 1  # residual units per block (0 = plain convolutions)
     dropout: float = 0.1  # dropout probability
     norm: str = "instance"  # normalisation layer: instance | batch
 
 
 @dataclass
 class TrainConfig:
-    roi_size: list[int] = field(default_factory=lambda: [192, 192])  # in-plane model input size
+    roi_size: list[int] = field(default_factory=lambda: [160, 160])  # in-plane model input size
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
     liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
-    epochs: int = 40  # epochs per fold
+    epochs: int = 150  # epochs per fold
     lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: int = 2  # linear warm-up before the decay
     schedule: str = "cosine"  # decay after warm-up: cosine | poly
     loss: str = "dice_ce"  # dice_ce | dice_focal | bce
-    val_every: int = 1  # validate every N epochs
+    val_every: int = 2  # validate every N epochs
     amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: CUDA AMP on GPU, bf16 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader workers
     cache_rate: float = 1.0  # fraction of volumes whose deterministic transforms are cached
     seed: int = 0  # seed of weights, sampling and augmentation
-    flip_prob: float = 0.5  # probability of a flip, per in-plane axis
+    flip_prob: float = 0.0  # probability of a flip, per in-plane axis (off: a flip swaps liver and spleen sides)
     rotate90_prob: float = 0.0  # probability of a random 90-degree turn (square roi only)
     affine_prob: float = 0.5  # probability of a small rotation/scale/shift
 

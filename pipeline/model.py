@@ -37,10 +37,12 @@ def build_loss(cfg: TrainConfig) -> nn.Module:
     a sigmoid of their difference, so this is binary cross-entropy without changing the model or
     the prediction code that the other losses share.
     """
+    # batch=True: Dice over the whole batch of slices (nnU-Net's "batch dice"); per-slice Dice is
+    # erratic on the many slices with little or no liver.
     if cfg.loss == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     if cfg.loss == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, batch=True)
     if cfg.loss == "bce":
         return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0)
     raise PipelineError(f"config train.loss: expected dice_ce | dice_focal | bce, got {cfg.loss!r}")
