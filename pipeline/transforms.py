@@ -105,6 +105,49 @@ class SliceIndicesd(MapTransform):
         return d
 
 
+class InPlaneAntiAliasd(MapTransform):
+    """Gaussian pre-smoothing of the in-plane axes before a down-sizing resize (not along Z).
+
+    Same sigma rule as MONAI's `Resize(anti_aliasing=True)` (skimage's: (in/out - 1) / 2 per axis,
+    0 when not shrinking). Hand-written because MONAI smooths with single-channel 3-D convolutions,
+    which take ~10 s on a 512x512x78 CT on 2 CPU cores against ~1 s for the same kernel applied by
+    scipy (measured side by side); at inference that was the largest cost after the network.
+    Intensity-only, so it needs no inverse.
+    """
+
+    def __init__(self, keys: KeysCollection, roi: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.roi = tuple(int(r) for r in roi)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        import torch
+        from monai.networks.layers.convutils import gaussian_1d
+        from scipy.ndimage import correlate1d
+
+        def smooth(c: np.ndarray, sigma: list[float]) -> np.ndarray:
+            for axis, s in enumerate(sigma):
+                if s > 0:  # MONAI's own kernel (erf-sampled, truncated at 4 sigma), applied by scipy
+                    kernel = gaussian_1d(torch.tensor(s), truncated=4.0, approx="erf").numpy()
+                    c = correlate1d(c, kernel, axis=axis, mode="nearest")
+            return c
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]  # (C, H, W, Z)
+            sigma = [max((n / r - 1.0) / 2.0, 0.0) for n, r in zip(img.shape[1:3], self.roi)]
+            if max(sigma) == 0.0:
+                continue
+            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img, dtype=np.float32)
+            out = np.stack([smooth(c, sigma) for c in arr])
+            if isinstance(img, torch.Tensor):
+                img = img.clone()
+                img[:] = torch.as_tensor(out)
+                d[key] = img
+            else:
+                d[key] = out
+        return d
+
+
 def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
     if len(cfg.roi_size) != 2 or min(cfg.roi_size) < 8:
         raise PipelineError(f"config train.roi_size: expected [H, W] with both >= 8, got {cfg.roi_size}")
@@ -142,8 +185,9 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER_LABEL]))
-    smooth = tuple(k != "label" for k in keys)  # anti-aliasing would blur a label map
-    chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes, anti_aliasing=smooth))
+    # anti-aliasing for the image only: it would blur a label map
+    chain.append(InPlaneAntiAliasd("image", roi))
+    chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes))
     if has_label and with_indices:
         chain.append(SliceIndicesd("label"))
     return chain

@@ -154,3 +154,19 @@ def test_in_memory_volumes_get_the_same_preprocessing_as_files(prepared):
     from_file = Compose(image_transforms(cfg))({"image": mr["image"], "modality": "MR"})["image"]
     assert torch.allclose(from_memory.as_tensor(), from_file.as_tensor(), atol=1e-5)
     assert np.allclose(np.asarray(from_memory.affine), np.asarray(from_file.affine))
+
+
+def test_in_plane_anti_aliasing_matches_monai_gaussian_smoothing_away_from_the_border():
+    import torch
+    from monai.transforms import GaussianSmooth
+
+    from pipeline.transforms import InPlaneAntiAliasd
+
+    img = torch.rand(1, 64, 48, 5)
+    out = InPlaneAntiAliasd("image", roi=(16, 16))({"image": img})["image"]
+    sigma = ((64 / 16 - 1) / 2, (48 / 16 - 1) / 2, 0.0)
+    ref = GaussianSmooth(sigma=sigma)(img)
+    np.testing.assert_allclose(np.asarray(out)[0, 10:-10, 10:-10], np.asarray(ref)[0, 10:-10, 10:-10], atol=1e-5)
+    assert float(out.std()) < 0.5 * float(img.std())  # it did smooth
+    same = InPlaneAntiAliasd("image", roi=(64, 48))({"image": img})["image"]  # no shrinking: untouched
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
