@@ -235,17 +235,23 @@ def _pair_outphase(case: CaseSource, pngs: list[Path], files: list[Path]) -> dic
     return pairs
 
 
-def png_labels(png: Path, modality: str, shape: tuple[int, int]) -> np.ndarray:
-    """One Ground PNG -> uint8 labels (rows x cols, as stored). CT: non-zero -> 1; MR: grey ranges."""
+def read_png(png: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A greyscale PNG mask as stored (rows x cols), checked against the DICOM slice shape."""
     try:
         with Image.open(png) as im:
             if im.mode not in ("1", "L", "I", "I;16"):
-                raise PipelineError(f"{png}: Ground PNG has mode {im.mode}, expected greyscale")
+                raise PipelineError(f"{png}: PNG mask has mode {im.mode}, expected greyscale")
             arr = np.asarray(im)
     except OSError as exc:
         raise PipelineError(f"{png}: unreadable PNG ({exc})") from None
     if arr.shape != tuple(shape):
-        raise PipelineError(f"{png}: Ground PNG is {arr.shape[0]}x{arr.shape[1]}, DICOM is {shape[0]}x{shape[1]}")
+        raise PipelineError(f"{png}: PNG is {arr.shape[0]}x{arr.shape[1]}, DICOM is {shape[0]}x{shape[1]}")
+    return arr
+
+
+def png_labels(png: Path, modality: str, shape: tuple[int, int]) -> np.ndarray:
+    """One Ground PNG -> uint8 labels (rows x cols, as stored). CT: non-zero -> 1; MR: grey ranges."""
+    arr = read_png(png, shape)
     if modality == "CT":
         return (arr != 0).astype(np.uint8)
     labels = np.zeros(arr.shape, dtype=np.uint8)

@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.chaos import read_png
 from pipeline.config import Config, save_config
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name, write_json, write_text
@@ -112,21 +113,6 @@ def _pngs(folder: Path) -> list[Path]:
                    and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
-def _read_png(png: Path, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(png) as im:
-            if im.mode not in ("1", "L", "I", "I;16"):
-                raise PipelineError(f"{png}: PNG mask has mode {im.mode}, expected greyscale")
-            arr = np.asarray(im)
-    except OSError as exc:
-        raise PipelineError(f"{png}: unreadable PNG ({exc})") from None
-    if arr.shape != tuple(shape):
-        raise PipelineError(f"{png}: PNG is {arr.shape[0]}x{arr.shape[1]}, DICOM is {shape[0]}x{shape[1]}")
-    return arr
-
-
 def png_stack_liver(pngs_by_file: dict[Path, Path], geometry) -> np.ndarray:
     """{DICOM file: PNG} -> bool liver volume in NIfTI order (geometry.shape).
 
@@ -137,7 +123,7 @@ def png_stack_liver(pngs_by_file: dict[Path, Path], geometry) -> np.ndarray:
     """
     from pipeline.chaos import MR_GREY_RANGES
 
-    raw = {Path(f): _read_png(png, (geometry.rows, geometry.cols)) for f, png in pngs_by_file.items()}
+    raw = {Path(f): read_png(png, (geometry.rows, geometry.cols)) for f, png in pngs_by_file.items()}
     low, high, _ = MR_GREY_RANGES[0]
     in_band = any(np.any((a >= low) & (a <= high)) for a in raw.values())
     outside = any(np.any((a != 0) & ((a < low) | (a > high))) for a in raw.values())

@@ -149,7 +149,7 @@ def test_ground_png_of_the_wrong_size_names_the_png(tree):
     png = root / "Train_Sets/CT/1/Ground/liver_GT_002.png"
     Image.fromarray(np.zeros((5, 5), bool)).save(png)
     case = _case(root, "CT_1")
-    with pytest.raises(PipelineError, match=r"liver_GT_002.png: Ground PNG is 5x5, DICOM is 16x14"):
+    with pytest.raises(PipelineError, match=r"liver_GT_002.png: PNG is 5x5, DICOM is 16x14"):
         read_ground(case, read_series(case.dicom_dir)[1])
 
 
