@@ -74,7 +74,7 @@ class TrainConfig:
     schedule: str = "cosine"  # decay after warm-up: cosine | poly
     loss: str = "dice_ce"  # dice_ce | dice_focal | bce
     val_every: int = 2  # validate every N epochs
-    amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: CUDA AMP on GPU, bf16 on CPU)
+    amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: CUDA AMP on GPU, float32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader workers
     cache_rate: float = 1.0  # fraction of volumes whose deterministic transforms are cached
