@@ -15,7 +15,7 @@ from tests.nifti_fixtures import make_prepared_dataset
 
 TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "model.dropout=0.0",
         "train.roi_size=[32,32]", "train.slices_per_volume=4", "train.batch_size=4", "train.lr=0.01",
-        "train.warmup_epochs=1", "train.epochs=3"]
+        "train.warmup_epochs=1", "train.epochs=3", "train.val_every=1"]
 ARTEFACTS = ["config.yaml", "split.json", "labels.json", "normalisation.json", "best.pt", "last.pt", "train.log",
              "metrics.csv", "curves.png"]
 
