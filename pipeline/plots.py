@@ -27,8 +27,8 @@ def plot_curves(rows: list[dict], patients: list[str], path: str | Path, title: 
     if val:
         best = max(val, key=lambda r: r["val_dice_mean"])
         ax_dice.axvline(best["epoch"], color="grey", ls=":", lw=1)
-        ax_dice.annotate(f"best {best['val_dice_mean']:.3f}", (best["epoch"], best["val_dice_mean"]),
-                         textcoords="offset points", xytext=(-60, -15), fontsize=8)
+        ax_dice.text(0.02, 0.97, f"best mean {best['val_dice_mean']:.3f} @ epoch {int(best['epoch'])}",
+                     transform=ax_dice.transAxes, va="top", fontsize=8)
     ax_dice.set(xlabel="epoch", ylabel="3D liver Dice", title="Validation Dice per patient", ylim=(0, 1))
     ax_dice.legend(frameon=False, fontsize=7, ncol=2, loc="lower right")
     ax_lr.plot(epochs, [r["lr"] for r in rows], color="tab:green")
