@@ -402,7 +402,7 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
     from monai.transforms import Invertd
 
     fold_dir = run_dir / f"fold_{fold}"
-    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    last_path = fold_dir / "last.pt"
     if last_path.exists() and not resume:
         raise PipelineError(f"{last_path}: exists; pass --resume to continue this fold or choose another --run")
     train, val = split_fold(entries, fold, data_dir)
