@@ -116,10 +116,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-mr", type=int, default=4, help="MR series in the speed table")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the speed part, e.g. infer.amp=bf16")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"error: {args.data}: real CHAOS data not found")
-    run = load_run(args.run, None, ["infer.montage=false"])
+    run = load_run(args.run, None, ["infer.montage=false", *args.overrides])
     sources = find_cases(args.data)
     picked = [s for s in sources if s.modality == "CT"] + [s for s in sources if s.modality == "MR"][: args.max_mr]
     speed(run, [_chaos_case(s) for s in picked], args.repeats)
