@@ -8,13 +8,16 @@ Run from the repository root: `python bench/bench_metrics.py` (after `pip instal
 """
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.metrics import chaos_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
 
 def ellipsoid(shape, center, radii):
@@ -22,13 +25,6 @@ def ellipsoid(shape, center, radii):
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
 
 
-def median_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
 from pipeline.chaos import find_cases  # noqa: E402
 from pipeline.config import Config  # noqa: E402
@@ -29,13 +29,6 @@ from pipeline.dicom import read_series, write_nifti  # noqa: E402
 from pipeline.prepare import image_dtype, prepare_case  # noqa: E402
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -72,9 +65,9 @@ def main() -> int:
 
             shape = ours()  # warm the file cache for both contenders
             reference()
-            t_ours = _median_time(ours, args.repeats)
-            t_full = _median_time(ours_full, args.repeats)
-            t_ref = _median_time(reference, args.repeats)
+            t_ours = median_time(ours, args.repeats)
+            t_full = median_time(ours_full, args.repeats)
+            t_ref = median_time(reference, args.repeats)
             ratios.append(t_ours / t_ref)
             print(f"{case.case:14s} {'x'.join(map(str, shape)):>12s} {t_ours:8.3f} {t_full:14.3f} {t_ref:11.3f} "
                   f"{t_ours / t_ref:6.2f}")

@@ -57,12 +57,11 @@ def _dicom_case(case: str, folder: Path, modality: str, series_uid: str | None =
 def _chaos_case(source) -> InferCase:
     from pipeline.chaos import read_ground
 
-    truth = None
-    if source.ground_dir is not None:
-        def truth(geom, source=source):
-            return read_ground(source, geom) == LIVER
+    def truth(geom):
+        return read_ground(source, geom) == LIVER
 
-    return _dicom_case(source.case, source.dicom_dir, source.modality, truth=truth)
+    return _dicom_case(source.case, source.dicom_dir, source.modality,
+                       truth=truth if source.ground_dir is not None else None)
 
 
 def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[str] | None) -> list[InferCase]:

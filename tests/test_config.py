@@ -1,5 +1,4 @@
 """Config loading: strict keys and types, overrides, round trip."""
-from pathlib import Path
 
 import pytest
 import yaml
