@@ -24,6 +24,7 @@ def run_demo(out: str | Path, cfg: Config) -> dict:
     from pipeline.evaluate import run_evaluation
     from pipeline.infer import run_inference
     from pipeline.prepare import prepare_dataset
+    from pipeline.report import write_report
     from pipeline.synth import generate_dataset
     from pipeline.train import run_training
 
@@ -56,15 +57,9 @@ def run_demo(out: str | Path, cfg: Config) -> dict:
     result = run_evaluation(pred=infer_dir, ref=prepared / "labelsTr", out_dir=out / "evaluate", cfg=cfg)
     timings["evaluate"] = time.perf_counter() - t0
 
-    report = None
-    try:
-        from pipeline.report import write_report
-    except ImportError:  # the report module is optional for the demo's numbers
-        write_report = None
-    if write_report is not None:
-        report = write_report(run_dir, eval_dir=out / "evaluate")
+    report = write_report(run_dir, eval_dir=out / "evaluate")
 
     print("\ndemo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"held-out patients (fold {DEMO_FOLD}): {', '.join(held_out)}")
-    print(f"masks: {infer_dir}   metrics: {out / 'evaluate'}" + (f"   report: {report}" if report else ""))
+    print(f"masks: {infer_dir}   metrics: {out / 'evaluate'}   report: {report}")
     return {"timings": timings, "held_out": held_out, "evaluation": result, "report": report}
