@@ -44,7 +44,7 @@ def bare_forward(run, volume: np.ndarray, affine: np.ndarray, modality: str) -> 
 
     from pipeline.transforms import image_transforms
 
-    pre = Compose(image_transforms(run.cfg.train, load=False))
+    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
     img = pre({"image": MetaTensor(torch.as_tensor(volume[None]), affine=torch.as_tensor(affine)),
                "modality": modality})["image"]
     slices = plain(img).permute(3, 0, 1, 2).contiguous().to(run.device)  # (D, 1, H, W)

@@ -57,6 +57,7 @@ class ModelConfig:
     num_res_units: int = 1  # residual units per block (0 = plain convolutions)
     dropout: float = 0.1  # dropout probability
     norm: str = "instance"  # normalisation layer: instance | batch
+    context_slices: int = 0  # neighbouring slices on each side fed as extra input channels (2.5D); 0 = plain 2D
 
 
 @dataclass

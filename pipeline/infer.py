@@ -205,7 +205,7 @@ def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modalit
     from pipeline.predict import predict_volume
     from pipeline.transforms import image_transforms
 
-    pre = Compose(image_transforms(run.cfg.train, load=False))
+    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     data = pre({"image": image, "modality": modality})
     probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,

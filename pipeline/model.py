@@ -17,15 +17,17 @@ NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """MONAI UNet(spatial_dims=2, in_channels=1, out_channels=2) shaped by `cfg`."""
+    """MONAI UNet(spatial_dims=2, in_channels=1 + 2 * context_slices, out_channels=2) shaped by `cfg`."""
     if len(cfg.channels) < 2 or len(cfg.strides) != len(cfg.channels) - 1:
         raise PipelineError(
             f"config model.strides: expected {len(cfg.channels) - 1} values for {len(cfg.channels)} "
             f"model.channels, got {cfg.strides}")
+    if cfg.context_slices < 0:
+        raise PipelineError(f"config model.context_slices: expected >= 0, got {cfg.context_slices}")
     if cfg.norm not in NORMS:
         raise PipelineError(f"config model.norm: expected one of {sorted(NORMS)}, got {cfg.norm!r}")
     return UNet(
-        spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
+        spatial_dims=2, in_channels=1 + 2 * cfg.context_slices, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
         strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=NORMS[cfg.norm],
     )
 

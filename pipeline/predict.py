@@ -71,8 +71,8 @@ def slice_logits(model: nn.Module, image: torch.Tensor, batch_size: int, device:
 
     The caller sets eval/train mode; this only runs the slices through the model.
     """
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise PipelineError(f"predict: expected an image of shape (1, H, W, D), got {tuple(image.shape)}")
+    if image.ndim != 4:
+        raise PipelineError(f"predict: expected an image of shape (C, H, W, D), got {tuple(image.shape)}")
     inferer = SliceInferer(roi_size=tuple(image.shape[1:3]), sw_batch_size=batch_size, spatial_dim=2,
                            progress=False)
     x = plain(image).unsqueeze(0).to(device)  # (B=1, 1, H, W, D)

@@ -360,12 +360,13 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
-    train_tf = Compose(deterministic_transforms(t, with_indices=True) + random_transforms(t))
+    train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices)
+                       + random_transforms(t))
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
     generator = torch.Generator()
     loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
                         num_workers=t.num_workers, generator=generator, drop_last=False)
-    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(t))
+    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(t, context=cfg.model.context_slices))
     if dd.main:
         val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
         val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]

@@ -148,26 +148,60 @@ class InPlaneAntiAliasd(MapTransform):
         return d
 
 
+class NeighbourSlicesd(MapTransform):
+    """(1, H, W, D) -> (1 + 2k, H, W, D): channel j holds slice z + j - k (edges repeated).
+
+    2.5D input for the 2D network: each axial slice is seen with its k neighbours above and below,
+    so a whole-slice crop at z carries the through-plane context a radiologist scrolls for.
+    Intensity-like (no spatial change), so inversion of the spatial steps is unaffected.
+    """
+
+    def __init__(self, keys: KeysCollection, context: int) -> None:
+        super().__init__(keys)
+        self.context = int(context)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        import torch
+
+        d = dict(data)
+        if self.context == 0:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            depth = img.shape[-1]
+            z = torch.arange(depth)
+            idx = [torch.clamp(z + off, 0, depth - 1) for off in range(-self.context, self.context + 1)]
+            plain_img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+            stacked = torch.cat([plain_img[..., i] for i in idx], dim=0)
+            if hasattr(img, "as_tensor"):
+                from monai.data import MetaTensor
+
+                stacked = MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
+            d[key] = stacked
+        return d
+
+
 def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
     if len(cfg.roi_size) != 2 or min(cfg.roi_size) < 8:
         raise PipelineError(f"config train.roi_size: expected [H, W] with both >= 8, got {cfg.roi_size}")
     return int(cfg.roi_size[0]), int(cfg.roi_size[1])
 
 
-def image_transforms(cfg: TrainConfig, load: bool = True) -> list[Transform]:
+def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0) -> list[Transform]:
     """The deterministic chain for "image" only (what infer applies before prediction).
 
     load=False starts from an in-memory channel-first MetaTensor (infer reads DICOM itself).
     """
-    return deterministic_transforms(cfg, keys=("image",), load=load)
+    return deterministic_transforms(cfg, keys=("image",), load=load, context=context)
 
 
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
-                             with_indices: bool = False, load: bool = True) -> list[Transform]:
+                             with_indices: bool = False, load: bool = True, context: int = 0) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
     appends the liver / non-liver slice indices used by the slice sampler, cached with the volume.
+    `context` = model.context_slices: the image gets 1 + 2 * context channels (neighbour slices).
     """
     roi = _check_roi(cfg)
     keys = tuple(keys)
@@ -188,6 +222,7 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     # anti-aliasing for the image only: it would blur a label map
     chain.append(InPlaneAntiAliasd("image", roi))
     chain.append(Resized(keys, spatial_size=(*roi, -1), mode=modes))
+    chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
     if has_label and with_indices:
         chain.append(SliceIndicesd("label"))
     return chain

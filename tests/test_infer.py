@@ -194,3 +194,18 @@ def test_postprocess_on_the_bounding_box_equals_monai_on_the_whole_volume():
     full = FillHoles(applied_labels=[1])(KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(full))
     np.testing.assert_array_equal(postprocess(mask, True, True), np.asarray(full[0]))
     assert postprocess(np.zeros((4, 4, 4), bool), True, True).sum() == 0
+
+
+def test_a_2p5d_model_gets_its_neighbour_slices_and_keeps_the_series_grid(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume(), row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [*TINY, "model.context_slices=1"])
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "fold_0").mkdir(parents=True)
+    torch.save({"model": build_model(cfg.model).state_dict()}, run_dir / "fold_0" / "best.pt")
+    run_inference(run_dir=run_dir, input_path=series, out_dir=tmp_path / "out")
+    volume, geom = read_series(series)
+    img = nib.load(str(tmp_path / "out" / "s_liver.nii.gz"))
+    assert img.shape == volume.shape
+    np.testing.assert_allclose(img.affine, geom.affine, atol=1e-4)

@@ -170,3 +170,18 @@ def test_in_plane_anti_aliasing_matches_monai_gaussian_smoothing_away_from_the_b
     assert float(out.std()) < 0.5 * float(img.std())  # it did smooth
     same = InPlaneAntiAliasd("image", roi=(64, 48))({"image": img})["image"]  # no shrinking: untouched
     np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
+
+
+def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
+    import torch
+    from monai.data import MetaTensor
+
+    from pipeline.transforms import NeighbourSlicesd
+
+    vol = MetaTensor(torch.arange(4.0).view(1, 1, 1, 4).expand(1, 2, 3, 4).clone(), affine=torch.eye(4))
+    out = NeighbourSlicesd("image", context=1)({"image": vol})["image"]
+    assert tuple(out.shape) == (3, 2, 3, 4)
+    # channel 0 = slice below (edge repeated), 1 = the slice itself, 2 = slice above
+    assert out[:, 0, 0, :].tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 3]]
+    assert torch.equal(out.affine, vol.affine)
+    assert NeighbourSlicesd("image", context=0)({"image": vol})["image"] is vol
