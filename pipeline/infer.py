@@ -200,9 +200,9 @@ def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modalit
     """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import Compose, Invertd
+    from monai.transforms import Compose
 
-    from pipeline.predict import predict_volume
+    from pipeline.predict import predict_volume, source_grid_inverter, to_source_grid
     from pipeline.transforms import image_transforms
 
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
@@ -210,10 +210,7 @@ def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modalit
     data = pre({"image": image, "modality": modality})
     probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,
                            amp=run.cfg.infer.amp)
-    # Invertd replays the image's applied operations backwards on the prediction, so resize and
-    # orientation are undone on probabilities (bilinear), not on the hard labels.
-    data["pred"] = MetaTensor(probs, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-    inv = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    inv = to_source_grid(probs, data["image"], source_grid_inverter(pre))
     liver = np.asarray(inv[LIVER] if inv.shape[0] > 1 else inv[0], dtype=np.float32)
     if liver.shape != volume.shape:
         raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {volume.shape}")

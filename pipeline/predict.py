@@ -99,3 +99,23 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
             model.train(was_training)
         total = probs if total is None else total + probs
     return total / len(models)
+
+
+def source_grid_inverter(transform):
+    """MONAI Invertd that maps "pred" back through `transform`, the Compose that made "image".
+
+    Invertd matches the image's applied operations to the very transform objects that made them,
+    so build it from the same Compose instance. Probabilities are resampled with the recorded
+    (bilinear) mode, not nearest: the hard labels come after, on the source grid.
+    """
+    from monai.transforms import Invertd
+
+    return Invertd("pred", transform=transform, orig_keys="image", nearest_interp=False)
+
+
+def to_source_grid(probs: torch.Tensor, image: torch.Tensor, inverter) -> torch.Tensor:
+    """Probabilities (C, H, W, D) on the transformed grid of `image` -> the source voxel grid."""
+    from monai.data import MetaTensor
+
+    pred = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
+    return inverter({"pred": pred, "image": image})["pred"]

@@ -38,7 +38,8 @@ from pipeline.config import Config, config_from_dict, config_to_dict, save_confi
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
 from pipeline.model import build_loss, build_model
-from pipeline.predict import autocast_context, plain, resolve_device, slice_logits
+from pipeline.predict import (autocast_context, plain, resolve_device, slice_logits, source_grid_inverter,
+                              to_source_grid)
 from pipeline.transforms import LIVER_LABEL, ORIENTATION, deterministic_transforms, random_transforms
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,6 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     grid by inverting the resize and reorientation (Invertd), and Dice is computed in 3D there
     against the untouched label; a patient's Dice is the mean over its cases.
     """
-    from monai.data import MetaTensor
     from monai.metrics import compute_dice
 
     module = model.module if hasattr(model, "module") else model
@@ -273,9 +273,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         logits = slice_logits(module, item["image"], cfg.train.batch_size, device, cfg.train.amp)
         with torch.inference_mode():
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
-        probs = MetaTensor(torch.softmax(logits, 0), meta=item["image"].meta,
-                           applied_operations=item["image"].applied_operations)
-        pred = inverter({"pred": probs, "image": item["image"]})["pred"]
+        pred = to_source_grid(torch.softmax(logits, 0), item["image"], inverter)
         mask = (pred.argmax(0, keepdim=True) == 1).float()
         dice = compute_dice(mask[None], ref[None].float(), include_background=True, ignore_empty=False)
         dice_by_patient.setdefault(item["patient"], []).append(float(dice.item()))
@@ -400,8 +398,6 @@ class FoldResult:
 
 def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: list[dict], labels: dict,
                dd: Dist, device, resume: bool) -> FoldResult:
-    from monai.transforms import Invertd
-
     fold_dir = run_dir / f"fold_{fold}"
     last_path = fold_dir / "last.pt"
     if last_path.exists() and not resume:
@@ -427,8 +423,7 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
             log_settings(cfg, fold, train, val, device, dd, steps, data_dir, fold_dir)
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
-        # Invertd matches applied operations to the very transform objects that made them.
-        inverter = Invertd("pred", transform=val_tf, orig_keys="image", nearest_interp=False)
+        inverter = source_grid_inverter(val_tf)
         t_start = time.perf_counter()
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch + 1
