@@ -86,6 +86,7 @@ def quality(run_dir: Path, data: Path) -> None:
                 ("fp32 +lcc+fill", "off", True, True), ("bf16 +lcc+fill", "bf16", True, True)]
     print(f"{'case':<16}" + "".join(f"{v[0]:>16}" for v in variants))
     table = {v[0]: [] for v in variants}
+    runs = {}
     for split_file in splits:
         fold = split_file.parent.name.split("_")[1]
         val_cases = set(json.loads(split_file.read_text())["val"]["cases"])
@@ -98,7 +99,9 @@ def quality(run_dir: Path, data: Path) -> None:
             probs = {}
             for name, amp, lcc, fill in variants:
                 if amp not in probs:
-                    run = load_run(run_dir, fold, [f"infer.amp={amp}"])
+                    if (fold, amp) not in runs:  # one checkpoint load per fold and precision
+                        runs[(fold, amp)] = load_run(run_dir, fold, [f"infer.amp={amp}"])
+                    run = runs[(fold, amp)]
                     with torch.inference_mode():
                         probs[amp] = predict_case(run, volume, affine, geom.modality, run.device)
                 mask = postprocess(probs[amp] >= 0.5, lcc, fill)
