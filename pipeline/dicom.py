@@ -267,8 +267,12 @@ def from_nifti_slice(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(arr).T[::-1, :])
 
 
-def _list_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """Headers of the image files in `folder`; harmless non-image files are skipped with a warning."""
+def _list_headers(folder: Path, with_pixels: bool = False) -> list[tuple[Path, pydicom.Dataset]]:
+    """Datasets of the image files in `folder`; harmless non-image files are skipped with a warning.
+
+    with_pixels=False stops before the pixel data (header checks only); True keeps the pixel
+    bytes too, so each file is opened and parsed once.
+    """
     if not folder.is_dir():
         raise PipelineError(f"{folder}: DICOM folder not found")
     entries = sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
@@ -280,7 +284,7 @@ def _list_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
             log.warning("%s: not a DICOM image, skipped", path)
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
         except InvalidDicomError:
             log.warning("%s: not a DICOM file, skipped", path)
             continue
@@ -330,7 +334,8 @@ def read_series(
     *,
     orientation_tolerance: float = 1e-4,
     spacing_tolerance: float = 0.01,
-) -> tuple[np.ndarray, SeriesGeometry]:
+    pixels: bool = True,
+) -> tuple[np.ndarray | None, SeriesGeometry]:
     """Read one single-frame DICOM series folder into (volume, geometry).
 
     Returns volume float32 (columns, rows, slices) in dcm2niix's voxel order with the modality
@@ -340,7 +345,7 @@ def read_series(
     orientation or matrix size, uneven spacing (missing slices), gantry tilt, undecodable pixels.
     """
     folder = Path(folder)
-    headers = _select_series(folder, _list_headers(folder), series_uid)
+    headers = _select_series(folder, _list_headers(folder, with_pixels=pixels), series_uid)
     path0, ds0 = headers[0]
     iop0 = _float_list(ds0, "ImageOrientationPatient", path0, 6)
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -366,9 +371,12 @@ def read_series(
     step = _check_steps(files, positions, normal, spacing_tolerance, headers[0][1])
 
     pixel_spacing = _float_list(ds0, "PixelSpacing", path0, 2)  # [between rows, between columns]
-    volume = np.empty((cols, rows, len(files)), dtype=np.float32)
-    for k, path in enumerate(tqdm(files, desc=f"read {folder.name}", unit="slice", leave=False, disable=None)):
-        volume[:, :, k] = to_nifti_slice(_read_pixels(path, rows, cols))
+    volume = None
+    if pixels:
+        volume = np.empty((cols, rows, len(files)), dtype=np.float32)
+        for k, (path, ds) in enumerate(tqdm(headers, desc=f"read {folder.name}", unit="slice", leave=False,
+                                            disable=None)):
+            volume[:, :, k] = to_nifti_slice(_decode_pixels(path, ds, rows, cols))
 
     # Voxel (i, j, k) lies at P_first + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step*normal (LPS).
     dr, dc = pixel_spacing
@@ -380,7 +388,7 @@ def read_series(
     affine = np.eye(4)
     affine[:3] = _LPS_TO_RAS @ lps[:3]
     geometry = SeriesGeometry(
-        affine=affine, shape=volume.shape, spacing=(float(dc), float(dr), float(step)), files=files,
+        affine=affine, shape=(cols, rows, len(files)), spacing=(float(dc), float(dr), float(step)), files=files,
         modality=str(ds0.get("Modality", "")), series_uid=str(ds0.get("SeriesInstanceUID", "")),
         rows=rows, cols=cols,
     )
@@ -414,10 +422,9 @@ def _check_steps(files, positions, normal, tolerance, ds0) -> float:
     return step
 
 
-def _read_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
-    """Stored pixels with the modality rescale applied, float32 rows x cols."""
+def _decode_pixels(path: Path, ds: pydicom.Dataset, rows: int, cols: int) -> np.ndarray:
+    """Stored pixels of `ds` (read from `path`) with the modality rescale applied, float32 rows x cols."""
     try:
-        ds = pydicom.dcmread(path)
         arr = apply_modality_lut(ds.pixel_array, ds)
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None

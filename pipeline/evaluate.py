@@ -103,7 +103,7 @@ def _geometry(dicom_dir: Path):
     """SeriesGeometry of a DICOM series folder (cached: pred and ref PNGs often share a series)."""
     from pipeline.dicom import read_series
 
-    return read_series(dicom_dir)[1]
+    return read_series(dicom_dir, pixels=False)[1]
 
 
 def _pngs(folder: Path) -> list[Path]:
