@@ -273,8 +273,10 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         logits = slice_logits(module, item["image"], cfg.train.batch_size, device, cfg.train.amp)
         with torch.inference_mode():
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
-        pred = to_source_grid(torch.softmax(logits, 0), item["image"], inverter)
-        mask = (pred.argmax(0, keepdim=True) == 1).float()
+        # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
+        # argmax, and the same rule as infer's
+        liver = torch.softmax(logits, 0)[LIVER_LABEL:LIVER_LABEL + 1]
+        mask = (to_source_grid(liver, item["image"], inverter) >= 0.5).float()
         dice = compute_dice(mask[None], ref[None].float(), include_background=True, ignore_empty=False)
         dice_by_patient.setdefault(item["patient"], []).append(float(dice.item()))
     module.train()

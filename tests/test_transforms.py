@@ -156,20 +156,48 @@ def test_in_memory_volumes_get_the_same_preprocessing_as_files(prepared):
     assert np.allclose(np.asarray(from_memory.affine), np.asarray(from_file.affine))
 
 
-def test_in_plane_anti_aliasing_matches_monai_gaussian_smoothing_away_from_the_border():
+def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border():
     import torch
-    from monai.transforms import GaussianSmooth
+    from monai.data import MetaTensor
+    from monai.transforms import Resize
 
-    from pipeline.transforms import InPlaneAntiAliasd
+    from pipeline.transforms import InPlaneResize
 
-    img = torch.rand(1, 64, 48, 5)
-    out = InPlaneAntiAliasd("image", roi=(16, 16))({"image": img})["image"]
-    sigma = ((64 / 16 - 1) / 2, (48 / 16 - 1) / 2, 0.0)
-    ref = GaussianSmooth(sigma=sigma)(img)
-    np.testing.assert_allclose(np.asarray(out)[0, 10:-10, 10:-10], np.asarray(ref)[0, 10:-10, 10:-10], atol=1e-5)
-    assert float(out.std()) < 0.5 * float(img.std())  # it did smooth
-    same = InPlaneAntiAliasd("image", roi=(64, 48))({"image": img})["image"]  # no shrinking: untouched
-    np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
+    img = MetaTensor(torch.rand(1, 64, 48, 5), affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0])))
+    ours = InPlaneResize((16, 16))(img)
+    ref = Resize(spatial_size=(16, 16, -1), mode="bilinear", anti_aliasing=True)(img)
+    assert ours.shape == ref.shape == (1, 16, 16, 5)
+    # MONAI pads its Gaussian with zeros, ours repeats the edge: equal away from the border
+    np.testing.assert_allclose(np.asarray(ours)[0, 3:-3, 3:-3], np.asarray(ref)[0, 3:-3, 3:-3], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    plain = Resize(spatial_size=(16, 16, -1), mode="bilinear")(img)
+    assert float((ours - plain).abs().max()) > 0.05  # it did smooth before sampling
+    up = InPlaneResize((96, 80))(img)  # enlarging: plain bilinear, nothing to smooth
+    np.testing.assert_allclose(np.asarray(up), np.asarray(Resize((96, 80, -1), mode="bilinear")(img)), atol=1e-5)
+
+
+def test_in_plane_resize_is_undone_by_invertd_to_the_source_grid():
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd, Orientationd
+
+    from pipeline.transforms import InPlaneResized
+
+    affine = torch.tensor([[-0.7, 0, 0, 10.0], [0, 0.8, 0, -5.0], [0, 0, -2.5, 30.0], [0, 0, 0, 1.0]])
+    img = MetaTensor(torch.rand(1, 64, 48, 5), affine=affine)
+    pre = Compose([Orientationd("image", axcodes="RAS", labels=None), InPlaneResized("image", (16, 24))])
+    out = pre({"image": img})["image"]
+    assert out.shape == (1, 16, 24, 5)
+    pred = MetaTensor(out.as_tensor().clone(), meta=out.meta, applied_operations=out.applied_operations)
+    back = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)({"pred": pred, "image": out})["pred"]
+    assert back.shape == img.shape
+    np.testing.assert_allclose(np.asarray(back.affine), np.asarray(affine), atol=1e-5)
+    # a smooth image survives the round trip closely (down then up again)
+    x = torch.linspace(0, 1, 64)[:, None, None] * torch.linspace(0, 1, 48)[None, :, None] * torch.ones(1, 1, 5)
+    out = pre({"image": MetaTensor(x[None], affine=affine)})["image"]
+    pred = MetaTensor(out.as_tensor().clone(), meta=out.meta, applied_operations=out.applied_operations)
+    back = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)({"pred": pred, "image": out})["pred"]
+    assert float((back[0, 4:-4, 4:-4] - x[4:-4, 4:-4]).abs().max()) < 0.03
 
 
 def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
