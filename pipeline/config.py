@@ -83,6 +83,8 @@ class TrainConfig:
     flip_prob: float = 0.0  # probability of a flip, per in-plane axis (off: a flip swaps liver and spleen sides)
     rotate90_prob: float = 0.0  # probability of a random 90-degree turn (square roi only)
     affine_prob: float = 0.5  # probability of a small rotation/scale/shift
+    scale_range: float = 0.1  # zoom of the affine augmentation: factor drawn in [1 - r, 1 + r]
+    bias_field_prob: float = 0.0  # probability of a smooth multiplicative intensity field (MR coil shading)
 
 
 @dataclass
