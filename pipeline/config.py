@@ -85,6 +85,8 @@ class TrainConfig:
     affine_prob: float = 0.5  # probability of a small rotation/scale/shift
     scale_range: float = 0.1  # zoom of the affine augmentation: factor drawn in [1 - r, 1 + r]
     bias_field_prob: float = 0.0  # probability of a smooth multiplicative intensity field (MR coil shading)
+    intensity_scale: float = 0.1  # intensity scaling augmentation: factor drawn in [1 - s, 1 + s] (p 0.5)
+    histogram_shift_prob: float = 0.0  # probability of a random monotone remapping of the grey levels
 
 
 @dataclass

@@ -22,7 +22,6 @@ from pydicom.uid import (
     CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid,
 )
 
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
@@ -267,12 +266,8 @@ def from_nifti_slice(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(arr).T[::-1, :])
 
 
-def _list_headers(folder: Path, with_pixels: bool = False) -> list[tuple[Path, pydicom.Dataset]]:
-    """Datasets of the image files in `folder`; harmless non-image files are skipped with a warning.
-
-    with_pixels=False stops before the pixel data (header checks only); True keeps the pixel
-    bytes too, so each file is opened and parsed once.
-    """
+def _list_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """Headers of the image files in `folder`; harmless non-image files are skipped with a warning."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: DICOM folder not found")
     entries = sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
@@ -284,7 +279,7 @@ def _list_headers(folder: Path, with_pixels: bool = False) -> list[tuple[Path, p
             log.warning("%s: not a DICOM image, skipped", path)
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
             log.warning("%s: not a DICOM file, skipped", path)
             continue
@@ -345,7 +340,7 @@ def read_series(
     orientation or matrix size, uneven spacing (missing slices), gantry tilt, undecodable pixels.
     """
     folder = Path(folder)
-    headers = _select_series(folder, _list_headers(folder, with_pixels=pixels), series_uid)
+    headers = _select_series(folder, _list_headers(folder), series_uid)
     path0, ds0 = headers[0]
     iop0 = _float_list(ds0, "ImageOrientationPatient", path0, 6)
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -371,12 +366,7 @@ def read_series(
     step = _check_steps(files, positions, normal, spacing_tolerance, headers[0][1])
 
     pixel_spacing = _float_list(ds0, "PixelSpacing", path0, 2)  # [between rows, between columns]
-    volume = None
-    if pixels:
-        volume = np.empty((cols, rows, len(files)), dtype=np.float32)
-        for k, (path, ds) in enumerate(tqdm(headers, desc=f"read {folder.name}", unit="slice", leave=False,
-                                            disable=None)):
-            volume[:, :, k] = to_nifti_slice(_decode_pixels(path, ds, rows, cols))
+    volume = _read_pixels_in_order(files, rows, cols) if pixels else None
 
     # Voxel (i, j, k) lies at P_first + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step*normal (LPS).
     dr, dc = pixel_spacing
@@ -422,9 +412,38 @@ def _check_steps(files, positions, normal, tolerance, ds0) -> float:
     return step
 
 
-def _decode_pixels(path: Path, ds: pydicom.Dataset, rows: int, cols: int) -> np.ndarray:
-    """Stored pixels of `ds` (read from `path`) with the modality rescale applied, float32 rows x cols."""
+def _read_pixels_in_order(files: list[Path], rows: int, cols: int) -> np.ndarray:
+    """Pixels of `files` (already in slice order), modality rescale applied, float32 (cols, rows, slices).
+
+    SimpleITK (GDCM, C++) decodes a whole series several times faster than pydicom + numpy file by
+    file (512x512x78 CT: ~0.1 s vs ~0.45 s on 2 cores, bench/bench_infer.py profiles it) and also
+    reads compressed transfer syntaxes. It applies each file's rescale; it is handed our slice order,
+    and the geometry stays ours (from the pydicom headers). Where it fails, pydicom reads file by
+    file, so the error names the file.
+    """
+    import SimpleITK as sitk
+
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own spacing checks: ours come first
     try:
+        image = sitk.ReadImage([str(f) for f in files], sitk.sitkFloat32)
+        stack = sitk.GetArrayViewFromImage(image)  # (slices, rows, cols) as stored
+        if stack.shape == (len(files), rows, cols):
+            return np.ascontiguousarray(stack[:, ::-1, :].transpose(2, 1, 0))  # to_nifti_slice per slice
+    except RuntimeError:
+        pass
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    volume = np.empty((cols, rows, len(files)), dtype=np.float32)
+    for k, path in enumerate(files):
+        volume[:, :, k] = to_nifti_slice(_read_pixels(path, rows, cols))
+    return volume
+
+
+def _read_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
+    """Stored pixels with the modality rescale applied, float32 rows x cols (pydicom)."""
+    try:
+        ds = pydicom.dcmread(path)
         arr = apply_modality_lut(ds.pixel_array, ds)
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None

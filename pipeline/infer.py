@@ -184,7 +184,11 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     out = np.zeros(mask.shape, np.uint8)
     if not mask.any():
         return out
-    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+    box = []
+    for axis in range(mask.ndim):  # from the projections: np.nonzero on a CT volume took ~0.2 s
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    box = tuple(box)
     crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
     t = torch.as_tensor(crop[None])
     if largest_component:

@@ -146,6 +146,28 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path):
     np.testing.assert_array_equal(from_nifti_slice(data[:, :, 1]), vol[1])
 
 
+def test_each_file_keeps_its_own_rescale_and_the_pydicom_fallback_agrees(tmp_path, monkeypatch):
+    import pydicom
+    import SimpleITK
+    from pydicom.pixels import apply_modality_lut
+
+    paths = write_tiny(tmp_path, ramp_volume(3, 6, 5), modality="MR", rescale_slope=1.0, rescale_intercept=0.0)
+    ds = pydicom.dcmread(paths[1])
+    ds.RescaleSlope, ds.RescaleIntercept = "2.5", "-7"  # scanners may rescale every file differently
+    ds.save_as(paths[1])
+    data, geo = read_series(tmp_path)
+    for k, f in enumerate(geo.files):
+        ds = pydicom.dcmread(f)
+        np.testing.assert_allclose(from_nifti_slice(data[:, :, k]), apply_modality_lut(ds.pixel_array, ds), rtol=1e-6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no GDCM today")
+
+    monkeypatch.setattr(SimpleITK, "ReadImage", broken)  # the file-by-file pydicom path
+    fallback, _ = read_series(tmp_path)
+    np.testing.assert_array_equal(fallback, data)
+
+
 def test_stack_and_unstack_are_inverse_and_follow_file_order(tmp_path):
     vol = ramp_volume(4, 6, 5)
     paths = write_tiny(tmp_path, vol, spacing=(1, 1, -2), file_names=shuffled_names(4))
