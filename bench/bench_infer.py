@@ -5,7 +5,8 @@
 
 Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   e2e   = segment_case: DICOM read -> transforms -> fold-ensemble prediction -> inversion ->
-          post-processing -> mask NIfTI written (montage off), median seconds over repeats;
+          post-processing -> mask NIfTI written (montage off), median seconds over repeats,
+          with the median seconds of each stage beside it;
   bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
           infer.batch_size, same autocast, tensors already in memory;
   ratio = e2e / bare. Peak RSS of the process is printed at the end.
@@ -60,16 +61,23 @@ def bare_forward(run, volume: np.ndarray, affine: np.ndarray, modality: str) -> 
 def speed(run, cases, repeats: int) -> None:
     print(f"\nspeed ({len(run.models)} model(s), batch {run.cfg.infer.batch_size}, amp {run.cfg.infer.amp}, "
           f"{torch.get_num_threads()} threads)")
-    print(f"{'case':<16}{'slices':>7}{'e2e s':>9}{'bare s':>9}{'ratio':>8}")
+    stages = ("read", "preprocess", "network", "invert", "postprocess", "write")
+    print(f"{'case':<16}{'slices':>7}{'e2e s':>9}{'bare s':>9}{'ratio':>8}   " + " ".join(f"{s:>11}" for s in stages))
     ratios = {"CT": [], "MR": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for case in cases:
             volume, affine, geom = case.load()
-            e2e = statistics.median(
-                segment_case(run, case, Path(tmp))["seconds"] for _ in range(repeats))
-            bare = statistics.median(bare_forward(run, volume, affine, geom.modality) for _ in range(repeats))
-            ratios[geom.modality].append((e2e, e2e / bare))
-            print(f"{case.case:<16}{volume.shape[2]:>7}{e2e:>9.2f}{bare:>9.2f}{e2e / bare:>8.2f}")
+            e2e, bare, parts = [], [], []
+            for _ in range(repeats):  # interleaved, so both see the same machine state
+                row = segment_case(run, case, Path(tmp))
+                e2e.append(row["seconds"])
+                parts.append(row["stage_seconds"])
+                bare.append(bare_forward(run, volume, affine, geom.modality))
+            e2e_s, bare_s = statistics.median(e2e), statistics.median(bare)
+            ratios[geom.modality].append((e2e_s, e2e_s / bare_s))
+            med = {s: statistics.median(p.get(s, 0.0) for p in parts) for s in stages}
+            print(f"{case.case:<16}{volume.shape[2]:>7}{e2e_s:>9.2f}{bare_s:>9.2f}{e2e_s / bare_s:>8.2f}   "
+                  + " ".join(f"{med[s]:>11.3f}" for s in stages))
     for modality, rows in ratios.items():
         if rows:
             print(f"{modality}: median {statistics.median(r[0] for r in rows):.2f} s per series, "

@@ -12,15 +12,17 @@ import json
 import logging
 import pickle
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from pipeline.config import Config, apply_overrides, load_config
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
+from pipeline.predict import postprocess  # noqa: F401  (re-exported: infer's post-processing)
 
 log = logging.getLogger(__name__)
 
@@ -171,35 +173,26 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
 
 
 # --------------------------------------------------------------------------- prediction
-def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Binary liver mask (X, Y, Z) -> cleaned uint8 mask, with MONAI's label transforms.
+class Stages:
+    """Seconds spent per stage of one case (reported in inference.json and by bench_infer)."""
 
-    Both transforms run on the mask's bounding box plus a one-voxel background margin: components
-    and enclosed holes are the same there as in the whole volume, at a fraction of the cost
-    (a liver fills a few percent of a CT volume).
-    """
-    import torch
-    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
 
-    out = np.zeros(mask.shape, np.uint8)
-    if not mask.any():
-        return out
-    box = []
-    for axis in range(mask.ndim):  # from the projections: np.nonzero on a CT volume took ~0.2 s
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
-    box = tuple(box)
-    crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
-    t = torch.as_tensor(crop[None])
-    if largest_component:
-        t = KeepLargestConnectedComponent(applied_labels=[LIVER], connectivity=3)(t)
-    if fill_holes:
-        t = FillHoles(applied_labels=[LIVER])(t)
-    out[box] = np.asarray(t[0])[1:-1, 1:-1, 1:-1]
-    return out
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, device) -> np.ndarray:
+def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, device,
+                 stages: Stages | None = None) -> np.ndarray:
     """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
     import torch
     from monai.data import MetaTensor
@@ -208,14 +201,18 @@ def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modalit
     from pipeline.predict import predict_volume, source_grid_inverter, to_source_grid
     from pipeline.transforms import image_transforms
 
-    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
-    image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
-    data = pre({"image": image, "modality": modality})
-    probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,
-                           amp=run.cfg.infer.amp)
-    # only the liver channel is resampled back: half the work of inverting both
-    inv = to_source_grid(probs[LIVER:LIVER + 1], data["image"], source_grid_inverter(pre))
-    liver = np.asarray(inv[0], dtype=np.float32)
+    stage = stages or Stages()
+    with stage("preprocess"):
+        pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
+        image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+        data = pre({"image": image, "modality": modality})
+    with stage("network"):
+        probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,
+                               amp=run.cfg.infer.amp)
+    with stage("invert"):
+        # only the liver channel is resampled back: half the work of inverting both
+        inv = to_source_grid(probs[LIVER:LIVER + 1], data["image"], source_grid_inverter(pre))
+        liver = np.asarray(inv[0], dtype=np.float32)
     if liver.shape != volume.shape:
         raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {volume.shape}")
     return liver
@@ -265,26 +262,32 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
     from pipeline.visualize import montage
 
     t0 = time.perf_counter()
-    volume, affine, geom = case.load()
-    modality = case.modality or geom.modality
+    stage = Stages()
+    with stage("read"):
+        volume, affine, geom = case.load()
+    modality = case.modality or (geom.modality if geom is not None else "")
     if modality not in ("CT", "MR"):
         raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
-    prob = predict_case(run, volume, affine, modality, run.device)
-    mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
-    mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
-    if run.cfg.infer.save_image:
-        write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
-    if fmt == "chaos-png":
-        write_chaos_png(out_dir, case.case, mask, geom)
+    prob = predict_case(run, volume, affine, modality, run.device, stage)
+    with stage("postprocess"):
+        mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
+    with stage("write"):
+        mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
+        if run.cfg.infer.save_image:
+            write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
+        if fmt == "chaos-png":
+            write_chaos_png(out_dir, case.case, mask, geom)
     truth = case.truth(geom) if case.truth is not None else None
     if run.cfg.infer.montage:
-        montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
-                title=f"{case.case}  ({'+'.join(run.folds)})")
+        with stage("montage"):
+            montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
+                    title=f"{case.case}  ({'+'.join(run.folds)})")
     row = {"case": case.case, "mask": mask_path.name, "slices": int(volume.shape[2]),
            "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)}
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["stage_seconds"] = stage.rounded()
     return row
 
 

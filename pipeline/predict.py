@@ -9,6 +9,7 @@ import contextlib
 import logging
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from monai.inferers import SliceInferer
@@ -119,3 +120,32 @@ def to_source_grid(probs: torch.Tensor, image: torch.Tensor, inverter) -> torch.
 
     pred = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
     return inverter({"pred": pred, "image": image})["pred"]
+
+
+def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """Binary liver mask (X, Y, Z) -> cleaned uint8 mask (liver 1), with MONAI's label transforms.
+
+    What infer writes (infer.largest_component, infer.fill_holes) and what validation scores.
+
+    Both transforms run on the mask's bounding box plus a one-voxel background margin: components
+    and enclosed holes are the same there as in the whole volume, at a fraction of the cost
+    (a liver fills a few percent of a CT volume).
+    """
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    out = np.zeros(mask.shape, np.uint8)
+    if not mask.any():
+        return out
+    box = []
+    for axis in range(mask.ndim):  # from the projections: np.nonzero on a CT volume took ~0.2 s
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    box = tuple(box)
+    crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
+    t = torch.as_tensor(crop[None])
+    if largest_component:
+        t = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(t)
+    if fill_holes:
+        t = FillHoles(applied_labels=[1])(t)
+    out[box] = np.asarray(t[0])[1:-1, 1:-1, 1:-1]
+    return out

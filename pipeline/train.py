@@ -38,8 +38,8 @@ from pipeline.config import Config, config_from_dict, config_to_dict, save_confi
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
 from pipeline.model import build_loss, build_model
-from pipeline.predict import (autocast_context, plain, resolve_device, slice_logits, source_grid_inverter,
-                              to_source_grid)
+from pipeline.predict import (autocast_context, plain, postprocess, resolve_device, slice_logits,
+                              source_grid_inverter, to_source_grid)
 from pipeline.transforms import LIVER_LABEL, ORIENTATION, deterministic_transforms, random_transforms
 
 log = logging.getLogger(__name__)
@@ -257,18 +257,20 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
 
 
 def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss_fn, cfg: Config,
-             device) -> tuple[float, dict[str, float]]:
-    """(mean val loss, Dice per patient) on whole held-out volumes.
+             device) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(mean val loss, Dice per patient, raw Dice per patient) on whole held-out volumes.
 
-    Every slice is predicted (SliceInferer), the probabilities are mapped back to the source voxel
-    grid by inverting the resize and reorientation (Invertd), and Dice is computed in 3D there
-    against the untouched label; a patient's Dice is the mean over its cases.
+    Every slice is predicted (SliceInferer), the liver probability is mapped back to the source
+    voxel grid by inverting the resize and reorientation (Invertd), and Dice is computed in 3D there
+    against the untouched label; a patient's Dice is the mean over its cases. The Dice that counts
+    (best checkpoint, CV summary) is that of the mask `infer` would write, i.e. after the
+    post-processing of the config's infer section; the raw thresholded mask's Dice is kept beside it.
     """
     from monai.metrics import compute_dice
 
     module = model.module if hasattr(model, "module") else model
     module.eval()
-    losses, dice_by_patient = [], {}
+    losses, dice_by_patient, raw_by_patient = [], {}, {}
     for item, ref in zip(val_items, refs):
         logits = slice_logits(module, item["image"], cfg.train.batch_size, device, cfg.train.amp)
         with torch.inference_mode():
@@ -276,18 +278,23 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
         # argmax, and the same rule as infer's
         liver = torch.softmax(logits, 0)[LIVER_LABEL:LIVER_LABEL + 1]
-        mask = (to_source_grid(liver, item["image"], inverter) >= 0.5).float()
-        dice = compute_dice(mask[None], ref[None].float(), include_background=True, ignore_empty=False)
-        dice_by_patient.setdefault(item["patient"], []).append(float(dice.item()))
+        raw = np.asarray(to_source_grid(liver, item["image"], inverter)[0]) >= 0.5
+        cleaned = postprocess(raw, cfg.infer.largest_component, cfg.infer.fill_holes)
+        truth = ref[None].float()
+        for masks, by_patient in ((raw, raw_by_patient), (cleaned, dice_by_patient)):
+            pred = torch.as_tensor(np.asarray(masks, dtype=np.float32))[None, None]
+            dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)
+            by_patient.setdefault(item["patient"], []).append(float(dice.item()))
     module.train()
-    return float(np.mean(losses)), {p: float(np.mean(d)) for p, d in dice_by_patient.items()}
+    mean = {p: float(np.mean(d)) for p, d in dice_by_patient.items()}
+    return float(np.mean(losses)), mean, {p: float(np.mean(d)) for p, d in raw_by_patient.items()}
 
 
 # ----------------------------------------------------------------------------- outputs
 
 def write_metrics(path: Path, rows: list[dict], patients: list[str]) -> None:
     columns = ["epoch", "train_loss", "val_loss", "val_dice_mean", *[f"val_dice_{p}" for p in patients],
-               "lr", "epoch_time_s"]
+               "val_raw_dice_mean", "lr", "epoch_time_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -436,8 +443,9 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": state.scheduler.get_last_lr()[0]}
             dd.barrier()
             if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
-                val_loss, dice = validate(state.model, val_items, refs, inverter, loss_fn, cfg, device)
-                row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6)}
+                val_loss, dice, raw = validate(state.model, val_items, refs, inverter, loss_fn, cfg, device)
+                row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
+                        "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6)}
                 row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}
             dd.barrier()
             row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
@@ -462,7 +470,8 @@ def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patie
         save_checkpoint(fold_dir / "best.pt", state, cfg)
     save_checkpoint(fold_dir / "last.pt", state, cfg)
     write_metrics(fold_dir / "metrics.csv", state.history, patients)
-    val = "" if dice is None else f"  val loss {row['val_loss']:.4f}  val Dice {dice:.4f}"
+    val = "" if dice is None else (f"  val loss {row['val_loss']:.4f}  val Dice {dice:.4f}"
+                                    f" (raw {row['val_raw_dice_mean']:.4f})")
     log.info("epoch %3d/%d  train loss %.4f%s  lr %.2e  %.1fs  (best %.4f @ %d)", state.epoch, cfg.train.epochs,
              row["train_loss"], val, row["lr"], row["epoch_time_s"], state.best_dice, state.best_epoch)
 

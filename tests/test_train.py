@@ -62,7 +62,7 @@ def test_tiny_run_decreases_the_loss_and_writes_every_artefact(straight_run):
     rows = read_metrics(fold_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert {"val_loss", "val_dice_mean", "val_dice_MR_1", "val_dice_CT_2", "lr", "epoch_time_s"} <= set(rows[0])
+    assert {"val_loss", "val_dice_mean", "val_raw_dice_mean", "val_dice_MR_1", "val_dice_CT_2", "lr", "epoch_time_s"} <= set(rows[0])
     assert 0.0 <= results[0].dice_best["MR_1"] <= 1.0
     log_text = (fold_dir / "train.log").read_text()
     assert "AdamW" in log_text and log_text.count("train loss") == 3
