@@ -68,13 +68,13 @@ class TrainConfig:
     liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
-    epochs: int = 150  # epochs per fold
+    epochs: int = 240  # epochs per fold
     lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: int = 2  # linear warm-up before the decay
     schedule: str = "cosine"  # decay after warm-up: cosine | poly
     loss: str = "dice_ce"  # dice_ce | dice_focal | bce
-    val_every: int = 2  # validate every N epochs
+    val_every: int = 4  # validate every N epochs
     amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: CUDA AMP on GPU, float32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader workers
@@ -83,10 +83,10 @@ class TrainConfig:
     flip_prob: float = 0.0  # probability of a flip, per in-plane axis (off: a flip swaps liver and spleen sides)
     rotate90_prob: float = 0.0  # probability of a random 90-degree turn (square roi only)
     affine_prob: float = 0.5  # probability of a small rotation/scale/shift
-    scale_range: float = 0.1  # zoom of the affine augmentation: factor drawn in [1 - r, 1 + r]
-    bias_field_prob: float = 0.0  # probability of a smooth multiplicative intensity field (MR coil shading)
-    intensity_scale: float = 0.1  # intensity scaling augmentation: factor drawn in [1 - s, 1 + s] (p 0.5)
-    histogram_shift_prob: float = 0.0  # probability of a random monotone remapping of the grey levels
+    scale_range: float = 0.2  # zoom of the affine augmentation: factor drawn in [1 - r, 1 + r]
+    bias_field_prob: float = 0.3  # probability of a smooth multiplicative intensity field (MR coil shading)
+    intensity_scale: float = 0.3  # intensity scaling augmentation: factor drawn in [1 - s, 1 + s] (p 0.5)
+    histogram_shift_prob: float = 0.3  # probability of a random monotone remapping of the grey levels
 
 
 @dataclass
