@@ -142,3 +142,35 @@ def test_a_missing_datalist_is_an_error_naming_it(tmp_path):
 def test_batch_size_must_hold_whole_volume_draws(data_dir, tmp_path):
     with pytest.raises(PipelineError, match="train.batch_size"):
         run_training(data_dir, tmp_path, "0", tiny_config("train.batch_size=6"))
+
+
+class _BlockAndIsland(torch.nn.Module):
+    """Liver logits high in a central block and in a small corner island, on every slice."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        logits[:, 0] = 10.0  # background everywhere else
+        logits[:, 1, 8:24, 8:24] = 20.0
+        logits[:, 1, 0:3, 0:3] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("cleaned", [True, False])
+def test_validation_scores_the_mask_that_infer_would_write(data_dir, cleaned):
+    from pipeline.model import build_loss
+
+    flags = "true" if cleaned else "false"
+    cfg = tiny_config(f"infer.largest_component={flags}", f"infer.fill_holes={flags}")
+    entries, _, _ = train_mod.load_datalist(data_dir)
+    train, val = train_mod.split_fold(entries, 0, data_dir)
+    *_, val_items, refs, val_tf = train_mod.build_loaders(cfg, train, val, train_mod.Dist())
+    inverter = train_mod.source_grid_inverter(val_tf)
+    _, dice, raw = train_mod.validate(_BlockAndIsland(), val_items, refs, inverter, build_loss(cfg.train), cfg,
+                                      torch.device("cpu"))
+    assert set(dice) == set(raw) == {"CT_2", "MR_1", "MR_3"}
+    for patient in dice:
+        assert 0.0 < raw[patient] < 1.0
+        if cleaned:  # the corner island is a false positive that the largest component drops
+            assert dice[patient] > raw[patient]
+        else:
+            assert dice[patient] == raw[patient]
