@@ -87,6 +87,7 @@ class TrainConfig:
     bias_field_prob: float = 0.3  # probability of a smooth multiplicative intensity field (MR coil shading)
     intensity_scale: float = 0.3  # intensity scaling augmentation: factor drawn in [1 - s, 1 + s] (p 0.5)
     histogram_shift_prob: float = 0.3  # probability of a random monotone remapping of the grey levels
+    ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved (0 = off)
 
 
 @dataclass

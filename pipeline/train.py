@@ -191,17 +191,31 @@ class FoldState:
     best_dice: float = -1.0
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+    ema: nn.Module | None = None  # torch AveragedModel of the weights (train.ema_decay > 0)
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained network without its DDP wrapper."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved as the checkpoint's "model": the weight average when kept."""
+        return self.ema.module if self.ema is not None else self.module
 
 
 def save_checkpoint(path: Path, state: FoldState, cfg: Config) -> None:
     """Weights + optimizer + scheduler + counters + RNG + config, written atomically."""
-    module = state.model.module if hasattr(state.model, "module") else state.model
     payload = {
-        "model": module.state_dict(), "optimizer": state.optimizer.state_dict(),
+        # "model" holds the weights to predict with (infer loads it); with a weight average, the
+        # raw weights and the average's state are kept too, so that --resume continues both
+        "model": state.eval_model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "best_dice": state.best_dice,
         "best_epoch": state.best_epoch, "history": state.history, "rng": rng_state(),
         "config": config_to_dict(cfg),
     }
+    if state.ema is not None:
+        payload |= {"train_model": state.module.state_dict(), "ema": state.ema.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -212,8 +226,11 @@ def load_checkpoint(path: Path, state: FoldState) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise PipelineError(f"{path}: cannot load checkpoint ({exc})") from None
-    module = state.model.module if hasattr(state.model, "module") else state.model
-    module.load_state_dict(ckpt["model"])
+    if state.ema is not None and "ema" in ckpt:
+        state.module.load_state_dict(ckpt["train_model"])
+        state.ema.load_state_dict(ckpt["ema"])
+    else:
+        state.module.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch, state.best_dice, state.best_epoch = ckpt["epoch"], ckpt["best_dice"], ckpt["best_epoch"]
@@ -251,6 +268,8 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
         scaler.step(state.optimizer)
         scaler.update()
         state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.module)
         total, n = total + float(loss.item()), n + 1
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(1, n)
@@ -393,7 +412,15 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup, total, cfg.train.schedule))
-    return FoldState(model, optimizer, scheduler)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        if not cfg.train.ema_decay < 1:
+            raise PipelineError(f"config train.ema_decay: expected a value in [0, 1), got {cfg.train.ema_decay}")
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        module = model.module if hasattr(model, "module") else model
+        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    return FoldState(model, optimizer, scheduler, ema=ema)
 
 
 @dataclass
@@ -443,7 +470,7 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": state.scheduler.get_last_lr()[0]}
             dd.barrier()
             if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
-                val_loss, dice, raw = validate(state.model, val_items, refs, inverter, loss_fn, cfg, device)
+                val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
                         "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6)}
                 row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}

@@ -174,3 +174,30 @@ def test_validation_scores_the_mask_that_infer_would_write(data_dir, cleaned):
             assert dice[patient] > raw[patient]
         else:
             assert dice[patient] == raw[patient]
+
+
+def test_weight_average_is_validated_saved_and_resumed_exactly(data_dir, tmp_path, monkeypatch):
+    cfg = tiny_config("train.ema_decay=0.9")
+    straight = tmp_path / "straight"
+    run_training(data_dir, straight, "0", cfg)
+    last = torch.load(straight / "fold_0" / "last.pt", map_location="cpu", weights_only=True)
+    assert {"model", "train_model", "ema"} <= set(last)
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(last["model"])
+    assert all(torch.equal(averaged[k], last["model"][k]) for k in averaged)  # "model" is the average
+    assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
+
+    finish = train_mod.finish_epoch
+
+    def killed_after_epoch_2(fold_dir, state, *args):
+        finish(fold_dir, state, *args)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(data_dir, tmp_path / "resumed", "0", cfg)
+    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    run_training(data_dir, tmp_path / "resumed", "0", cfg, resume=True)
+    assert without_times(read_metrics(tmp_path / "resumed" / "fold_0")) == without_times(
+        read_metrics(straight / "fold_0"))
