@@ -131,7 +131,7 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     and enclosed holes are the same there as in the whole volume, at a fraction of the cost
     (a liver fills a few percent of a CT volume).
     """
-    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    from monai.transforms import KeepLargestConnectedComponent
 
     out = np.zeros(mask.shape, np.uint8)
     if not mask.any():
@@ -145,7 +145,15 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     t = torch.as_tensor(crop[None])
     if largest_component:
         t = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(t)
+    crop = np.asarray(t[0], dtype=np.uint8)
     if fill_holes:
-        t = FillHoles(applied_labels=[1])(t)
-    out[box] = np.asarray(t[0])[1:-1, 1:-1, 1:-1]
+        # MONAI's FillHoles (full connectivity) marks the background reachable from outside by
+        # iterated binary dilation, ~0.3 s on a CT liver's box; one labelling of the background does
+        # the same in ~0.05 s: with the one-voxel margin, the outside is the component at the corner.
+        # The result equals MONAI's (tests/test_infer.py compares them).
+        from scipy import ndimage
+
+        background, _ = ndimage.label(crop == 0, structure=np.ones((3,) * crop.ndim, bool))
+        crop = np.where((background > 0) & (background != background[(0,) * crop.ndim]), 1, crop).astype(np.uint8)
+    out[box] = crop[1:-1, 1:-1, 1:-1]
     return out

@@ -188,11 +188,20 @@ def test_postprocess_on_the_bounding_box_equals_monai_on_the_whole_volume():
     from monai.transforms import FillHoles, KeepLargestConnectedComponent
     from scipy.ndimage import binary_dilation
 
-    rng = np.random.default_rng(3)
-    mask = binary_dilation(rng.random((30, 28, 12)) > 0.93, iterations=1)  # blobs, holes, islands, edge contact
-    full = torch.as_tensor(mask[None].astype(np.uint8))
-    full = FillHoles(applied_labels=[1])(KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(full))
-    np.testing.assert_array_equal(postprocess(mask, True, True), np.asarray(full[0]))
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        mask = binary_dilation(rng.random((30, 28, 12)) > 0.93, iterations=1)  # blobs, holes, islands, edge contact
+        def fresh():  # MONAI's label transforms may write into their input
+            return torch.as_tensor(mask[None].astype(np.uint8))
+
+        largest = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(fresh())
+        np.testing.assert_array_equal(postprocess(mask, True, False), np.asarray(largest[0]))
+        np.testing.assert_array_equal(postprocess(mask, True, True), np.asarray(FillHoles(applied_labels=[1])(largest)[0]))
+        np.testing.assert_array_equal(postprocess(mask, False, True), np.asarray(FillHoles(applied_labels=[1])(fresh())[0]))
+    shell = np.zeros((12, 12, 12), bool)
+    shell[2:10, 2:10, 2:10] = True
+    shell[4:8, 4:8, 4:8] = False  # an enclosed cavity
+    assert postprocess(shell, False, True).sum() == 8 ** 3
     assert postprocess(np.zeros((4, 4, 4), bool), True, True).sum() == 0
 
 
