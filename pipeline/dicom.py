@@ -429,12 +429,14 @@ def _read_pixels_in_order(files: list[Path], rows: int, cols: int) -> np.ndarray
         image = sitk.ReadImage([str(f) for f in files], sitk.sitkFloat32)
         stack = sitk.GetArrayViewFromImage(image)  # (slices, rows, cols) as stored
         if stack.shape == (len(files), rows, cols):
-            return np.ascontiguousarray(stack[:, ::-1, :].transpose(2, 1, 0))  # to_nifti_slice per slice
+            # to_nifti_slice per slice; the (X, Y, Z) result is a view of the C-ordered (Z, Y, X) copy,
+            # i.e. Fortran-ordered like NIfTI on disk: no transposing copy here or in nibabel's writer
+            return np.ascontiguousarray(stack[:, ::-1, :]).transpose(2, 1, 0)
     except RuntimeError:
         pass
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
-    volume = np.empty((cols, rows, len(files)), dtype=np.float32)
+    volume = np.empty((cols, rows, len(files)), dtype=np.float32, order="F")
     for k, path in enumerate(files):
         volume[:, :, k] = to_nifti_slice(_read_pixels(path, rows, cols))
     return volume

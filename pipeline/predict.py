@@ -12,7 +12,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from monai.inferers import SliceInferer
 
 from pipeline.errors import PipelineError
 
@@ -68,18 +67,22 @@ def plain(tensor: torch.Tensor) -> torch.Tensor:
 
 def slice_logits(model: nn.Module, image: torch.Tensor, batch_size: int, device: torch.device,
                  amp: str = "off") -> torch.Tensor:
-    """Logits of every axial slice: image (1, H, W, D) -> float32 (C, H, W, D) on the CPU.
+    """Logits of every axial slice: image (C, H, W, D) -> float32 (K, H, W, D) on the CPU.
 
+    The slices go through the network as batches of `batch_size`. MONAI's SliceInferer gives the
+    same numbers (tests/test_infer.py checks it) but runs its sliding-window machinery per slice;
+    with the window equal to the whole slice that aggregation is an identity, and it cost a third
+    on top of the forward passes (real CT, 78 slices, 5 models, bf16: 0.99 s vs 0.75 s).
     The caller sets eval/train mode; this only runs the slices through the model.
     """
     if image.ndim != 4:
         raise PipelineError(f"predict: expected an image of shape (C, H, W, D), got {tuple(image.shape)}")
-    inferer = SliceInferer(roi_size=tuple(image.shape[1:3]), sw_batch_size=batch_size, spatial_dim=2,
-                           progress=False)
-    x = plain(image).unsqueeze(0).to(device)  # (B=1, 1, H, W, D)
+    slices = plain(image).permute(3, 0, 1, 2)  # (D, C, H, W): the slices as a batch
+    outputs = []
     with torch.inference_mode(), autocast_context(device, amp):
-        logits = inferer(x, model)
-    return logits[0].float().cpu()
+        for start in range(0, slices.shape[0], batch_size):
+            outputs.append(model(slices[start:start + batch_size].contiguous().to(device)).float().cpu())
+    return torch.cat(outputs).permute(1, 2, 3, 0)
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,

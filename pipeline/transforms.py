@@ -162,6 +162,11 @@ class InPlaneResize(Resize):
         x = img.as_tensor().float()  # (C, H, W, Z)
         c, h, w, z = x.shape
         m0, m1 = self.axis_matrix(h, self.roi[0]), self.axis_matrix(w, self.roi[1])
+        if x.permute(0, 3, 2, 1).is_contiguous():
+            # Fortran-ordered in plane, as read from DICOM/NIfTI: work on the (C, Z, W, H) view
+            # rather than paying for a transposing copy
+            y = torch.matmul(m1, torch.matmul(x.permute(0, 3, 2, 1), m0.T))  # (C, Z, roi1, roi0)
+            return MetaTensor(y.permute(0, 3, 2, 1).contiguous()).copy_meta_from(meta)
         y = torch.matmul(m0, x.reshape(c, h, w * z)).reshape(c, self.roi[0], w, z)
         y = torch.matmul(m1, y)  # (b, w) @ (..., w, z) -> (C, roi0, roi1, Z)
         return MetaTensor(y.contiguous()).copy_meta_from(meta)

@@ -218,3 +218,19 @@ def test_a_2p5d_model_gets_its_neighbour_slices_and_keeps_the_series_grid(tmp_pa
     img = nib.load(str(tmp_path / "out" / "s_liver.nii.gz"))
     assert img.shape == volume.shape
     np.testing.assert_allclose(img.affine, geom.affine, atol=1e-4)
+
+
+def test_slice_logits_equal_monai_slice_inferer():
+    from monai.inferers import SliceInferer
+    from monai.networks.nets import UNet
+
+    from pipeline.predict import slice_logits
+
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,)).eval()
+    image = torch.rand(1, 24, 20, 7)
+    ours = slice_logits(model, image, batch_size=3, device=torch.device("cpu"))
+    with torch.inference_mode():
+        ref = SliceInferer(roi_size=(24, 20), sw_batch_size=3, spatial_dim=2)(image[None], model)[0]
+    assert ours.shape == (2, 24, 20, 7)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

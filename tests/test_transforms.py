@@ -172,6 +172,8 @@ def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border(
     np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
     plain = Resize(spatial_size=(16, 16, -1), mode="bilinear")(img)
     assert float((ours - plain).abs().max()) > 0.05  # it did smooth before sampling
+    fortran = MetaTensor(torch.as_tensor(np.asfortranarray(np.asarray(img[0]))[None]), affine=img.affine)
+    np.testing.assert_allclose(np.asarray(InPlaneResize((16, 16))(fortran)), np.asarray(ours), atol=1e-6)  # layout
     up = InPlaneResize((96, 80))(img)  # enlarging: plain bilinear, nothing to smooth
     np.testing.assert_allclose(np.asarray(up), np.asarray(Resize((96, 80, -1), mode="bilinear")(img)), atol=1e-5)
 
