@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Training-loop speed vs the bare model step, side by side, on prepared (real) data.
 
-    python bench/bench_train.py --data /tmp/real_prep [--fold 0] [--steps 30] [--set train.amp=bf16 ...]
+    python bench/bench_train.py --data /tmp/real_prep [--fold 0] [--epochs 8] [--set train.amp=bf16 ...]
 
-Alternates one full loop step (next batch from the cached MONAI dataset + random transforms,
-then forward/backward/AdamW) with one bare step (the same model, loss and optimizer on a batch
-made once) so that both see the same machine load, and prints the median slices/s of each and
-their ratio (target >= 0.9). Also times the bare step under every amp mode and prints the peak
+Alternates one training epoch as the trainer runs it (batches from the cached MONAI dataset
+through the random transforms, prepared by the loader's background thread, then forward/backward/
+AdamW) with as many bare steps (the same model, loss and optimizer on a batch made once), so that
+both see the same machine load, and prints the median slices/s of each and their ratio (target
+>= 0.9). Also times the bare step under every amp mode and prints the peak
 resident memory (ru_maxrss) of a fold's cached training + validation volumes plus training.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="prepared folder (datalist.json)")
     ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
+    ap.add_argument("--epochs", type=int, default=8, help="timed epochs (and as many bare steps each)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -64,40 +65,36 @@ def main() -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     loss_fn = build_loss(cfg.train)
 
-    batches = iter(loader)
-
-    def next_batch():
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            return next(batches)
-
-    first = next_batch()
+    first = next(iter(loader))
     fixed_image, fixed_label = plain(first["image"]).to(device), plain(first["label"]).to(device)
     n = fixed_image.shape[0]
 
-    def loop_step():
-        batch = next_batch()
-        image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
-        step(model, optimizer, loss_fn, image, label, device, cfg.train.amp)
-        return image.shape[0]
+    def loop_epoch() -> tuple[int, int]:
+        """One epoch as train_one_epoch runs it (a fresh iterator, so the loader's background
+        thread only gets the time of the loop itself); returns (slices, steps)."""
+        slices = steps = 0
+        for batch in loader:
+            image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
+            step(model, optimizer, loss_fn, image, label, device, cfg.train.amp)
+            slices, steps = slices + image.shape[0], steps + 1
+        return slices, steps
 
-    for _ in range(3):  # warm-up: allocator, oneDNN kernels
-        loop_step()
-        step(model, optimizer, loss_fn, fixed_image, fixed_label, device, cfg.train.amp)
+    def bare_steps(k: int) -> None:
+        for _ in range(k):
+            step(model, optimizer, loss_fn, fixed_image, fixed_label, device, cfg.train.amp)
+
+    loop_epoch()  # warm-up: allocator, oneDNN kernels
+    bare_steps(3)
     loop_rate, bare_rate = [], []
-    for _ in range(args.steps):
+    for _ in range(args.epochs):  # whole epochs and as many bare steps, alternating
         t = time.perf_counter()
-        k = loop_step()
-        loop_rate.append(k / (time.perf_counter() - t))
-        bare_rate.append(n / timed(lambda: step(model, optimizer, loss_fn, fixed_image, fixed_label, device,
-                                                cfg.train.amp)))
+        slices, steps = loop_epoch()
+        loop_rate.append(slices / (time.perf_counter() - t))
+        bare_rate.append(steps * n / timed(lambda: bare_steps(steps)))
     amp_rates = {}
     for amp in ("off", "bf16"):
         times = [timed(lambda: step(model, optimizer, loss_fn, fixed_image, fixed_label, device, amp))
-                 for _ in range(max(5, args.steps // 3))]
+                 for _ in range(10)]
         amp_rates[amp] = n / statistics.median(times)
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
