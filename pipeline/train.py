@@ -279,9 +279,10 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
              device) -> tuple[float, dict[str, float], dict[str, float]]:
     """(mean val loss, Dice per patient, raw Dice per patient) on whole held-out volumes.
 
-    Every slice is predicted (batched slices, as SliceInferer would), the liver probability is mapped back to the source
-    voxel grid by inverting the resize and reorientation (Invertd), and Dice is computed in 3D there
-    against the untouched label; a patient's Dice is the mean over its cases. The Dice that counts
+    Every slice is predicted (slices batched, as SliceInferer would), the liver probability is mapped
+    back to the source voxel grid by inverting the resize and reorientation (Invertd), and Dice is
+    computed in 3D there against the untouched label; a patient's Dice is the mean over its cases.
+    The Dice that counts
     (best checkpoint, CV summary) is that of the mask `infer` would write, i.e. after the
     post-processing of the config's infer section; the raw thresholded mask's Dice is kept beside it.
     """
