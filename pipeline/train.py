@@ -282,9 +282,8 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     Every slice is predicted (slices batched, as SliceInferer would), the liver probability is mapped
     back to the source voxel grid by inverting the resize and reorientation (Invertd), and Dice is
     computed in 3D there against the untouched label; a patient's Dice is the mean over its cases.
-    The Dice that counts
-    (best checkpoint, CV summary) is that of the mask `infer` would write, i.e. after the
-    post-processing of the config's infer section; the raw thresholded mask's Dice is kept beside it.
+    The Dice that counts (best checkpoint, CV summary) is that of the mask `infer` would write, i.e.
+    after the post-processing of the config's infer section; the raw mask's Dice is kept beside it.
     """
     from monai.metrics import compute_dice
 
