@@ -287,11 +287,10 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     """
     from monai.metrics import compute_dice
 
-    module = model.module if hasattr(model, "module") else model
-    module.eval()
+    model.eval()  # the bare network (FoldState.eval_model): no DDP wrapper on the validating rank
     losses, dice_by_patient, raw_by_patient = [], {}, {}
     for item, ref in zip(val_items, refs):
-        logits = slice_logits(module, item["image"], cfg.train.batch_size, device, cfg.train.amp)
+        logits = slice_logits(model, item["image"], cfg.train.batch_size, device, cfg.train.amp)
         with torch.inference_mode():
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
@@ -304,7 +303,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             pred = torch.as_tensor(np.asarray(masks, dtype=np.float32))[None, None]
             dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)
             by_patient.setdefault(item["patient"], []).append(float(dice.item()))
-    module.train()
+    model.train()
     mean = {p: float(np.mean(d)) for p, d in dice_by_patient.items()}
     return float(np.mean(losses)), mean, {p: float(np.mean(d)) for p, d in raw_by_patient.items()}
 
@@ -412,15 +411,15 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup, total, cfg.train.schedule))
-    ema = None
+    state = FoldState(model, optimizer, scheduler)
     if cfg.train.ema_decay > 0:
         if not cfg.train.ema_decay < 1:
             raise PipelineError(f"config train.ema_decay: expected a value in [0, 1), got {cfg.train.ema_decay}")
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        module = model.module if hasattr(model, "module") else model
-        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-    return FoldState(model, optimizer, scheduler, ema=ema)
+        state.ema = AveragedModel(state.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                  use_buffers=True)
+    return state
 
 
 @dataclass
