@@ -28,6 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_loss, build_model  # noqa: E402
 from pipeline.predict import autocast_context, plain, resolve_device  # noqa: E402
 from pipeline.train import Dist, build_loaders, load_datalist, split_fold  # noqa: E402
+from pipeline.transforms import without_metadata  # noqa: E402
 
 
 def step(model, optimizer, loss_fn, image, label, device, amp) -> None:
@@ -73,10 +74,11 @@ def main() -> int:
         """One epoch as train_one_epoch runs it (a fresh iterator, so the loader's background
         thread only gets the time of the loop itself); returns (slices, steps)."""
         slices = steps = 0
-        for batch in loader:
-            image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
-            step(model, optimizer, loss_fn, image, label, device, cfg.train.amp)
-            slices, steps = slices + image.shape[0], steps + 1
+        with without_metadata():
+            for batch in loader:
+                image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
+                step(model, optimizer, loss_fn, image, label, device, cfg.train.amp)
+                slices, steps = slices + image.shape[0], steps + 1
         return slices, steps
 
     def bare_steps(k: int) -> None:

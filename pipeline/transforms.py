@@ -17,7 +17,8 @@ After `random_transforms`: a list of `slices_per_volume` dicts, each "image"/"la
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -272,6 +273,27 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     return chain
 
 
+@contextmanager
+def without_metadata() -> Iterator[None]:
+    """Run MONAI transforms on plain tensors (for the random training chain).
+
+    MONAI re-wraps every output as a MetaTensor while the global `track_meta` flag is on, even
+    when its input was a plain tensor, so converting once (EnsureTyped(track_meta=False)) is not
+    enough. With the flag off the random chain costs 1.5 instead of 3.3 ms per 160x160 slice on one
+    core (measured on the real T2-SPIR fold 0; RandCropByPosNegLabeld 0.67 -> 0.16 ms,
+    RandAffined 1.34 -> 0.82 ms). The flag is process-global: the caller must not run
+    metadata-dependent transforms (validation, Invertd) inside this block.
+    """
+    from monai.data import get_track_meta, set_track_meta
+
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
 def random_transforms(cfg: TrainConfig) -> list[Transform]:
     """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
 
@@ -284,8 +306,8 @@ def random_transforms(cfg: TrainConfig) -> list[Transform]:
         raise PipelineError(f"config train.liver_slice_ratio: expected a value in [0, 1], got {ratio}")
     square = cfg.roi_size[0] == cfg.roi_size[1]
     chain: list[Transform] = [
-        # Training slices need no metadata, and MetaTensor bookkeeping doubled the cost of this
-        # chain; dropping it here (still deterministic, so cached) leaves plain tensors.
+        # Training slices need no metadata: plain tensors from here on (deterministic, so cached);
+        # iterate under `without_metadata()` or MONAI wraps every output again.
         EnsureTyped((*keys, _FG, _BG), data_type="tensor", track_meta=False),
         # (-1, -1, 1): a whole slice; pos/neg weights give the liver / non-liver slice ratio
         # (indices from SliceIndicesd, one per slice).
