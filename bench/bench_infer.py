@@ -10,6 +10,9 @@ Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
           infer.batch_size, same autocast, tensors already in memory;
   ratio = e2e / bare. Peak RSS of the process is printed at the end.
+Throughput: the same series as one `infer` run (segment_cases), serial and with infer.overlap
+(the next case read and the previous one written in threads while the network runs), alternated
+with the bare forward passes of all series; seconds per series = wall time / series.
 Quality (when the run has fold_<k>/split.json): every validation patient is segmented by its own
 fold's model, and Dice is reported with/without post-processing and with amp off vs bf16, so the
 defaults (infer.largest_component, infer.fill_holes, infer.amp) can be checked on held-out data.
@@ -31,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.infer import LIVER, _chaos_case, load_run, postprocess, predict_case, segment_case  # noqa: E402
+from pipeline.infer import (LIVER, _chaos_case, load_run, postprocess, predict_case, segment_case,  # noqa: E402
+                            segment_cases)
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.predict import autocast_context, plain  # noqa: E402
 
@@ -84,6 +88,28 @@ def speed(run, cases, repeats: int) -> None:
                   f"median ratio e2e/bare {statistics.median(r[1] for r in rows):.2f}")
 
 
+def throughput(run, cases, repeats: int) -> None:
+    loaded = [case.load() for case in cases]
+    n_ct = sum(geom.modality == "CT" for _, _, geom in loaded)
+    print(f"\nthroughput: {len(cases)} series ({n_ct} CT) as one infer run, {repeats} repeats, medians")
+    walls: dict[str, list[float]] = {"serial": [], "overlap": []}
+    bare: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for _ in range(repeats):
+            for mode in walls:
+                run.cfg.infer.overlap = mode == "overlap"
+                t0 = time.perf_counter()
+                segment_cases(run, cases, Path(tmp))
+                walls[mode].append(time.perf_counter() - t0)
+            bare.append(sum(bare_forward(run, v, a, g.modality) for v, a, g in loaded))
+    bare_s = statistics.median(bare) / len(cases)
+    print(f"{'':24}{'s per series':>14}{'ratio to bare':>15}")
+    print(f"{'bare forward':<24}{bare_s:>14.3f}{1.0:>15.2f}")
+    for mode, w in walls.items():
+        per = statistics.median(w) / len(cases)
+        print(f"{'infer, ' + mode:<24}{per:>14.3f}{per / bare_s:>15.2f}")
+
+
 def quality(run_dir: Path, data: Path) -> None:
     splits = sorted(run_dir.glob("fold_*/split.json"))
     if not splits:
@@ -111,7 +137,7 @@ def quality(run_dir: Path, data: Path) -> None:
                         runs[(fold, amp)] = load_run(run_dir, fold, [f"infer.amp={amp}"])
                     run = runs[(fold, amp)]
                     with torch.inference_mode():
-                        probs[amp] = predict_case(run, volume, affine, geom.modality, run.device)
+                        probs[amp] = predict_case(run, volume, affine, geom.modality)
                 mask = postprocess(probs[amp] >= 0.5, lcc, fill)
                 d = dice(mask == LIVER, truth)
                 table[name].append(d)
@@ -127,6 +153,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-mr", type=int, default=4, help="MR series in the speed table")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the speed part, e.g. infer.amp=bf16")
     args = ap.parse_args()
@@ -136,6 +163,8 @@ def main() -> None:
     sources = find_cases(args.data)
     picked = [s for s in sources if s.modality == "CT"] + [s for s in sources if s.modality == "MR"][: args.max_mr]
     speed(run, [_chaos_case(s) for s in picked], args.repeats)
+    if not args.no_throughput:
+        throughput(run, [_chaos_case(s) for s in sources], args.repeats)
     if not args.no_quality:
         quality(args.run, args.data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -81,8 +81,11 @@ def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[st
         image, label = base / e["image"], base / e["label"]
 
         def load(image=image):
-            img = nib.load(str(image))
-            return np.asarray(img.dataobj, dtype=np.float32), img.affine, None
+            try:
+                img = nib.load(str(image))
+                return np.asarray(img.dataobj, dtype=np.float32), img.affine, None
+            except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+                raise PipelineError(f"{image}: cannot read NIfTI ({exc})") from None
 
         def truth(_geom, label=label):
             return np.asarray(nib.load(str(label)).dataobj) == LIVER
@@ -191,33 +194,78 @@ class Stages:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, device,
-                 stages: Stages | None = None) -> np.ndarray:
-    """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
+@dataclass
+class PreparedCase:
+    """A case read from disk and put through the run's deterministic transforms."""
+
+    case: InferCase
+    volume: np.ndarray  # (X, Y, Z) float32, source grid
+    affine: np.ndarray
+    geom: object  # SeriesGeometry, or None for NIfTI input
+    modality: str
+    transform: object  # the Compose that made `image` (Invertd needs this very instance)
+    image: object  # MetaTensor (C, H, W, Z) on the model's grid
+    stages: Stages
+    started: float  # perf_counter when reading began
+
+
+def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str):
+    """(Compose, image MetaTensor) of `volume` through the run's deterministic image transforms."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
-    from pipeline.predict import predict_volume, source_grid_inverter, to_source_grid
     from pipeline.transforms import image_transforms
 
-    stage = stages or Stages()
+    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
+    image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+    return pre, pre({"image": image, "modality": modality})["image"]
+
+
+def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
+    """Stage 1 of a case: read the series (or NIfTI) and preprocess it."""
+    started, stage = time.perf_counter(), Stages()
+    with stage("read"):
+        volume, affine, geom = case.load()
+    modality = case.modality or (geom.modality if geom is not None else "")
+    if modality not in ("CT", "MR"):
+        raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
     with stage("preprocess"):
-        pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
-        image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
-        data = pre({"image": image, "modality": modality})
-    with stage("network"):
-        probs = predict_volume(run.models, data["image"], batch_size=run.cfg.infer.batch_size, device=device,
-                               amp=run.cfg.infer.amp)
-    with stage("invert"):
+        pre, image = preprocess_case(run, volume, affine, modality)
+    return PreparedCase(case, volume, affine, geom, modality, pre, image, stage, started)
+
+
+def network_probs(run: LoadedRun, image, stages: Stages):
+    """Stage 2: fold-ensemble softmax (2, H, W, Z) on the model's grid."""
+    from pipeline.predict import predict_volume
+
+    with stages("network"):
+        return predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
+                              amp=run.cfg.infer.amp)
+
+
+def liver_on_source_grid(probs, prepared: PreparedCase) -> np.ndarray:
+    """Liver probability (X, Y, Z float32) on the source grid: MONAI Invertd through `transform`."""
+    from pipeline.predict import source_grid_inverter, to_source_grid
+
+    with prepared.stages("invert"):
         # only the liver channel is resampled back: half the work of inverting both
-        inv = to_source_grid(probs[LIVER:LIVER + 1], data["image"], source_grid_inverter(pre))
+        inv = to_source_grid(probs[LIVER:LIVER + 1], prepared.image, source_grid_inverter(prepared.transform))
         liver = np.asarray(inv[0], dtype=np.float32)
-    if liver.shape != volume.shape:
-        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {volume.shape}")
+    if liver.shape != prepared.volume.shape:
+        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {prepared.volume.shape}")
     return liver
 
 
+def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str,
+                 stages: Stages | None = None) -> np.ndarray:
+    """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
+    stage = stages or Stages()
+    with stage("preprocess"):
+        pre, image = preprocess_case(run, volume, affine, modality)
+    prepared = PreparedCase(InferCase("", modality, lambda: (volume, affine, None)), volume, affine, None,
+                            modality, pre, image, stage, time.perf_counter())
+    return liver_on_source_grid(network_probs(run, image, stage), prepared)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -255,20 +303,14 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
     return folder
 
 
-def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
-    """Read one case, predict, post-process and write its outputs; returns its summary row."""
+def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti") -> dict:
+    """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row."""
     from pipeline.dicom import write_nifti
     from pipeline.metrics import dice
     from pipeline.visualize import montage
 
-    t0 = time.perf_counter()
-    stage = Stages()
-    with stage("read"):
-        volume, affine, geom = case.load()
-    modality = case.modality or (geom.modality if geom is not None else "")
-    if modality not in ("CT", "MR"):
-        raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
-    prob = predict_case(run, volume, affine, modality, run.device, stage)
+    case, volume, affine, geom, stage = prepared.case, prepared.volume, prepared.affine, prepared.geom, prepared.stages
+    prob = liver_on_source_grid(probs, prepared)
     with stage("postprocess"):
         mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     with stage("write"):
@@ -286,9 +328,64 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
            "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)}
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
-    row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["seconds"] = round(time.perf_counter() - prepared.started, 3)
     row["stage_seconds"] = stage.rounded()
     return row
+
+
+def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
+    """Read one case, predict, post-process and write its outputs; returns its summary row."""
+    prepared = read_case(run, case)
+    return write_case(run, prepared, network_probs(run, prepared.image, prepared.stages), out_dir, fmt)
+
+
+def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti",
+                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every case through read -> network -> write; rows in case order.
+
+    With infer.overlap the next case is read and the previous one written (inversion,
+    post-processing, NIfTI, montage) in two background threads while the network runs on the
+    current one: that work is mostly single-threaded numpy, zlib and I/O, which leaves a core idle
+    in a serial run. Errors surface in case order, as in the serial loop.
+    """
+    import torch
+
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    if not run.cfg.infer.overlap or len(cases) < 2:
+        for case in cases:
+            emit(segment_case(run, case, out_dir, fmt))
+        return rows
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(prepared: PreparedCase, probs) -> dict:
+        with torch.inference_mode():  # thread-local in torch: set it in the worker too
+            return write_case(run, prepared, probs, out_dir, fmt)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="infer-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="infer-write") as writer:
+        next_read = reader.submit(read_case, run, cases[0])
+        pending = None  # the previous case's write
+        try:
+            for i in range(len(cases)):
+                prepared = next_read.result()
+                if i + 1 < len(cases):
+                    next_read = reader.submit(read_case, run, cases[i + 1])
+                probs = network_probs(run, prepared.image, prepared.stages)
+                if pending is not None:  # at most one case waits to be written: memory stays bounded
+                    emit(pending.result())
+                pending = writer.submit(finish, prepared, probs)
+            emit(pending.result())
+        except BaseException:
+            next_read.cancel()
+            raise
+    return rows
 
 
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
@@ -305,16 +402,20 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     if not cases:
         raise PipelineError(f"{input_path}: no cases selected")
     run = load_run(run_dir, fold, overrides, config_path)
-    rows = []
-    with torch.inference_mode():
-        for case in tqdm(cases, desc="infer", unit="case"):
-            row = segment_case(run, case, out_dir, fmt)
-            if not rows:  # the folder's shared files, once there is a first mask to describe
-                save_config(run.cfg, out_dir / "config.yaml")
-                write_label_descriptions(out_dir)
-            rows.append(row)
-            log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
-                     f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
+    bar = tqdm(total=len(cases), desc="infer", unit="case")
+    done: list[dict] = []
+
+    def on_row(row: dict) -> None:
+        if not done:  # the folder's shared files, once there is a first mask to describe
+            save_config(run.cfg, out_dir / "config.yaml")
+            write_label_descriptions(out_dir)
+        done.append(row)
+        bar.update()
+        log.info("%s: %d slices, liver %.0f ml%s, %.1f s", row["case"], row["slices"], row["liver_ml"],
+                 f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
+
+    with bar, torch.inference_mode():
+        rows = segment_cases(run, cases, out_dir, fmt, on_row)
     write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows})
     return rows
 

@@ -79,8 +79,8 @@ def test_fold_ensemble_averages_probabilities(tmp_path):
     singles = [load_run(run_dir, fold=str(k)) for k in (0, 1)]
     assert both.folds == ["fold_0", "fold_1"] and len(both.models) == 2
     with torch.inference_mode():
-        p_both = predict_case(both, volume, geom.affine, "MR", both.device)
-        p_each = [predict_case(r, volume, geom.affine, "MR", r.device) for r in singles]
+        p_both = predict_case(both, volume, geom.affine, "MR")
+        p_each = [predict_case(r, volume, geom.affine, "MR") for r in singles]
     assert not np.allclose(p_each[0], p_each[1], atol=1e-3)  # two different models
     np.testing.assert_allclose(p_both, (p_each[0] + p_each[1]) / 2, atol=1e-5)
 
@@ -234,3 +234,43 @@ def test_slice_logits_equal_monai_slice_inferer():
         ref = SliceInferer(roi_size=(24, 20), sw_batch_size=3, spatial_dim=2)(image[None], model)[0]
     assert ours.shape == (2, 24, 20, 7)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_overlapped_cases_give_the_serial_outputs_in_order(tmp_path):
+    """infer.overlap reads ahead and writes behind in threads: same bytes, same rows, same order."""
+    from nifti_fixtures import make_prepared_dataset
+
+    data = make_prepared_dataset(tmp_path / "prep", n_mr=2, n_ct=2)
+    run_dir = make_run(tmp_path / "run", folds=(0, 1))
+    outputs = {}
+    for overlap in ("false", "true"):
+        out = tmp_path / f"out_{overlap}"
+        rows = run_inference(run_dir=run_dir, input_path=data, out_dir=out,
+                             overrides=[f"infer.overlap={overlap}", "infer.montage=true"])
+        outputs[overlap] = (out, rows)
+    (serial, rows_s), (overlapped, rows_o) = outputs["false"], outputs["true"]
+    assert [r["case"] for r in rows_o] == [r["case"] for r in rows_s] == ["MR_1_T2SPIR", "MR_2_T2SPIR", "CT_1", "CT_2"]
+    assert [r["dice"] for r in rows_o] == [r["dice"] for r in rows_s]
+    for row in rows_s:
+        a = nib.load(str(serial / row["mask"]))
+        b = nib.load(str(overlapped / row["mask"]))
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert (overlapped / f"{row['case']}_montage.png").exists()
+    assert not list(overlapped.glob(".partial-*"))
+
+
+def test_overlapped_run_stops_at_a_bad_case_naming_its_file(tmp_path):
+    from nifti_fixtures import make_prepared_dataset
+
+    data = make_prepared_dataset(tmp_path / "prep", n_mr=1, n_ct=2)
+    bad = data / "imagesTr" / "CT_1.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    run_dir = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match=r"CT_1\.nii\.gz: cannot read NIfTI"):
+        run_inference(run_dir=run_dir, input_path=data, out_dir=out, overrides=["infer.overlap=true"])
+    # the case before it was finished and renamed, nothing after it was written, no temporary left
+    assert (out / "MR_1_T2SPIR_liver.nii.gz").exists()
+    assert not (out / "CT_2_liver.nii.gz").exists()
+    assert not list(out.glob(".partial-*"))
