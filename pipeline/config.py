@@ -68,7 +68,7 @@ class TrainConfig:
     liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
-    epochs: int = 240  # epochs per fold
+    epochs: int = 280  # epochs per fold
     lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: int = 2  # linear warm-up before the decay
