@@ -10,9 +10,8 @@ Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
           infer.batch_size, same autocast, tensors already in memory;
   ratio = e2e / bare. Peak RSS of the process is printed at the end.
-Throughput: the same series as one `infer` run (segment_cases), serial and with infer.overlap
-(the next case read and the previous one written in threads while the network runs), alternated
-with the bare forward passes of all series; seconds per series = wall time / series.
+Throughput: every series of the data as one `infer` run (segment_cases), alternated with the bare
+forward passes of all of them; seconds per series = wall time / series.
 Quality (when the run has fold_<k>/split.json): every validation patient is segmented by its own
 fold's model, and Dice is reported with/without post-processing and with amp off vs bf16, so the
 defaults (infer.largest_component, infer.fill_holes, infer.amp) can be checked on held-out data.
@@ -92,22 +91,15 @@ def throughput(run, cases, repeats: int) -> None:
     loaded = [case.load() for case in cases]
     n_ct = sum(geom.modality == "CT" for _, _, geom in loaded)
     print(f"\nthroughput: {len(cases)} series ({n_ct} CT) as one infer run, {repeats} repeats, medians")
-    walls: dict[str, list[float]] = {"serial": [], "overlap": []}
-    bare: list[float] = []
+    walls, bare = [], []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for _ in range(repeats):
-            for mode in walls:
-                run.cfg.infer.overlap = mode == "overlap"
-                t0 = time.perf_counter()
-                segment_cases(run, cases, Path(tmp))
-                walls[mode].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            segment_cases(run, cases, Path(tmp))
+            walls.append(time.perf_counter() - t0)
             bare.append(sum(bare_forward(run, v, a, g.modality) for v, a, g in loaded))
-    bare_s = statistics.median(bare) / len(cases)
-    print(f"{'':24}{'s per series':>14}{'ratio to bare':>15}")
-    print(f"{'bare forward':<24}{bare_s:>14.3f}{1.0:>15.2f}")
-    for mode, w in walls.items():
-        per = statistics.median(w) / len(cases)
-        print(f"{'infer, ' + mode:<24}{per:>14.3f}{per / bare_s:>15.2f}")
+    bare_s, infer_s = statistics.median(bare) / len(cases), statistics.median(walls) / len(cases)
+    print(f"s per series: infer {infer_s:.3f}, bare forward {bare_s:.3f}, ratio {infer_s / bare_s:.2f}")
 
 
 def quality(run_dir: Path, data: Path) -> None:

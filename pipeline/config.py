@@ -100,7 +100,6 @@ class InferConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
     montage: bool = True  # write a PNG montage per case
-    overlap: bool = True  # read the next case and write the previous one while the network runs
 
 
 @dataclass

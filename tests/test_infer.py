@@ -236,31 +236,7 @@ def test_slice_logits_equal_monai_slice_inferer():
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_overlapped_cases_give_the_serial_outputs_in_order(tmp_path):
-    """infer.overlap reads ahead and writes behind in threads: same bytes, same rows, same order."""
-    from nifti_fixtures import make_prepared_dataset
-
-    data = make_prepared_dataset(tmp_path / "prep", n_mr=2, n_ct=2)
-    run_dir = make_run(tmp_path / "run", folds=(0, 1))
-    outputs = {}
-    for overlap in ("false", "true"):
-        out = tmp_path / f"out_{overlap}"
-        rows = run_inference(run_dir=run_dir, input_path=data, out_dir=out,
-                             overrides=[f"infer.overlap={overlap}", "infer.montage=true"])
-        outputs[overlap] = (out, rows)
-    (serial, rows_s), (overlapped, rows_o) = outputs["false"], outputs["true"]
-    assert [r["case"] for r in rows_o] == [r["case"] for r in rows_s] == ["MR_1_T2SPIR", "MR_2_T2SPIR", "CT_1", "CT_2"]
-    assert [r["dice"] for r in rows_o] == [r["dice"] for r in rows_s]
-    for row in rows_s:
-        a = nib.load(str(serial / row["mask"]))
-        b = nib.load(str(overlapped / row["mask"]))
-        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
-        np.testing.assert_array_equal(a.affine, b.affine)
-        assert (overlapped / f"{row['case']}_montage.png").exists()
-    assert not list(overlapped.glob(".partial-*"))
-
-
-def test_overlapped_run_stops_at_a_bad_case_naming_its_file(tmp_path):
+def test_a_bad_case_stops_the_run_naming_its_file(tmp_path):
     from nifti_fixtures import make_prepared_dataset
 
     data = make_prepared_dataset(tmp_path / "prep", n_mr=1, n_ct=2)
@@ -269,7 +245,7 @@ def test_overlapped_run_stops_at_a_bad_case_naming_its_file(tmp_path):
     run_dir = make_run(tmp_path / "run")
     out = tmp_path / "out"
     with pytest.raises(PipelineError, match=r"CT_1\.nii\.gz: cannot read NIfTI"):
-        run_inference(run_dir=run_dir, input_path=data, out_dir=out, overrides=["infer.overlap=true"])
+        run_inference(run_dir=run_dir, input_path=data, out_dir=out)
     # the case before it was finished and renamed, nothing after it was written, no temporary left
     assert (out / "MR_1_T2SPIR_liver.nii.gz").exists()
     assert not (out / "CT_2_liver.nii.gz").exists()
