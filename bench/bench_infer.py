@@ -5,7 +5,8 @@
 
 Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   e2e   = segment_case: DICOM read -> transforms -> fold-ensemble prediction -> inversion ->
-          post-processing -> mask NIfTI written (montage off), median seconds over repeats,
+          post-processing -> mask NIfTI written (montage off; reading the Ground for the Dice
+          comes after and is not counted), median seconds over repeats,
           with the median seconds of each stage beside it;
   bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
           infer.batch_size, same autocast, tensors already in memory;
@@ -19,6 +20,7 @@ defaults (infer.largest_component, infer.fill_holes, infer.amp) can be checked o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -88,6 +90,7 @@ def speed(run, cases, repeats: int) -> None:
 
 
 def throughput(run, cases, repeats: int) -> None:
+    cases = [dataclasses.replace(c, truth=None) for c in cases]  # masks only: no Ground to read and score
     loaded = [case.load() for case in cases]
     n_ct = sum(geom.modality == "CT" for _, _, geom in loaded)
     print(f"\nthroughput: {len(cases)} series ({n_ct} CT) as one infer run, {repeats} repeats, medians")

@@ -98,11 +98,14 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
         was_training = model.training
         model.eval()
         try:
-            probs = torch.softmax(slice_logits(model, image, batch_size, device, amp), dim=0)
+            # slice_logits returns a (K, H, W, D) view of a contiguous (D, K, H, W) tensor: the softmax
+            # and the sum run on that contiguous layout, and the result is permuted once at the end.
+            logits = slice_logits(model, image, batch_size, device, amp).permute(3, 0, 1, 2)
         finally:
             model.train(was_training)
-        total = probs if total is None else total + probs
-    return total / len(models)
+        probs = torch.softmax(logits, dim=1)
+        total = probs if total is None else total.add_(probs)
+    return total.div_(len(models)).permute(1, 2, 3, 0)
 
 
 def source_grid_inverter(transform):
