@@ -244,6 +244,12 @@ class Anatomy:
         liver = ((ql > 0) & cavity & (z < zd - 6) & ~kidneys[0] & ~spleen & (qs < -0.15)
                  & (sup(self.fat + self.wall + 2) < 1))
         t[liver] = LIVER
+        # Visceral fat between the liver and the bowel loops under it, thicker in patients with more
+        # subcutaneous fat (about 2-5 mm). Without it, bowel of liver-like grey level touched the
+        # liver with no interface at all, a boundary no annotator could draw. ql = 1 - |q|^2 falls
+        # by about 2 / 70 per mm across the surface of lobes with radii near 70 mm.
+        plane_mm = 1.0 + 0.15 * self.fat
+        t[bowel & np.isin(t, (BOWEL, GAS, FLUID)) & (ql > -plane_mm * 2.0 / 70.0)] = FAT
         gb = _ellipsoid(p, (-40 + sh[0], -0.4 * b + sh[1], -95 + sh[2]),
                         (14 * self.gall, 17 * self.gall, 34 * self.gall), tilt_deg=-20) > 0
         t[gb & cavity] = GALL
