@@ -244,16 +244,17 @@ def network_probs(run: LoadedRun, image, stages: Stages):
                               amp=run.cfg.infer.amp)
 
 
-def liver_on_source_grid(probs, prepared: PreparedCase) -> np.ndarray:
-    """Liver probability (X, Y, Z float32) on the source grid: MONAI Invertd through `transform`."""
+def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
+    """Liver probability (X, Y, Z float32) on the source grid: MONAI Invertd through `transform`,
+    the Compose that made `image`."""
     from pipeline.predict import source_grid_inverter, to_source_grid
 
-    with prepared.stages("invert"):
+    with stages("invert"):
         # only the liver channel is resampled back: half the work of inverting both
-        inv = to_source_grid(probs[LIVER:LIVER + 1], prepared.image, source_grid_inverter(prepared.transform))
+        inv = to_source_grid(probs[LIVER:LIVER + 1], image, source_grid_inverter(transform))
         liver = np.asarray(inv[0], dtype=np.float32)
-    if liver.shape != prepared.volume.shape:
-        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {prepared.volume.shape}")
+    if liver.shape != tuple(shape):
+        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {tuple(shape)}")
     return liver
 
 
@@ -263,9 +264,7 @@ def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modalit
     stage = stages or Stages()
     with stage("preprocess"):
         pre, image = preprocess_case(run, volume, affine, modality)
-    prepared = PreparedCase(InferCase("", modality, lambda: (volume, affine, None)), volume, affine, None,
-                            modality, pre, image, stage, time.perf_counter())
-    return liver_on_source_grid(network_probs(run, image, stage), prepared)
+    return liver_on_source_grid(network_probs(run, image, stage), image, pre, volume.shape, stage)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -310,7 +309,7 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
     from pipeline.visualize import montage
 
     case, volume, affine, geom, stage = prepared.case, prepared.volume, prepared.affine, prepared.geom, prepared.stages
-    prob = liver_on_source_grid(probs, prepared)
+    prob = liver_on_source_grid(probs, prepared.image, prepared.transform, volume.shape, stage)
     with stage("postprocess"):
         mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     with stage("write"):
