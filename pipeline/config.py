@@ -96,7 +96,7 @@ class InferConfig:
     batch_size: int = 32  # slices per forward pass
     largest_component: bool = True  # keep only the largest connected liver component
     fill_holes: bool = True  # fill enclosed holes in the liver mask
-    amp: str = "auto"  # auto | bf16 | fp16 | off (auto: CUDA AMP on GPU, bf16 on CPU)
+    amp: str = "auto"  # auto | bf16 | fp16 | off (auto: CUDA AMP on GPU, bf16 on CPUs that have it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
     montage: bool = True  # write a PNG montage per case

@@ -250,3 +250,14 @@ def test_a_bad_case_stops_the_run_naming_its_file(tmp_path):
     assert (out / "MR_1_T2SPIR_liver.nii.gz").exists()
     assert not (out / "CT_2_liver.nii.gz").exists()
     assert not list(out.glob(".partial-*"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, native):
+    import pipeline.predict
+
+    monkeypatch.setattr(pipeline.predict, "cpu_has_native_bf16", lambda: native)
+    run = load_run(make_run(tmp_path / "run"), None, ["infer.amp=auto"])
+    assert run.device.type == "cpu"
+    assert run.cfg.infer.amp == ("bf16" if native else "auto")
+    assert pipeline.predict.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)
