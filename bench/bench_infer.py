@@ -11,7 +11,7 @@ Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   bare  = the same models' forward passes alone over the same preprocessed slices, in batches of
           infer.batch_size, same autocast, tensors already in memory;
   ratio = e2e / bare. Peak RSS of the process is printed at the end.
-Throughput: every series of the data as one `infer` run (segment_cases), alternated with the bare
+Throughput: every series of the data as one `infer` run (segment_case in turn), alternated with the bare
 forward passes of all of them; seconds per series = wall time / series.
 Quality (when the run has fold_<k>/split.json): every validation patient is segmented by its own
 fold's model, and Dice is reported with/without post-processing and with amp off vs bf16, so the
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.infer import (LIVER, _chaos_case, load_run, postprocess, predict_case, segment_case,  # noqa: E402
-                            segment_cases)
+from pipeline.infer import (LIVER, _chaos_case, load_run, postprocess, predict_case,  # noqa: E402
+                            preprocess_case, segment_case)
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.predict import autocast_context, plain  # noqa: E402
 
@@ -45,14 +45,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-
 
 def bare_forward(run, volume: np.ndarray, affine: np.ndarray, modality: str) -> float:
     """Seconds for the models' forward passes over every slice (preprocessing done beforehand)."""
-    from monai.data import MetaTensor
-    from monai.transforms import Compose
-
-    from pipeline.transforms import image_transforms
-
-    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
-    img = pre({"image": MetaTensor(torch.as_tensor(volume[None]), affine=torch.as_tensor(affine)),
-               "modality": modality})["image"]
+    _, img = preprocess_case(run, volume, affine, modality)
     slices = plain(img).permute(3, 0, 1, 2).contiguous().to(run.device)  # (D, 1, H, W)
     bs = run.cfg.infer.batch_size
     t0 = time.perf_counter()
@@ -98,7 +91,8 @@ def throughput(run, cases, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for _ in range(repeats):
             t0 = time.perf_counter()
-            segment_cases(run, cases, Path(tmp))
+            for case in cases:  # as run_inference does
+                segment_case(run, case, Path(tmp))
             walls.append(time.perf_counter() - t0)
             bare.append(sum(bare_forward(run, v, a, g.modality) for v, a, g in loaded))
     bare_s, infer_s = statistics.median(bare) / len(cases), statistics.median(walls) / len(cases)

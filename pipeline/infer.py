@@ -202,7 +202,6 @@ class PreparedCase:
     volume: np.ndarray  # (X, Y, Z) float32, source grid
     affine: np.ndarray
     geom: object  # SeriesGeometry, or None for NIfTI input
-    modality: str
     transform: object  # the Compose that made `image` (Invertd needs this very instance)
     image: object  # MetaTensor (C, H, W, Z) on the model's grid
     stages: Stages
@@ -232,7 +231,7 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
         raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
     with stage("preprocess"):
         pre, image = preprocess_case(run, volume, affine, modality)
-    return PreparedCase(case, volume, affine, geom, modality, pre, image, stage, started)
+    return PreparedCase(case, volume, affine, geom, pre, image, stage, started)
 
 
 def network_probs(run: LoadedRun, image, stages: Stages):
@@ -341,23 +340,6 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
     return write_case(run, prepared, network_probs(run, prepared.image, prepared.stages), out_dir, fmt)
 
 
-def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti",
-                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every case through read -> network -> write, one after the other; rows in case order.
-
-    Not overlapped on purpose: reading the next case and writing the previous one in threads while
-    the network ran was measured on the 13 real series (2 cores, bf16): 9.8 s vs 9.7 s serial.
-    The serial run already keeps 1.8 cores busy (torch's OpenMP threads spin between kernels) and
-    the threads slowed the network by a third; with OMP_WAIT_POLICY=PASSIVE the network lost more.
-    """
-    rows: list[dict] = []
-    for case in cases:
-        rows.append(segment_case(run, case, out_dir, fmt))
-        if on_row is not None:
-            on_row(rows[-1])
-    return rows
-
-
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
                   config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
                   sequences: str | None = None, series: str | None = None, fmt: str = "nifti") -> list[dict]:
@@ -372,20 +354,20 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     if not cases:
         raise PipelineError(f"{input_path}: no cases selected")
     run = load_run(run_dir, fold, overrides, config_path)
-    bar = tqdm(total=len(cases), desc="infer", unit="case")
-    done: list[dict] = []
-
-    def on_row(row: dict) -> None:
-        if not done:  # the folder's shared files, once there is a first mask to describe
-            save_config(run.cfg, out_dir / "config.yaml")
-            write_label_descriptions(out_dir)
-        done.append(row)
-        bar.update()
-        log.info("%s: %d slices, liver %.0f ml%s, %.1f s", row["case"], row["slices"], row["liver_ml"],
-                 f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
-
-    with bar, torch.inference_mode():
-        rows = segment_cases(run, cases, out_dir, fmt, on_row)
+    rows = []
+    # One case after the other on purpose: reading the next case and writing the previous one in
+    # threads while the network ran was measured on the 13 real series (2 cores, bf16): 9.8 s vs
+    # 9.7 s serial. The serial run already keeps 1.8 cores busy (torch's OpenMP threads spin between
+    # kernels) and the threads slowed the network by a third; OMP_WAIT_POLICY=PASSIVE lost more.
+    with torch.inference_mode():
+        for case in tqdm(cases, desc="infer", unit="case"):
+            row = segment_case(run, case, out_dir, fmt)
+            if not rows:  # the folder's shared files, once there is a first mask to describe
+                save_config(run.cfg, out_dir / "config.yaml")
+                write_label_descriptions(out_dir)
+            rows.append(row)
+            log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
+                     f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
     write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows})
     return rows
 
