@@ -150,7 +150,7 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     """
     from monai.transforms import KeepLargestConnectedComponent
 
-    out = np.zeros(mask.shape, np.uint8)
+    out = np.zeros_like(mask, dtype=np.uint8)  # the mask's memory layout (NIfTI's, from infer): no copy when written
     if not mask.any():
         return out
     box = []

@@ -160,12 +160,38 @@ def test_each_file_keeps_its_own_rescale_and_the_pydicom_fallback_agrees(tmp_pat
         ds = pydicom.dcmread(f)
         np.testing.assert_allclose(from_nifti_slice(data[:, :, k]), apply_modality_lut(ds.pixel_array, ds), rtol=1e-6)
 
+    # the default (files read once, stacked from memory) agrees with SimpleITK and with pydicom file by file
+    from pipeline.dicom import _read_pixels_in_order
+
+    via_sitk = _read_pixels_in_order(geo.files, geo.rows, geo.cols)
+    np.testing.assert_allclose(via_sitk, data, rtol=1e-6)
+
     def broken(*args, **kwargs):
         raise RuntimeError("no GDCM today")
 
     monkeypatch.setattr(SimpleITK, "ReadImage", broken)  # the file-by-file pydicom path
-    fallback, _ = read_series(tmp_path)
+    fallback = _read_pixels_in_order(geo.files, geo.rows, geo.cols)
     np.testing.assert_array_equal(fallback, data)
+    assert data.flags["F_CONTIGUOUS"] and fallback.flags["F_CONTIGUOUS"]  # NIfTI's layout
+
+
+def test_compressed_series_read_like_the_uncompressed_one(tmp_path):
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    plain_dir, rle_dir = tmp_path / "plain", tmp_path / "rle"
+    vol = ramp_volume(4, 6, 5) * 3 - 40
+    write_tiny(plain_dir, vol, modality="CT", rescale_slope=1.0, rescale_intercept=-1024.0)
+    rle_dir.mkdir()
+    for f in sorted(plain_dir.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.compress(RLELossless)  # pydicom's own RLE encoder; read back through SimpleITK (GDCM)
+        ds.save_as(rle_dir / f.name)
+    assert pydicom.dcmread(next(rle_dir.iterdir())).file_meta.TransferSyntaxUID == RLELossless
+    plain, geo_plain = read_series(plain_dir)
+    rle, geo_rle = read_series(rle_dir)
+    np.testing.assert_array_equal(rle, plain)
+    np.testing.assert_allclose(geo_rle.affine, geo_plain.affine)
 
 
 def test_stack_and_unstack_are_inverse_and_follow_file_order(tmp_path):

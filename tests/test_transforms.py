@@ -226,6 +226,46 @@ def test_in_plane_resize_is_undone_by_invertd_to_the_source_grid():
     assert float((back[0, 4:-4, 4:-4] - x[4:-4, 4:-4]).abs().max()) < 0.03
 
 
+def test_in_plane_resize_inverse_equals_monai_resize_inverse():
+    import torch
+    from monai.data import MetaTensor
+
+    from pipeline.transforms import InPlaneResize
+
+    affine = torch.tensor([[0.7, 0, 0, 10.0], [0, 0.8, 0, -5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1.0]])
+    resize = InPlaneResize((16, 24))
+    small = resize(MetaTensor(torch.rand(1, 64, 48, 5), affine=affine))
+    ours_in = MetaTensor(torch.rand(2, 16, 24, 5), meta=small.meta, applied_operations=list(small.applied_operations))
+    ref_in = MetaTensor(ours_in.as_tensor().clone(), meta=small.meta, applied_operations=list(small.applied_operations))
+    ours = resize.inverse(ours_in)
+    ref = resize.inverse_transform(ref_in, resize.pop_transform(ref_in))  # MONAI's Resize.inverse
+    assert ours.shape == ref.shape == (2, 64, 48, 5)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(affine), atol=1e-5)
+    assert not ours.applied_operations and not ref.applied_operations  # both popped their record
+    assert np.asarray(ours[0]).flags["F_CONTIGUOUS"]  # laid out as nibabel writes it
+
+
+def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata():
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRange
+
+    from pipeline.transforms import ScaleIntensityRangeOneBuffer
+
+    hu = MetaTensor(torch.linspace(-1200, 1500, 2 * 30 * 20 * 4).reshape(1, 30, 20, 8), affine=torch.eye(4) * 2)
+    for kwargs in ({"a_min": -150.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+                   {"a_min": -100.0, "a_max": 200.0, "b_min": -1.0, "b_max": 2.0, "clip": False}):
+        ours, ref = ScaleIntensityRangeOneBuffer(**kwargs)(hu), ScaleIntensityRange(**kwargs)(hu)
+        assert torch.equal(ours.as_tensor(), ref.as_tensor())  # the same operations, bit for bit
+        assert isinstance(ours, MetaTensor) and torch.equal(ours.affine, hu.affine)
+    assert float(hu.min()) == -1200.0  # the input is not modified
+    ints = torch.arange(-200, 300, 50, dtype=torch.int16)  # non-float input: MONAI's own code path
+    assert torch.equal(ScaleIntensityRangeOneBuffer(-150.0, 250.0, 0.0, 1.0, clip=True)(ints),
+                       ScaleIntensityRange(-150.0, 250.0, 0.0, 1.0, clip=True)(ints))
+
+
 def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
     import torch
     from monai.data import MetaTensor
