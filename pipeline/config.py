@@ -95,7 +95,10 @@ class InferConfig:
     folds: str = "all"  # "all" = ensemble of every fold's best checkpoint, or one fold number
     batch_size: int = 32  # slices per forward pass
     largest_component: bool = True  # keep only the largest connected liver component
-    fill_holes: bool = True  # fill enclosed holes in the liver mask
+    # fill enclosed holes in the liver mask. Off by default: on held-out data it changed nothing that
+    # counts (12 real MR patients, each by its own fold: Dice 0.9086 vs 0.9085; synthetic demo: equal
+    # to 4 decimals) and costs ~0.1 s per CT series (a labelling of the background around the liver)
+    fill_holes: bool = False
     amp: str = "auto"  # auto | bf16 | fp16 | off (auto: CUDA AMP on GPU, bf16 on CPUs that have it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
