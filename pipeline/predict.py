@@ -86,14 +86,24 @@ def slice_logits(model: nn.Module, image: torch.Tensor, batch_size: int, device:
     on top of the forward passes (real CT, 78 slices, 5 models, bf16: 0.99 s vs 0.75 s).
     The caller sets eval/train mode; this only runs the slices through the model.
     """
+    return _batch_logits(model, as_slices(image), batch_size, device, amp).permute(1, 2, 3, 0)
+
+
+def as_slices(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W, D) volume -> contiguous (D, C, H, W): its axial slices as one batch."""
     if image.ndim != 4:
         raise PipelineError(f"predict: expected an image of shape (C, H, W, D), got {tuple(image.shape)}")
-    slices = plain(image).permute(3, 0, 1, 2)  # (D, C, H, W): the slices as a batch
+    return plain(image).permute(3, 0, 1, 2).contiguous()
+
+
+def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, device: torch.device,
+                  amp: str) -> torch.Tensor:
+    """Logits (D, K, H, W) float32 on the CPU of slices (D, C, H, W), `batch_size` at a time."""
     outputs = []
     with torch.inference_mode(), autocast_context(device, amp):
         for start in range(0, slices.shape[0], batch_size):
-            outputs.append(model(slices[start:start + batch_size].contiguous().to(device)).float().cpu())
-    return torch.cat(outputs).permute(1, 2, 3, 0)
+            outputs.append(model(slices[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(outputs)
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
@@ -104,14 +114,16 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
     """
     if not models:
         raise PipelineError("predict: no model to predict with")
+    # The slices are gathered into one contiguous batch once for all models (a strided gather per
+    # batch and model cost ~5% of an MR series' forward passes); softmax and sum run on that
+    # (D, K, H, W) layout and the result is permuted once at the end.
+    slices = as_slices(image)
     total = None
     for model in models:
         was_training = model.training
         model.eval()
         try:
-            # slice_logits returns a (K, H, W, D) view of a contiguous (D, K, H, W) tensor: the softmax
-            # and the sum run on that contiguous layout, and the result is permuted once at the end.
-            logits = slice_logits(model, image, batch_size, device, amp).permute(3, 0, 1, 2)
+            logits = _batch_logits(model, slices, batch_size, device, amp)
         finally:
             model.train(was_training)
         probs = torch.softmax(logits, dim=1)

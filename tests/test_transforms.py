@@ -247,7 +247,7 @@ def test_in_plane_resize_inverse_equals_monai_resize_inverse():
     assert np.asarray(ours[0]).flags["F_CONTIGUOUS"]  # laid out as nibabel writes it
 
 
-def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata():
+def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata(monkeypatch):
     import torch
     from monai.data import MetaTensor
     from monai.transforms import ScaleIntensityRange
@@ -257,7 +257,10 @@ def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata():
     hu = MetaTensor(torch.linspace(-1200, 1500, 2 * 30 * 20 * 4).reshape(1, 30, 20, 8), affine=torch.eye(4) * 2)
     for kwargs in ({"a_min": -150.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
                    {"a_min": -100.0, "a_max": 200.0, "b_min": -1.0, "b_max": 2.0, "clip": False}):
-        ours, ref = ScaleIntensityRangeOneBuffer(**kwargs)(hu), ScaleIntensityRange(**kwargs)(hu)
+        ref = ScaleIntensityRange(**kwargs)(hu)
+        with monkeypatch.context() as m:  # float32 volumes must take the one-buffer path, not MONAI's
+            m.setattr(ScaleIntensityRange, "__call__", lambda self, img: pytest.fail("MONAI's path taken"))
+            ours = ScaleIntensityRangeOneBuffer(**kwargs)(hu)
         assert torch.equal(ours.as_tensor(), ref.as_tensor())  # the same operations, bit for bit
         assert isinstance(ours, MetaTensor) and torch.equal(ours.affine, hu.affine)
     assert float(hu.min()) == -1200.0  # the input is not modified
