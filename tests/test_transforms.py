@@ -269,6 +269,23 @@ def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata(monkeypatch
                        ScaleIntensityRange(-150.0, 250.0, 0.0, 1.0, clip=True)(ints))
 
 
+@pytest.mark.parametrize("shape", [(1, 40, 30, 6), (1, 128, 128, 70)])  # MONAI: torch.quantile / np.percentile
+def test_one_pass_percentile_scaling_equals_monai(shape):
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from pipeline.transforms import ScaleIntensityRangePercentilesOnePass
+
+    gen = torch.Generator().manual_seed(0)
+    mr = MetaTensor(torch.rand(shape, generator=gen) ** 3 * 900.0, affine=torch.eye(4) * 1.5)
+    kwargs = {"lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    ours, ref = ScaleIntensityRangePercentilesOnePass(**kwargs)(mr), ScaleIntensityRangePercentiles(**kwargs)(mr)
+    assert torch.equal(ours.as_tensor(), ref.as_tensor())
+    assert isinstance(ours, MetaTensor) and torch.equal(ours.affine, mr.affine)
+    assert 0.0 == float(ours.min()) < float(ours.max()) == 1.0
+
+
 def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
     import torch
     from monai.data import MetaTensor
