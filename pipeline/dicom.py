@@ -430,8 +430,8 @@ def _read_pixels_in_order(files: list[Path], rows: int, cols: int,
     if datasets is not None and all(_is_plain_image(ds) for ds in datasets):
         stack = np.empty((len(files), rows, cols), dtype=np.float32)
         for k, (path, ds) in enumerate(zip(files, datasets)):
-            stack[k] = _read_pixels(path, rows, cols, ds)
-        return np.ascontiguousarray(stack[:, ::-1, :]).transpose(2, 1, 0)
+            stack[k] = _read_pixels(path, rows, cols, ds)[::-1, :]  # to_nifti_slice's row flip, in place
+        return stack.transpose(2, 1, 0)  # (X, Y, Z), Fortran-ordered like NIfTI on disk
     import SimpleITK as sitk
 
     warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -473,12 +473,18 @@ def _read_pixels(path: Path, rows: int, cols: int, ds: pydicom.Dataset | None = 
         if "ModalityLUTSequence" in ds:
             arr = apply_modality_lut(arr, ds)
         elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            arr = arr * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            if slope == 1.0 and intercept.is_integer() and arr.dtype.itemsize <= 2 and abs(intercept) < 2**23:
+                # integers below 2**24 throughout (CT's usual case): float32 is exact, no float64 copy
+                arr = arr.astype(np.float32)
+                arr += np.float32(intercept)
+            else:
+                arr = arr * slope + intercept
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError, TypeError) as exc:
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
     if arr.shape != (rows, cols):
         raise PipelineError(f"{path}: pixel data has shape {arr.shape}, expected {(rows, cols)}")
-    return arr.astype(np.float32)
+    return np.asarray(arr, dtype=np.float32)
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any) -> Path:

@@ -78,3 +78,12 @@ def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path):
         ref, ours = nib.load(ref_path), nib.load(out / entries[case.case]["image"])
         np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3, err_msg=case.case)
         np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata(), err_msg=case.case)
+
+
+def test_pixels_from_memory_equal_simpleitk_on_the_real_ct():
+    from pipeline.dicom import _read_pixels_in_order, read_series
+
+    ct = next(s for s in find_cases(REAL) if s.modality == "CT")
+    volume, geom = read_series(ct.dicom_dir)  # files read once, pixels stacked from memory
+    np.testing.assert_array_equal(volume, _read_pixels_in_order(geom.files, geom.rows, geom.cols))  # SimpleITK
+    assert volume.flags["F_CONTIGUOUS"] and float(volume.min()) < -900.0  # HU, rescale applied
