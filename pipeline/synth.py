@@ -53,6 +53,8 @@ MR_LEVELS = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252
 (AIR, FAT, MUSCLE, BOWEL, GAS, FLUID, LIVER, VESSEL, GALL, SPLEEN, CORTEX, MEDULLA, PELVIS,
  BONE, MARROW, DISC, CSF, AORTA, IVC, LUNG, HEART, STOMACH, TABLE) = range(23)
 N_TISSUES = 23
+# IVC: centre x (mm, patient's right < 0), centre y relative to the vertebral body, semi-axes (mm).
+IVC_X, IVC_DY, IVC_RADII = -24.0, -30.0, (13.0, 10.0)
 
 # Mean intensity per tissue: CT in HU (portal-venous phase); MR in arbitrary scanner units.
 # T1 is given as (water, fat) signal so that opposed phase can be computed as |water - fat|.
@@ -241,8 +243,19 @@ class Anatomy:
             _ellipsoid(p, (-20 + sh[0], 0.08 * b + sh[1], -48 + sh[2]), (20, 22, 30)),
         ]
         ql = np.maximum.reduce(lobes) + 0.22 * shape_noise + 0.12 * self.f_shape2(p)
+        # The IVC runs in a groove on the liver's posterior surface, open behind (as on the real
+        # CHAOS CT, where it lies outside the liver label); the liver stays 2 mm clear of its
+        # sides. Before, the tube was drilled through the caudate lobe, an enclosed non-liver
+        # hole no real liver has.
+        ivc_groove = (np.abs(x - IVC_X) < IVC_RADII[0] + 2) & (y > yv + IVC_DY)
+        # The gallbladder lies in its fossa on the liver's underside, free in front: no liver
+        # anterior to it. Before, the liver often closed all round it (up to every slice of it).
+        gb_centre = (-40 + sh[0], -0.4 * b + sh[1], -95 + sh[2])
+        gb_radii = (14 * self.gall, 17 * self.gall, 34 * self.gall)
+        gb = _ellipsoid(p, gb_centre, gb_radii, tilt_deg=-20) > 0
+        gb_front = (_ellipsoid(p, gb_centre, (gb_radii[0], 1e6, gb_radii[2]), tilt_deg=-20) > 0) & (y < gb_centre[1])
         liver = ((ql > 0) & cavity & (z < zd - 6) & ~kidneys[0] & ~spleen & (qs < -0.15)
-                 & (sup(self.fat + self.wall + 2) < 1))
+                 & (sup(self.fat + self.wall + 2) < 1) & ~ivc_groove & ~gb_front)
         t[liver] = LIVER
         # Visceral fat between the liver and the bowel loops under it, thicker in patients with more
         # subcutaneous fat (about 2-5 mm). Without it, bowel of liver-like grey level touched the
@@ -250,8 +263,6 @@ class Anatomy:
         # by about 2 / 70 per mm across the surface of lobes with radii near 70 mm.
         plane_mm = 1.0 + 0.15 * self.fat
         t[bowel & np.isin(t, (BOWEL, GAS, FLUID)) & (ql > -plane_mm * 2.0 / 70.0)] = FAT
-        gb = _ellipsoid(p, (-40 + sh[0], -0.4 * b + sh[1], -95 + sh[2]),
-                        (14 * self.gall, 17 * self.gall, 34 * self.gall), tilt_deg=-20) > 0
         t[gb & cavity] = GALL
         # Portal and hepatic veins: tubes where two smooth fields both cross zero.
         v1, v2 = self.f_vessel
@@ -274,9 +285,9 @@ class Anatomy:
         t[(np.abs(x) < 18) & (y > yv + 21) & (y < yv + 27)] = BONE
         t[(x**2 + (y - yv - 28) ** 2) < 7**2] = CSF
 
-        # Great vessels: aorta left-anterior of the spine, IVC to the right (through the liver).
+        # Great vessels: aorta left-anterior of the spine, IVC to the right (behind the liver).
         t[cavity & ((x - 14) ** 2 + (y - yv + 30) ** 2 < 11**2)] = AORTA
-        t[cavity & (((x + 24) / 13) ** 2 + ((y - yv + 30) / 10) ** 2 < 1)] = IVC
+        t[cavity & (((x - IVC_X) / IVC_RADII[0]) ** 2 + ((y - yv - IVC_DY) / IVC_RADII[1]) ** 2 < 1)] = IVC
 
         # Above the diaphragm: lungs, heart anteriorly in the middle.
         chest = cavity & (z > zd)

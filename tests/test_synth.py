@@ -226,3 +226,45 @@ def test_montage_shows_four_sequences_as_a_png(root, tmp_path):
     out = save_montage(root, tmp_path / "montage.png")
     img = Image.open(out)
     assert img.format == "PNG" and img.size[0] > img.size[1] > 100  # 4 columns x 2 rows
+
+
+def test_ivc_lies_in_a_groove_behind_the_liver_never_inside_it():
+    from pipeline.synth import IVC, IVC_DY, IVC_RADII, IVC_X, LIVER, VESSEL, Anatomy
+
+    hits = 0
+    for seed in range(4):
+        anat = Anatomy(np.random.default_rng(seed))
+        yv = 0.9 * anat.b - 62
+        # an axial grid (1 mm) around the IVC over the liver's height
+        x, y, z = np.meshgrid(np.arange(-60.0, 12.0), np.arange(yv - 70, yv - 5), np.arange(-150.0, 0.0, 10.0),
+                              indexing="ij")
+        t = anat.tissues(np.stack([x, y, z]))
+        liver = np.isin(t, (LIVER, VESSEL))
+        behind = (np.abs(x - IVC_X) < IVC_RADII[0]) & (y > yv + IVC_DY)
+        assert not (liver & behind).any()  # open posteriorly: nothing of the liver behind the IVC
+        for k in range(t.shape[2]):
+            ivc = t[:, :, k] == IVC
+            if ivc.any() and liver[:, :, k].any():
+                hits += 1
+                cols = np.nonzero(ivc.any(axis=0))[0]  # y indices of the IVC in this slice
+                assert not liver[:, cols.max() + 1:, k][ivc.any(axis=1)].any()
+    assert hits > 0  # the check saw slices where liver and IVC meet
+
+
+def test_gallbladder_sits_in_a_fossa_open_in_front():
+    from scipy import ndimage
+
+    from pipeline.synth import GALL, LIVER, VESSEL, Anatomy
+
+    for seed in range(3):
+        anat = Anatomy(np.random.default_rng(seed))
+        x, y, z = np.meshgrid(np.arange(-110.0, 30.0, 2), np.arange(-130.0, 40.0, 2), np.arange(-180.0, 0.0, 2),
+                              indexing="ij")
+        t = anat.tissues(np.stack([x, y, z]))
+        gall, liver = t == GALL, np.isin(t, (LIVER, VESSEL))
+        assert gall.any()
+        shell = ndimage.binary_dilation(gall) & ~gall
+        assert 0.2 < liver[shell].mean() < 0.8  # in contact with the liver, but not wrapped in it
+        for k in np.nonzero(gall.any(axis=(0, 1)))[0]:  # no axial slice where liver closes round it
+            ring = ndimage.binary_dilation(gall[:, :, k]) & ~gall[:, :, k]
+            assert liver[:, :, k][ring].mean() < 0.9
