@@ -114,9 +114,9 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
     """
     if not models:
         raise PipelineError("predict: no model to predict with")
-    # The slices are gathered into one contiguous batch once for all models (a strided gather per
-    # batch and model cost ~5% of an MR series' forward passes); softmax and sum run on that
-    # (D, K, H, W) layout and the result is permuted once at the end.
+    # The slices are gathered into one contiguous batch once for all models (not a strided gather
+    # per batch and model); softmax and sum run on that (D, K, H, W) layout and the result is
+    # permuted once at the end.
     slices = as_slices(image)
     total = None
     for model in models:
