@@ -38,8 +38,8 @@ from pipeline.config import Config, config_from_dict, config_to_dict, save_confi
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
 from pipeline.model import build_loss, build_model
-from pipeline.predict import (autocast_context, plain, postprocess, resolve_device, slice_logits,
-                              source_grid_inverter, to_source_grid)
+from pipeline.predict import (autocast_context, cpu_has_native_bf16, plain, postprocess, resolve_device,
+                              slice_logits, source_grid_inverter, to_source_grid)
 from pipeline.transforms import (LIVER_LABEL, ORIENTATION, deterministic_transforms, random_transforms,
                                  without_metadata)
 
@@ -370,6 +370,9 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
     ]
     for line in lines:
         log.info(line)
+    if device.type == "cpu" and t.amp == "bf16" and not cpu_has_native_bf16():
+        log.warning("train.amp=bf16 on a CPU without AVX512-BF16/AMX: bf16 is emulated there and slower "
+                    "than float32; consider --set train.amp=off")
 
 
 # ----------------------------------------------------------------------------- one fold

@@ -201,3 +201,14 @@ def test_weight_average_is_validated_saved_and_resumed_exactly(data_dir, tmp_pat
     run_training(data_dir, tmp_path / "resumed", "0", cfg, resume=True)
     assert without_times(read_metrics(tmp_path / "resumed" / "fold_0")) == without_times(
         read_metrics(straight / "fold_0"))
+
+
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
+def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog, tmp_path, native, warned):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
+    cfg = tiny_config("train.amp=bf16")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        train_mod.log_settings(cfg, 0, [], [], torch.device("cpu"), SimpleNamespace(world=1), 1, tmp_path, tmp_path)
+    assert any("emulated" in r.getMessage() for r in caplog.records) == warned
