@@ -216,7 +216,8 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
     from pipeline.transforms import image_transforms
 
-    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices))
+    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
+                                   modality_channel=run.cfg.model.modality_channel))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 

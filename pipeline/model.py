@@ -17,7 +17,8 @@ NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """MONAI UNet(spatial_dims=2, in_channels=1 + 2 * context_slices, out_channels=2) shaped by `cfg`."""
+    """MONAI UNet(spatial_dims=2, in_channels=1 + 2 * context_slices (+ 1 with modality_channel),
+    out_channels=2) shaped by `cfg`."""
     if len(cfg.channels) < 2 or len(cfg.strides) != len(cfg.channels) - 1:
         raise PipelineError(
             f"config model.strides: expected {len(cfg.channels) - 1} values for {len(cfg.channels)} "
@@ -27,7 +28,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.norm not in NORMS:
         raise PipelineError(f"config model.norm: expected one of {sorted(NORMS)}, got {cfg.norm!r}")
     return UNet(
-        spatial_dims=2, in_channels=1 + 2 * cfg.context_slices, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
+        spatial_dims=2, in_channels=1 + 2 * cfg.context_slices + int(cfg.modality_channel), out_channels=NUM_CLASSES,
+        channels=tuple(cfg.channels),
         strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=NORMS[cfg.norm],
     )
 

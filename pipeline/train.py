@@ -363,7 +363,7 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"{len(val)} validation cases ({', '.join(sorted({e['patient'] for e in val}))})",
         f"device {device}, amp {t.amp}, processes {dd.world}, seed {t.seed}",
         f"model UNet2D channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
-        f"dropout {m.dropout} norm {m.norm}",
+        f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
         f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
         f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
         f"loss {t.loss}, AdamW lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
@@ -390,12 +390,13 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
     train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices)
-                       + random_transforms(t))
+                       + random_transforms(t, modality_channel=cfg.model.modality_channel))
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
     generator = torch.Generator()
     loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
                         num_workers=t.num_workers, generator=generator, drop_last=False)
-    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(t, context=cfg.model.context_slices))
+    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(
+        t, context=cfg.model.context_slices, modality_channel=cfg.model.modality_channel))
     if dd.main:
         val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
         val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]

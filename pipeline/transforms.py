@@ -312,27 +312,65 @@ class NeighbourSlicesd(MapTransform):
         return d
 
 
+class ModalityChanneld(MapTransform):
+    """(C, ...) -> (C + 1, ...): a constant channel, 1.0 for CT and 0.0 for MR, from the "modality" field.
+
+    For one model trained on CT and MR together: with the modality as an input it need not guess it
+    from the grey levels, where the two disagree (the liver is brighter than fat on CT, darker than
+    fat on T1 in-phase, about as dark as fat on T2-SPIR). Appended after the random chain, so no
+    intensity augmentation touches it; volumes and slices alike.
+    """
+
+    def __init__(self, keys: KeysCollection, modality_key: str = "modality") -> None:
+        super().__init__(keys)
+        self.modality_key = modality_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        import torch
+
+        d = dict(data)
+        modality = d.get(self.modality_key)
+        if modality not in ("CT", "MR"):
+            raise PipelineError(f"modality channel: modality {modality!r} is neither CT nor MR")
+        for key in self.key_iterator(d):
+            img = d[key]
+            plain_img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+            flag = torch.full_like(plain_img[:1], 1.0 if modality == "CT" else 0.0)
+            stacked = torch.cat([plain_img, flag], dim=0)
+            if hasattr(img, "as_tensor"):
+                from monai.data import MetaTensor
+
+                stacked = MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
+            d[key] = stacked
+        return d
+
+
 def _check_roi(cfg: TrainConfig) -> tuple[int, int]:
     if len(cfg.roi_size) != 2 or min(cfg.roi_size) < 8:
         raise PipelineError(f"config train.roi_size: expected [H, W] with both >= 8, got {cfg.roi_size}")
     return int(cfg.roi_size[0]), int(cfg.roi_size[1])
 
 
-def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0) -> list[Transform]:
+def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
+                     modality_channel: bool = False) -> list[Transform]:
     """The deterministic chain for "image" only (what infer applies before prediction).
 
     load=False starts from an in-memory channel-first MetaTensor (infer reads DICOM itself).
     """
-    return deterministic_transforms(cfg, keys=("image",), load=load, context=context)
+    return deterministic_transforms(cfg, keys=("image",), load=load, context=context,
+                                    modality_channel=modality_channel)
 
 
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
-                             with_indices: bool = False, load: bool = True, context: int = 0) -> list[Transform]:
+                             with_indices: bool = False, load: bool = True, context: int = 0,
+                             modality_channel: bool = False) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
     appends the liver / non-liver slice indices used by the slice sampler, cached with the volume.
     `context` = model.context_slices: the image gets 1 + 2 * context channels (neighbour slices).
+    `modality_channel` = model.modality_channel: one more, constant channel (ModalityChanneld); for
+    the volumes training samples slices from, leave it off: random_transforms adds it after augmentation.
     """
     roi = _check_roi(cfg)
     keys = tuple(keys)
@@ -356,6 +394,8 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
     if has_label and with_indices:
         chain.append(SliceIndicesd("label"))
+    if modality_channel:
+        chain.append(ModalityChanneld("image"))
     return chain
 
 
@@ -380,7 +420,7 @@ def without_metadata() -> Iterator[None]:
         set_track_meta(previous)
 
 
-def random_transforms(cfg: TrainConfig) -> list[Transform]:
+def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[Transform]:
     """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
 
     Every random transform is a dictionary transform over ("image", "label"), so a single draw
@@ -421,4 +461,6 @@ def random_transforms(cfg: TrainConfig) -> list[Transform]:
         RandGaussianNoised("image", prob=0.2, std=0.03),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
+    if modality_channel:  # after every intensity transform, so it stays exactly 0 or 1
+        chain.append(ModalityChanneld("image"))
     return chain

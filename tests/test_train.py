@@ -212,3 +212,21 @@ def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch,
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
         train_mod.log_settings(cfg, 0, [], [], torch.device("cpu"), SimpleNamespace(world=1), 1, tmp_path, tmp_path)
     assert any("emulated" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_a_model_with_the_modality_channel_trains_validates_and_segments(data_dir, tmp_path):
+    import json
+
+    import numpy as np
+
+    from pipeline.infer import run_inference
+
+    results = run_training(data_dir, tmp_path / "run", "0", tiny_config("model.modality_channel=true",
+                                                                          "train.epochs=2"))
+    state = torch.load(tmp_path / "run" / "fold_0" / "best.pt", weights_only=True)
+    first_conv = next(v for k, v in state["model"].items() if v.ndim == 4)
+    assert first_conv.shape[1] == 2  # image + modality channel
+    assert 0.0 <= results[0].dice_best["CT_2"] <= 1.0
+    rows = run_inference(tmp_path / "run", data_dir, tmp_path / "out", patients="CT_2,MR_1")
+    assert {r["case"] for r in rows} >= {"CT_2"} and all(np.isfinite(r["dice"]) for r in rows)
+    assert json.loads((tmp_path / "out" / "inference.json").read_text())["cases"]

@@ -286,6 +286,24 @@ def test_one_pass_percentile_scaling_equals_monai(shape):
     assert 0.0 == float(ours.min()) < float(ours.max()) == 1.0
 
 
+def test_modality_channel_is_added_after_augmentation_and_stays_exact(prepared):
+    mr, ct = prepared
+    cfg = cfg_with("train.roi_size=[36,36]", "train.affine_prob=1.0", "train.bias_field_prob=1.0",
+                   "train.histogram_shift_prob=1.0", "train.intensity_scale=0.5", "train.slices_per_volume=3")
+    for data, flag in ((mr, 0.0), (ct, 1.0)):
+        det = Compose(deterministic_transforms(cfg, with_indices=True))(dict(data))
+        assert det["image"].shape[0] == 1  # the cached volumes do not carry it
+        with without_metadata():
+            slices = Compose(random_transforms(cfg, modality_channel=True))(copy.deepcopy(det))
+        for s in slices:
+            assert s["image"].shape == (2, 36, 36) and s["label"].shape == (1, 36, 36)
+            assert torch.all(s["image"][1] == flag)  # exactly 0 (MR) or 1 (CT), untouched by the intensity draws
+        vol = Compose(image_transforms(cfg, modality_channel=True))({"image": data["image"], "modality": data["modality"]})
+        assert vol["image"].shape[0] == 2 and torch.all(vol["image"][1] == flag)
+        assert torch.equal(vol["image"][:1].as_tensor(), Compose(image_transforms(cfg))(
+            {"image": data["image"], "modality": data["modality"]})["image"].as_tensor())  # channel 0 unchanged
+
+
 def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
     import torch
     from monai.data import MetaTensor
