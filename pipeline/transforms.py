@@ -316,9 +316,9 @@ class ModalityChanneld(MapTransform):
     """(C, ...) -> (C + 1, ...): a constant channel, 1.0 for CT and 0.0 for MR, from the "modality" field.
 
     For one model trained on CT and MR together: with the modality as an input it need not guess it
-    from the grey levels, where the two disagree (the liver is brighter than fat on CT, darker than
-    fat on T1 in-phase, about as dark as fat on T2-SPIR). Appended after the random chain, so no
-    intensity augmentation touches it; volumes and slices alike.
+    from the grey levels, where the sequences disagree (the liver is brighter than fat on CT and
+    T2-SPIR, darker on T1 in- and opposed-phase). Appended after the random chain, so no intensity
+    augmentation touches it; volumes and slices alike.
     """
 
     def __init__(self, keys: KeysCollection, modality_key: str = "modality") -> None:
