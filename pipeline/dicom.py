@@ -421,8 +421,8 @@ def _read_pixels_in_order(files: list[Path], rows: int, cols: int,
     """Pixels of `files` (already in slice order), modality rescale applied, float32 (cols, rows, slices).
 
     Uncompressed files already read whole (`datasets`, from the header pass) are stacked from
-    memory: one pass over the files instead of two (512x512x78 CT: read_series 0.10 s instead of
-    0.16 s on 2 cores, bench/bench_infer.py). Compressed transfer syntaxes go to SimpleITK (GDCM,
+    memory: one pass over the files instead of two (512x512x78 CT: read_series 0.09-0.14 s instead of
+    0.15-0.19 s on 2 cores, bench/bench_infer.py). Compressed transfer syntaxes go to SimpleITK (GDCM,
     C++), which decodes them several times faster than pydicom file by file; it is handed our
     slice order, and the geometry stays ours (from the pydicom headers). Where it fails, pydicom
     reads file by file, so the error names the file.

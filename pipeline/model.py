@@ -29,8 +29,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise PipelineError(f"config model.norm: expected one of {sorted(NORMS)}, got {cfg.norm!r}")
     return UNet(
         spatial_dims=2, in_channels=1 + 2 * cfg.context_slices + int(cfg.modality_channel), out_channels=NUM_CLASSES,
-        channels=tuple(cfg.channels),
-        strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=NORMS[cfg.norm],
+        channels=tuple(cfg.channels), strides=tuple(cfg.strides), num_res_units=cfg.num_res_units,
+        dropout=cfg.dropout, norm=NORMS[cfg.norm],
     )
 
 
