@@ -58,7 +58,8 @@ class ModelConfig:
     dropout: float = 0.1  # dropout probability
     norm: str = "instance"  # normalisation layer: instance | batch
     context_slices: int = 0  # neighbouring slices on each side fed as extra input channels (2.5D); 0 = plain 2D
-    modality_channel: bool = False  # one more input channel, 1 on CT slices and 0 on MR: tells one model of both which it sees
+    # one more input channel, 1 on CT slices and 0 on MR: tells one model of both modalities which it sees
+    modality_channel: bool = False
 
 
 @dataclass
