@@ -158,30 +158,23 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
 
     Both transforms run on the mask's bounding box plus a one-voxel background margin: components
     and enclosed holes are the same there as in the whole volume, at a fraction of the cost
-    (a liver fills a few percent of a CT volume). The largest component is looked for first in the
-    box of the liver alone when a coarse pre-pass shows it must be there (`_largest_component_candidate`):
-    the same result as MONAI's KeepLargestConnectedComponent on the whole volume, barring exact ties.
+    (a liver fills a few percent of a CT volume).
     """
+    from monai.transforms import KeepLargestConnectedComponent
+
     out = np.zeros_like(mask, dtype=np.uint8)  # the mask's memory layout (NIfTI's, from infer): no copy when written
     if not mask.any():
         return out
-    box = _bounding_box(mask)
-    crop = None
+    box = []
+    for axis in range(mask.ndim):  # from the projections: np.nonzero on a CT volume took ~0.2 s
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    box = tuple(box)
+    crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
+    t = torch.as_tensor(crop[None])
     if largest_component:
-        # Islands far from the liver stretch the box over much of a CT volume (0.05-0.13 s of
-        # labelling): first the box of the coarse group that must hold the largest component, the
-        # whole box only if that cannot be shown. Same result either way (tests/test_infer.py).
-        liver_box, others_bound = _largest_component_candidate(mask, box)
-        if liver_box is not None:
-            crop = _keep_largest(mask, liver_box)
-            if int(crop.sum()) > others_bound:
-                box = liver_box
-            else:
-                crop = None
-        if crop is None:
-            crop = _keep_largest(mask, box)
-    else:
-        crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
+        t = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(t)
+    crop = np.asarray(t[0], dtype=np.uint8)
     if fill_holes:
         # MONAI's FillHoles (full connectivity) marks the background reachable from outside by
         # iterated binary dilation, ~0.3 s on a CT liver's box; one labelling of the background does
@@ -193,57 +186,3 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
         crop = np.where((background > 0) & (background != background[(0,) * crop.ndim]), 1, crop).astype(np.uint8)
     out[box] = crop[1:-1, 1:-1, 1:-1]
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of `mask` plus a one-voxel margin, clipped to the volume."""
-    box = []
-    for axis in range(mask.ndim):  # from the projections: np.nonzero on a CT volume took ~0.2 s
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
-    return tuple(box)
-
-
-def _keep_largest(mask: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """MONAI's largest 26-connected component of mask[box], padded by one background voxel."""
-    from monai.transforms import KeepLargestConnectedComponent
-
-    crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
-    kept = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.as_tensor(crop[None]))
-    return np.asarray(kept[0], dtype=np.uint8)
-
-
-COARSE_CELL = (4, 4, 2)  # voxels per cell of the coarse grid of the largest-component pre-pass
-
-
-def _largest_component_candidate(mask: np.ndarray, box: tuple[slice, ...]) -> tuple[tuple[slice, ...] | None, int]:
-    """(box of the biggest group of occupied coarse cells, bound on any component outside that group).
-
-    Two voxels that touch (26-connectivity) lie in the same or in touching cells of a coarse grid,
-    so every component of `mask` lies within one connected group of occupied cells. The largest
-    component is therefore the largest one in the biggest group's box whenever that one has at
-    least as many voxels as any other group could hold (its cells times the voxels per cell);
-    postprocess checks this bound and otherwise labels the whole box. (None, 0) for a single group
-    or a mask that is not 3-D.
-    """
-    from scipy import ndimage
-
-    if mask.ndim != 3:
-        return None, 0
-    sub = mask[box]
-    cells = [-(-n // k) for n, k in zip(sub.shape, COARSE_CELL)]
-    padded = np.zeros([c * k for c, k in zip(cells, COARSE_CELL)], bool)
-    padded[tuple(slice(0, n) for n in sub.shape)] = sub
-    occupied = padded.reshape(cells[0], COARSE_CELL[0], cells[1], COARSE_CELL[1], cells[2], COARSE_CELL[2]).any(
-        axis=(1, 3, 5))
-    groups, count = ndimage.label(occupied, structure=np.ones((3, 3, 3), bool))
-    if count <= 1:
-        return None, 0
-    sizes = np.bincount(groups.ravel())[1:]
-    biggest = int(np.argmax(sizes))
-    others_bound = int(np.delete(sizes, biggest).max()) * int(np.prod(COARSE_CELL))
-    cx, cy, cz = ndimage.find_objects((groups == biggest + 1).astype(np.uint8))[0]
-    liver_box = tuple(
-        slice(b.start + c.start * k, min(b.start + c.stop * k, b.stop))
-        for b, c, k in zip(box, (cx, cy, cz), COARSE_CELL))
-    return liver_box, others_bound

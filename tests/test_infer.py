@@ -98,38 +98,6 @@ def test_largest_component_removes_islands_and_fill_holes_fills():
     np.testing.assert_array_equal(untouched, mask)
 
 
-def test_largest_component_pre_pass_gives_monai_s_result(monkeypatch):
-    from monai.transforms import KeepLargestConnectedComponent
-
-    import pipeline.predict as predict
-
-    def monai_lcc(mask):
-        return np.asarray(KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(
-            torch.as_tensor(mask[None].astype(np.uint8)))[0], dtype=np.uint8)
-
-    rng = np.random.default_rng(0)
-    used = {"liver box": 0, "whole box": 0}
-    real_keep = predict._keep_largest
-
-    def counting_keep(mask, box):
-        used["whole box" if box == predict._bounding_box(mask) else "liver box"] += 1
-        return real_keep(mask, box)
-
-    monkeypatch.setattr(predict, "_keep_largest", counting_keep)
-    for trial in range(12):
-        mask = np.zeros((60, 50, 24), bool)
-        x, y, z = np.ogrid[:60, :50, :24]
-        mask |= ((x - 20) / 12.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((z - 12) / 8.0) ** 2 < 1  # the "liver"
-        mask |= rng.random(mask.shape) < 0.0005  # scattered islands all over the volume
-        if trial % 3 == 1:  # a second, smaller blob far away, over enough coarse cells that the bound cannot exclude it
-            mask |= ((x - 50) / 9.0) ** 2 + ((y - 42) / 6.0) ** 2 + ((z - 12) / 10.0) ** 2 < 1
-        if trial % 3 == 2:  # islands touching the liver (they belong to it)
-            mask[20, 18, 2:5] = True
-        ours = postprocess(np.asfortranarray(mask), largest_component=True, fill_holes=False)
-        np.testing.assert_array_equal(ours, monai_lcc(mask))
-    assert used["liver box"] >= 8 and used["whole box"] >= 1  # both paths were exercised
-
-
 def test_chaos_png_output_has_one_png_per_dicom_file_with_liver_63(tmp_path):
     series = tmp_path / "s"
     files = write_tiny(series, ellipsoid_volume(), spacing=(0.8, 0.7, -2.5))
