@@ -38,7 +38,7 @@ from pipeline.chaos import find_cases  # noqa: E402
 from pipeline.infer import (LIVER, _chaos_case, load_run, postprocess, predict_case,  # noqa: E402
                             preprocess_case, segment_case)
 from pipeline.metrics import dice  # noqa: E402
-from pipeline.predict import autocast_context, plain  # noqa: E402
+from pipeline.predict import as_slices, autocast_context  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-real"
 
@@ -46,7 +46,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-
 def bare_forward(run, volume: np.ndarray, affine: np.ndarray, modality: str) -> float:
     """Seconds for the models' forward passes over every slice (preprocessing done beforehand)."""
     _, img = preprocess_case(run, volume, affine, modality)
-    slices = plain(img).permute(3, 0, 1, 2).contiguous().to(run.device)  # (D, 1, H, W)
+    slices = as_slices(img).to(run.device)  # (D, C, H, W), as predict_volume batches them
     bs = run.cfg.infer.batch_size
     t0 = time.perf_counter()
     with torch.inference_mode(), autocast_context(run.device, run.cfg.infer.amp):
