@@ -54,6 +54,7 @@ from monai.transforms import (
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.predict import plain
 
 ORIENTATION = "RAS"  # one convention for every volume the network sees
 LIVER_LABEL = 1  # the liver's value in the prepared organ label maps
@@ -302,14 +303,21 @@ class NeighbourSlicesd(MapTransform):
             depth = img.shape[-1]
             z = torch.arange(depth)
             idx = [torch.clamp(z + off, 0, depth - 1) for off in range(-self.context, self.context + 1)]
-            plain_img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
-            stacked = torch.cat([plain_img[..., i] for i in idx], dim=0)
-            if hasattr(img, "as_tensor"):
-                from monai.data import MetaTensor
-
-                stacked = MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
-            d[key] = stacked
+            plain_img = plain(img)
+            d[key] = _stack_channels(img, [plain_img[..., i] for i in idx])
         return d
+
+
+def _stack_channels(img, channels: list) -> "torch.Tensor":
+    """torch.cat(channels) along the channel axis, carrying `img`'s metadata when it is a MetaTensor."""
+    import torch
+
+    stacked = torch.cat(channels, dim=0)
+    if hasattr(img, "as_tensor"):
+        from monai.data import MetaTensor
+
+        return MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
+    return stacked
 
 
 class ModalityChanneld(MapTransform):
@@ -334,14 +342,9 @@ class ModalityChanneld(MapTransform):
             raise PipelineError(f"modality channel: modality {modality!r} is neither CT nor MR")
         for key in self.key_iterator(d):
             img = d[key]
-            plain_img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+            plain_img = plain(img)
             flag = torch.full_like(plain_img[:1], 1.0 if modality == "CT" else 0.0)
-            stacked = torch.cat([plain_img, flag], dim=0)
-            if hasattr(img, "as_tensor"):
-                from monai.data import MetaTensor
-
-                stacked = MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
-            d[key] = stacked
+            d[key] = _stack_channels(img, [plain_img, flag])
         return d
 
 
