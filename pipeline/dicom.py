@@ -430,7 +430,7 @@ def _read_pixels_in_order(files: list[Path], rows: int, cols: int,
     if datasets is not None and all(_is_plain_image(ds) for ds in datasets):
         stack = np.empty((len(files), rows, cols), dtype=np.float32)
         for k, (path, ds) in enumerate(zip(files, datasets)):
-            stack[k] = _read_pixels(path, rows, cols, ds)[::-1, :]  # to_nifti_slice's row flip, in place
+            _read_pixels(path, rows, cols, ds, out=stack[k, ::-1, :])  # to_nifti_slice's row flip, in place
         return stack.transpose(2, 1, 0)  # (X, Y, Z), Fortran-ordered like NIfTI on disk
     import SimpleITK as sitk
 
@@ -460,31 +460,37 @@ def _is_plain_image(ds: pydicom.Dataset) -> bool:
             and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and "ModalityLUTSequence" not in ds)
 
 
-def _read_pixels(path: Path, rows: int, cols: int, ds: pydicom.Dataset | None = None) -> np.ndarray:
+def _read_pixels(path: Path, rows: int, cols: int, ds: pydicom.Dataset | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Stored pixels with the modality rescale applied, float32 rows x cols (pydicom).
 
     `ds`: the file already read whole. Slope and intercept are applied here as pydicom's
     apply_modality_lut does (float64, then float32) at half its cost; LUTs go to pydicom.
+    `out`: a float32 rows x cols array (a view into the volume being stacked) to write into.
     """
+    out = np.empty((rows, cols), dtype=np.float32) if out is None else out
     try:
         if ds is None or "PixelData" not in ds:
             ds = pydicom.dcmread(path)
         arr = ds.pixel_array
+        if arr.shape != (rows, cols):
+            raise PipelineError(f"{path}: pixel data has shape {arr.shape}, expected {(rows, cols)}")
         if "ModalityLUTSequence" in ds:
-            arr = apply_modality_lut(arr, ds)
+            out[...] = apply_modality_lut(arr, ds)
         elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
             slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
             if slope == 1.0 and intercept.is_integer() and arr.dtype.itemsize <= 2 and abs(intercept) < 2**23:
-                # integers below 2**24 throughout (CT's usual case): float32 is exact, no float64 copy
-                arr = arr.astype(np.float32)
-                arr += np.float32(intercept)
+                # integers below 2**24 throughout (CT's usual case): float32 is exact, so the values
+                # are cast into `out` and shifted there, no float64 copy and no temporary
+                out[...] = arr
+                out += np.float32(intercept)
             else:
-                arr = arr * slope + intercept
+                out[...] = arr * slope + intercept
+        else:
+            out[...] = arr
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError, TypeError) as exc:
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
-    if arr.shape != (rows, cols):
-        raise PipelineError(f"{path}: pixel data has shape {arr.shape}, expected {(rows, cols)}")
-    return np.asarray(arr, dtype=np.float32)
+    return out
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any) -> Path:
@@ -495,7 +501,7 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: 
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or np.allclose(affine, np.eye(4)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise PipelineError(f"{path}: refusing to write a NIfTI with an identity or singular affine")
-    img = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")

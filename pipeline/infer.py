@@ -136,7 +136,9 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
 
     from pipeline.model import build_model
     from pipeline.predict import cpu_has_native_bf16, resolve_device
+    from pipeline.runtime import keep_freed_memory
 
+    keep_freed_memory()  # a fifth of inference time went to page faults (pipeline/runtime.py)
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
@@ -214,10 +216,11 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
-    from pipeline.transforms import image_transforms
+    from pipeline.transforms import flips_only, image_transforms
 
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
-                                   modality_channel=run.cfg.model.modality_channel))
+                                   modality_channel=run.cfg.model.modality_channel,
+                                   orient_last=flips_only(affine)))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 
@@ -236,7 +239,7 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
 
 
 def network_probs(run: LoadedRun, image, stages: Stages):
-    """Stage 2: fold-ensemble softmax (2, H, W, Z) on the model's grid."""
+    """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid."""
     from pipeline.predict import predict_volume
 
     with stages("network"):
@@ -250,12 +253,42 @@ def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages
     from pipeline.predict import source_grid_inverter, to_source_grid
 
     with stages("invert"):
-        # only the liver channel is resampled back: half the work of inverting both
-        inv = to_source_grid(probs[LIVER:LIVER + 1], image, source_grid_inverter(transform))
+        inv = to_source_grid(probs, image, source_grid_inverter(transform))
         liver = np.asarray(inv[0], dtype=np.float32)
     if liver.shape != tuple(shape):
         raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {tuple(shape)}")
     return liver
+
+
+def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
+    """Boolean liver mask (X, Y, Z), liver probability >= 0.5 on the source grid.
+
+    When the in-plane resize was the first spatial step (preprocess_case's chain for axial series),
+    the steps after it are undone with MONAI's Invertd on the model's grid and the resize by
+    `InPlaneResize.inverse_mask`, which interpolates only the liver's box (equal to thresholding the
+    full inversion up to float32 rounding at 0.5; tests/test_infer.py). Otherwise: the full
+    inversion, then the threshold.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from pipeline.predict import source_grid_inverter
+    from pipeline.transforms import InPlaneResized
+
+    steps = list(transform.transforms)
+    resize = [i for i, t in enumerate(steps) if isinstance(t, InPlaneResized)]
+    ops = [op["class"] for op in image.applied_operations]
+    if not resize or not ops or ops[0] != "InPlaneResize":
+        return liver_on_source_grid(probs, image, transform, shape, stages) >= 0.5
+    with stages("invert"):
+        pred = MetaTensor(probs, meta=image.meta, applied_operations=list(image.applied_operations))
+        later = steps[resize[0] + 1:]
+        if len(ops) > 1:
+            pred = source_grid_inverter(Compose(later))({"pred": pred, "image": image})["pred"]
+        mask = steps[resize[0]].resizer.inverse_mask(pred, 0.5)
+    if mask.shape != tuple(shape):
+        raise PipelineError(f"internal error: inverted prediction {mask.shape} != image {tuple(shape)}")
+    return mask
 
 
 def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str,
@@ -309,9 +342,9 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
     from pipeline.visualize import montage
 
     case, volume, affine, geom, stage = prepared.case, prepared.volume, prepared.affine, prepared.geom, prepared.stages
-    prob = liver_on_source_grid(probs, prepared.image, prepared.transform, volume.shape, stage)
+    raw = liver_mask_on_source_grid(probs, prepared.image, prepared.transform, volume.shape, stage)
     with stage("postprocess"):
-        mask = postprocess(prob >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
+        mask = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     with stage("write"):
         mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
         if run.cfg.infer.save_image:

@@ -102,21 +102,22 @@ def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, devic
     outputs = []
     with torch.inference_mode(), autocast_context(device, amp):
         for start in range(0, slices.shape[0], batch_size):
-            outputs.append(model(slices[start:start + batch_size].to(device)).float().cpu())
-    return torch.cat(outputs)
+            outputs.append(model(slices[start:start + batch_size].to(device)))
+    # one concatenation and one conversion to float32 (the same values as converting every batch
+    # before concatenating: the autocast output is exact in float32), not one per batch
+    return torch.cat(outputs).float().cpu()
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
                    device: torch.device, amp: str = "off") -> torch.Tensor:
-    """Softmax probabilities averaged over `models`: image (1, H, W, D) -> float32 (2, H, W, D).
-
-    Channel 1 is the liver probability. Models are put in eval mode and restored afterwards.
+    """Liver probability (softmax channel 1) averaged over `models`: image (C, H, W, D) -> float32
+    (1, H, W, D). Models are put in eval mode and restored afterwards.
     """
     if not models:
         raise PipelineError("predict: no model to predict with")
     # The slices are gathered into one contiguous batch once for all models (not a strided gather
-    # per batch and model); softmax and sum run on that (D, K, H, W) layout and the result is
-    # permuted once at the end.
+    # per batch and model); the probabilities are summed on that (D, H, W) layout and the result
+    # is permuted once at the end.
     slices = as_slices(image)
     total = None
     for model in models:
@@ -126,9 +127,13 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
             logits = _batch_logits(model, slices, batch_size, device, amp)
         finally:
             model.train(was_training)
-        probs = torch.softmax(logits, dim=1)
+        if logits.shape[1] != 2:
+            raise PipelineError(f"predict: expected a background/liver model with 2 outputs, got {logits.shape[1]}")
+        # softmax's liver channel is the sigmoid of the logit difference: one channel to
+        # exponentiate instead of two (tests/test_infer.py compares with torch.softmax)
+        probs = torch.sigmoid(logits[:, 1] - logits[:, 0])
         total = probs if total is None else total.add_(probs)
-    return total.div_(len(models)).permute(1, 2, 3, 0)
+    return total.div_(len(models))[None].permute(0, 2, 3, 1)
 
 
 def source_grid_inverter(transform):

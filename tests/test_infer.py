@@ -85,6 +85,23 @@ def test_fold_ensemble_averages_probabilities(tmp_path):
     np.testing.assert_allclose(p_both, (p_each[0] + p_each[1]) / 2, atol=1e-5)
 
 
+def test_predict_volume_is_the_mean_softmax_of_the_models():
+    from pipeline.predict import predict_volume
+
+    cfg = load_config(None, TINY)
+    models = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        models.append(build_model(cfg.model).eval())
+    image = torch.rand(1, 16, 16, 7)
+    with torch.inference_mode():
+        probs = predict_volume(models, image, batch_size=3, device=torch.device("cpu"))
+        slices = image.permute(3, 0, 1, 2)
+        expected = torch.stack([torch.softmax(m(slices), dim=1) for m in models]).mean(0).permute(1, 2, 3, 0)[1:2]
+    assert probs.shape == (1, 16, 16, 7)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
 def test_largest_component_removes_islands_and_fill_holes_fills():
     mask = np.zeros((20, 20, 10), np.uint8)
     mask[2:12, 2:12, 2:8] = 1
@@ -203,6 +220,47 @@ def test_postprocess_on_the_bounding_box_equals_monai_on_the_whole_volume():
     shell[4:8, 4:8, 4:8] = False  # an enclosed cavity
     assert postprocess(shell, False, True).sum() == 8 ** 3
     assert postprocess(np.zeros((4, 4, 4), bool), True, True).sum() == 0
+
+
+AFFINES = {
+    "flipped_in_plane": np.array([[-0.8, 0, 0, 20], [0, -0.7, 0, 15], [0, 0, 3.0, -40], [0, 0, 0, 1]]),
+    "flipped_in_z": np.array([[0.8, 0, 0, 20], [0, 0.7, 0, 15], [0, 0, -3.0, -40], [0, 0, 0, 1]]),
+    "sagittal_permuted": np.array([[0, 0, -3.0, 20], [0.8, 0, 0, 15], [0, 0.7, 0, -40], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+@pytest.mark.parametrize("source", [(40, 36, 9), (64, 57, 5)])
+def test_boxed_mask_inversion_equals_thresholding_the_full_inversion(tmp_path, name, source):
+    """infer's mask comes from an inversion that interpolates only the liver's box (axial series) or
+    from the full inversion (others); both must give the voxels of `full inversion >= 0.5`."""
+    from scipy.ndimage import gaussian_filter
+
+    from pipeline.infer import Stages, liver_mask_on_source_grid, liver_on_source_grid, preprocess_case
+    from pipeline.transforms import flips_only
+
+    run = load_run(make_run(tmp_path / "run"), None, ["train.roi_size=[20,16]"])
+    rng = np.random.default_rng(len(name) + source[0])
+    volume = rng.normal(100, 20, size=source).astype(np.float32)
+    pre, image = preprocess_case(run, volume, AFFINES[name], "MR")
+    ops = [op["class"] for op in image.applied_operations]
+    assert ops[0] == ("InPlaneResize" if flips_only(AFFINES[name]) else "Orientation")  # boxed path or not
+    boxed = flips_only(AFFINES[name])
+    for kind in ("blob", "islands", "points")[:3 if boxed else 2]:  # a liver-like blob, islands, lone pixels
+        field = gaussian_filter(rng.random(image.shape[1:]), 1.5)
+        field = (field - field.min()) / np.ptp(field)
+        liver = np.clip(1.6 * field - (0.6 if kind == "blob" else 0.2), 0, 1)
+        if kind == "points":  # 0.45 everywhere: a source pixel at 1 lifts every output it weighs on, however little
+            liver = np.full(image.shape[1:], 0.45)
+            liver[0, 3, 1] = liver[-1, -1, -1] = liver[7, 5, 2] = 1.0
+        probs = torch.as_tensor(liver, dtype=torch.float32)[None]
+        expected = liver_on_source_grid(probs, image, pre, volume.shape, Stages()) >= 0.5
+        assert 0 < expected.sum() < expected.size
+        mask = liver_mask_on_source_grid(probs, image, pre, volume.shape, Stages())
+        assert mask.shape == volume.shape and mask.dtype == bool
+        np.testing.assert_array_equal(mask, expected)
+    empty = liver_mask_on_source_grid(torch.zeros_like(probs), image, pre, volume.shape, Stages())
+    assert not empty.any()
 
 
 def test_a_2p5d_model_gets_its_neighbour_slices_and_keeps_the_series_grid(tmp_path):

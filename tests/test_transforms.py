@@ -180,6 +180,48 @@ def test_in_memory_volumes_get_the_same_preprocessing_as_files(prepared):
     assert np.allclose(np.asarray(from_memory.affine), np.asarray(from_file.affine))
 
 
+@pytest.mark.parametrize("flips", [(-1, -1, 1), (1, -1, -1), (-1, 1, 1)])
+def test_orienting_after_the_resize_gives_the_same_image_and_inverse(flips):
+    """infer reorients on the model's grid when the reorientation only flips axes: same image,
+    same affine, and Invertd brings a prediction back to the same source voxels."""
+    from monai.data import MetaTensor
+
+    from pipeline.transforms import flips_only
+
+    cfg = cfg_with("train.roi_size=[24,20]")
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.8 * flips[0], 0.7 * flips[1], 3.0 * flips[2], 1.0])
+    affine[:3, 3] = [12.0, -30.0, 40.0]
+    assert flips_only(affine)
+    volume = rng.normal(100, 30, size=(50, 44, 7)).astype(np.float32)
+    results = []
+    for late in (False, True):
+        chain = Compose(image_transforms(cfg, load=False, orient_last=late))
+        image = chain({"image": MetaTensor(torch.as_tensor(volume[None]), affine=torch.as_tensor(affine)),
+                       "modality": "MR"})["image"]
+        probs = torch.as_tensor(rng.random(image.shape, dtype=np.float32)) if not results else results[0][1]
+        pred = MetaTensor(probs, meta=image.meta, applied_operations=copy.deepcopy(image.applied_operations))
+        back = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False)(
+            {"pred": pred, "image": image})["pred"]
+        results.append((image, probs, back))
+    (a, _, back_a), (b, _, back_b) = results
+    assert [op["class"] for op in b.applied_operations] == ["InPlaneResize", "Orientation"]
+    torch.testing.assert_close(b.as_tensor(), a.as_tensor(), rtol=0, atol=1e-5)
+    assert np.allclose(np.asarray(b.affine), np.asarray(a.affine), atol=1e-6)
+    assert tuple(back_b.shape[1:]) == volume.shape
+    torch.testing.assert_close(back_b.as_tensor(), back_a.as_tensor(), rtol=0, atol=1e-5)
+    assert np.allclose(np.asarray(back_b.affine), affine, atol=1e-6)
+
+
+def test_flips_only_is_false_when_the_axes_must_be_permuted():
+    from pipeline.transforms import flips_only
+
+    sagittal = np.array([[0, 0, -2.0, 0], [0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1]])
+    assert not flips_only(sagittal)
+    with pytest.raises(PipelineError, match="image-only"):
+        deterministic_transforms(cfg_with(), orient_last=True)
+
+
 def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border():
     import torch
     from monai.data import MetaTensor
@@ -200,6 +242,23 @@ def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border(
     np.testing.assert_allclose(np.asarray(InPlaneResize((16, 16))(fortran)), np.asarray(ours), atol=1e-6)  # layout
     up = InPlaneResize((96, 80))(img)  # enlarging: plain bilinear, nothing to smooth
     np.testing.assert_allclose(np.asarray(up), np.asarray(Resize((96, 80, -1), mode="bilinear")(img)), atol=1e-5)
+
+
+def test_in_plane_resize_band_by_band_equals_the_dense_matrix_product():
+    """Several bands of 32 output rows per axis, both memory layouts, shrinking and enlarging."""
+    import torch
+    from monai.data import MetaTensor
+
+    from pipeline.transforms import InPlaneResize
+
+    x = torch.rand(1, 200, 150, 3)
+    for roi in [(70, 40), (230, 96)]:
+        m0, m1 = InPlaneResize.axis_matrix(200, roi[0]), InPlaneResize.axis_matrix(150, roi[1])
+        dense = torch.einsum("ah,bw,chwz->cabz", m0, m1, x)
+        assert len(InPlaneResize.axis_operator(200, roi[0])[1]) == -(-roi[0] // 32) > 1
+        for data in (x, torch.as_tensor(np.asfortranarray(x[0].numpy()))[None]):
+            out = InPlaneResize(roi)(MetaTensor(data, affine=torch.eye(4)))
+            torch.testing.assert_close(out.as_tensor(), dense, rtol=0, atol=2e-6)
 
 
 def test_in_plane_resize_is_undone_by_invertd_to_the_source_grid():
