@@ -136,7 +136,7 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
 
     from pipeline.model import build_model
     from pipeline.predict import cpu_has_native_bf16, resolve_device
-    from pipeline.runtime import keep_freed_memory
+    from pipeline.runtime import freeze_long_lived_objects, keep_freed_memory
 
     keep_freed_memory()  # a fifth of inference time went to page faults (pipeline/runtime.py)
     run_dir = Path(run_dir)
@@ -174,6 +174,7 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
             raise PipelineError(f"{ck}: cannot load checkpoint ({first})") from None
         models.append(model.eval().to(device))
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
+    freeze_long_lived_objects()  # full garbage collections had cost 0.14 s at random (pipeline/runtime.py)
     return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device)
 
 

@@ -102,10 +102,8 @@ def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, devic
     outputs = []
     with torch.inference_mode(), autocast_context(device, amp):
         for start in range(0, slices.shape[0], batch_size):
-            outputs.append(model(slices[start:start + batch_size].to(device)))
-    # one concatenation and one conversion to float32 (the same values as converting every batch
-    # before concatenating: the autocast output is exact in float32), not one per batch
-    return torch.cat(outputs).float().cpu()
+            outputs.append(model(slices[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(outputs)
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
@@ -116,23 +114,26 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
     if not models:
         raise PipelineError("predict: no model to predict with")
     # The slices are gathered into one contiguous batch once for all models (not a strided gather
-    # per batch and model); the probabilities are summed on that (D, H, W) layout and the result
-    # is permuted once at the end.
+    # per batch and model). Each batch's logits are turned into liver probabilities and summed as
+    # they come: softmax's liver channel is the sigmoid of the logit difference, one channel to
+    # exponentiate instead of two (tests/test_infer.py compares with torch.softmax), and no
+    # concatenated copy of every model's logits (those extra passes over memory had made the
+    # network stage 5% slower than the forward passes alone on a real CT).
     slices = as_slices(image)
-    total = None
+    total = torch.zeros(slices.shape[0], *slices.shape[2:])  # (D, H, W)
     for model in models:
         was_training = model.training
         model.eval()
         try:
-            logits = _batch_logits(model, slices, batch_size, device, amp)
+            with torch.inference_mode(), autocast_context(device, amp):
+                for start in range(0, slices.shape[0], batch_size):
+                    logits = model(slices[start:start + batch_size].to(device)).float()
+                    if logits.shape[1] != 2:
+                        raise PipelineError(f"predict: expected a background/liver model with 2 outputs, "
+                                            f"got {logits.shape[1]}")
+                    total[start:start + batch_size] += torch.sigmoid(logits[:, 1] - logits[:, 0]).cpu()
         finally:
             model.train(was_training)
-        if logits.shape[1] != 2:
-            raise PipelineError(f"predict: expected a background/liver model with 2 outputs, got {logits.shape[1]}")
-        # softmax's liver channel is the sigmoid of the logit difference: one channel to
-        # exponentiate instead of two (tests/test_infer.py compares with torch.softmax)
-        probs = torch.sigmoid(logits[:, 1] - logits[:, 0])
-        total = probs if total is None else total.add_(probs)
     return total.div_(len(models))[None].permute(0, 2, 3, 1)
 
 
@@ -157,7 +158,8 @@ def to_source_grid(probs: torch.Tensor, image: torch.Tensor, inverter) -> torch.
 
 
 def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Binary liver mask (X, Y, Z) -> cleaned uint8 mask (liver 1), with MONAI's label transforms.
+    """Binary liver mask (X, Y, Z) -> cleaned uint8 mask (liver 1): MONAI's KeepLargestConnectedComponent
+    and FillHoles, computed as below (equal results, tested).
 
     What infer writes (infer.largest_component, infer.fill_holes) and what validation scores.
 
@@ -165,7 +167,7 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     and enclosed holes are the same there as in the whole volume, at a fraction of the cost
     (a liver fills a few percent of a CT volume).
     """
-    from monai.transforms import KeepLargestConnectedComponent
+    from scipy import ndimage
 
     out = np.zeros_like(mask, dtype=np.uint8)  # the mask's memory layout (NIfTI's, from infer): no copy when written
     if not mask.any():
@@ -176,18 +178,24 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
         box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
     box = tuple(box)
     crop = np.pad(mask[box].astype(np.uint8), 1)  # the margin also where the box meets the volume's edge
-    t = torch.as_tensor(crop[None])
+    full = np.ones((3,) * crop.ndim, bool)  # 26-connectivity in 3-D, MONAI's connectivity=3
     if largest_component:
-        t = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(t)
-    crop = np.asarray(t[0], dtype=np.uint8)
+        # What MONAI's KeepLargestConnectedComponent(applied_labels=[1], connectivity=3) does
+        # (get_largest_connected_component_mask: label, nothing to do for one component, else keep
+        # the first of the argsort of the sizes, reversed), without its conversions and per-label
+        # masks around the labelling: 0.031 instead of 0.044 s on a real CT liver's box. The result
+        # equals MONAI's (tests/test_infer.py compares them).
+        labels, count = ndimage.label(crop, structure=full)
+        if count > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            crop = (labels == np.argsort(sizes)[::-1][0]).astype(np.uint8)
     if fill_holes:
         # MONAI's FillHoles (full connectivity) marks the background reachable from outside by
         # iterated binary dilation, ~0.3 s on a CT liver's box; one labelling of the background does
         # the same in ~0.05 s: with the one-voxel margin, the outside is the component at the corner.
         # The result equals MONAI's (tests/test_infer.py compares them).
-        from scipy import ndimage
-
-        background, _ = ndimage.label(crop == 0, structure=np.ones((3,) * crop.ndim, bool))
+        background, _ = ndimage.label(crop == 0, structure=full)
         crop = np.where((background > 0) & (background != background[(0,) * crop.ndim]), 1, crop).astype(np.uint8)
     out[box] = crop[1:-1, 1:-1, 1:-1]
     return out

@@ -66,7 +66,8 @@ class ScaleIntensityRangeOneBuffer(ScaleIntensityRange):
 
     Same operations in the same order (subtract, divide, scale, shift, clip), so the same float32
     values; MONAI allocates a new volume for each of the four steps, which made the CT window the
-    dearest step of inference preprocessing (512x512x78 CT on 2 cores: 0.124 s vs 0.034 s).
+    dearest step of inference preprocessing (512x512x78 CT on 2 cores: 0.124 s vs 0.034 s; 0.018 s
+    since glibc keeps freed memory, pipeline/runtime.py).
     Anything but a float32 tensor to float32 with a proper range goes to MONAI's own code.
     """
 
@@ -79,8 +80,12 @@ class ScaleIntensityRangeOneBuffer(ScaleIntensityRange):
                 or self.a_max == self.a_min or self.b_min is None or self.b_max is None):
             return super().__call__(img)
         x = img.as_tensor() if isinstance(img, MetaTensor) else img
-        out = torch.sub(x, self.a_min)
-        out.div_(self.a_max - self.a_min).mul_(self.b_max - self.b_min).add_(self.b_min)
+        out = torch.sub(x, self.a_min).div_(self.a_max - self.a_min)
+        # scaling by 1 and shifting by 0 (the usual [0, 1] target) change no value: skipped, 2 of 5 passes
+        if self.b_max - self.b_min != 1.0:
+            out.mul_(self.b_max - self.b_min)
+        if self.b_min != 0.0:
+            out.add_(self.b_min)
         if self.clip:
             out.clamp_(self.b_min, self.b_max)
         if isinstance(img, MetaTensor) and get_track_meta():
