@@ -291,6 +291,27 @@ def test_differing_matrix_sizes_are_an_error(tmp_path):
         read_series(tmp_path)
 
 
+@pytest.mark.parametrize("allocated,stored,signed", [(16, 16, 0), (16, 16, 1), (16, 12, 0), (16, 12, 1),
+                                                     (8, 8, 0), (8, 7, 1), (32, 32, 1), (32, 20, 0)])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_stored_pixels_equal_pydicom_pixel_array_on_every_bit_pattern(tmp_path, allocated, stored, signed, syntax):
+    """The bytes-as-array fast path masks and sign-extends exactly as pydicom does, high bits set or not."""
+    import copy
+
+    from pipeline.dicom import _stored_pixels
+
+    ds = copy.deepcopy(pydicom.dcmread(write_tiny(tmp_path, ramp_volume(1, 8, 6))[0]))
+    rng = np.random.default_rng(allocated + stored + signed)
+    raw = rng.integers(0, 2 ** allocated, size=48, dtype=np.uint64).astype(f"<u{allocated // 8}")
+    raw[:4] = [0, 2 ** allocated - 1, 2 ** (stored - 1), 2 ** (stored - 1) - 1]  # edges of the stored range
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, signed
+    ds.PixelData = raw.tobytes()
+    ours = _stored_pixels(ds, 8, 6)
+    assert ours.dtype == ds.pixel_array.dtype
+    np.testing.assert_array_equal(ours, ds.pixel_array)
+
+
 def test_unreadable_pixel_data_names_the_file(tmp_path):
     paths = write_tiny(tmp_path, ramp_volume(3, 8, 8))
     raw = paths[1].read_bytes()

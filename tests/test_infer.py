@@ -212,9 +212,12 @@ def test_postprocess_on_the_bounding_box_equals_monai_on_the_whole_volume():
             return torch.as_tensor(mask[None].astype(np.uint8))
 
         largest = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(fresh())
-        np.testing.assert_array_equal(postprocess(mask, True, False), np.asarray(largest[0]))
-        np.testing.assert_array_equal(postprocess(mask, True, True), np.asarray(FillHoles(applied_labels=[1])(largest)[0]))
-        np.testing.assert_array_equal(postprocess(mask, False, True), np.asarray(FillHoles(applied_labels=[1])(fresh())[0]))
+        for layout in (mask, np.asfortranarray(mask)):  # C order, and NIfTI's (as infer passes it)
+            np.testing.assert_array_equal(postprocess(layout, True, False), np.asarray(largest[0]))
+            np.testing.assert_array_equal(postprocess(layout, True, True),
+                                          np.asarray(FillHoles(applied_labels=[1])(largest)[0]))
+            np.testing.assert_array_equal(postprocess(layout, False, True),
+                                          np.asarray(FillHoles(applied_labels=[1])(fresh())[0]))
     shell = np.zeros((12, 12, 12), bool)
     shell[2:10, 2:10, 2:10] = True
     shell[4:8, 4:8, 4:8] = False  # an enclosed cavity
