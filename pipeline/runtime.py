@@ -8,13 +8,14 @@ CT series; reading a series creates tens of thousands of pydicom objects, which 
 `keep_freed_memory` tells glibc's malloc to keep freed memory for reuse. By default glibc hands
 every allocation above a (dynamic) threshold back to the kernel when it is freed and trims the top
 of the heap, so the next UNet activation or the next 80 MB CT volume is a fresh mapping whose pages
-fault in and are zeroed one by one. On this project's 2-core CPU that cost a fifth of inference:
-real CT series, 5-fold ensemble, bf16, bench/bench_infer.py, the same process measured with
-`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456`
-against the defaults: end to end 0.98 vs 1.21 s, the bare forward passes 0.74 vs 0.87 s, peak RSS
-791 vs 934 MB. Intel's PyTorch CPU tuning guide gets the same effect by preloading jemalloc or
-tcmalloc; `mallopt` does it from inside the process, with the C library we already have.
-Elsewhere than glibc (macOS, musl) it does nothing.
+fault in and are zeroed one by one. On this project's 2-core CPU that cost a fifth of inference.
+Two runs of bench/bench_infer.py (real CT series, 5-fold ensemble, bf16), one with
+`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456` in
+the environment: end to end 0.98 vs 1.21 s, the bare forward passes 0.74 vs 0.87 s, peak RSS 791
+vs 934 MB. A training step (UNet, batch 16 at 128x128, bf16), alternated runs with and without:
+0.142 vs 0.154 s and 0.157 vs 0.170 s. Intel's PyTorch CPU tuning guide gets the same effect by
+preloading jemalloc or tcmalloc; `mallopt` does it from inside the process, with the C library we
+already have. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 from __future__ import annotations
 
