@@ -553,9 +553,6 @@ def write_cv_summary(run_dir: Path, results: list[FoldResult]) -> str:
 def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg: Config,
                  resume: bool = False) -> list[FoldResult]:
     """Train fold `fold` ("0".."k-1") or every fold ("all") of DATA_DIR's datalist into RUN_DIR."""
-    from pipeline.runtime import keep_freed_memory
-
-    keep_freed_memory()  # training steps 8% faster without the page faults (pipeline/runtime.py)
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     entries, labels, num_folds = load_datalist(data_dir)
     folds = parse_folds(fold, num_folds, data_dir)
