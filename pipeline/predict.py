@@ -180,9 +180,9 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
     if largest_component:
         # What MONAI's KeepLargestConnectedComponent(applied_labels=[1], connectivity=3) does
         # (get_largest_connected_component_mask: label, nothing to do for one component, else keep
-        # the first of the argsort of the sizes, reversed), without its conversions and per-label
-        # masks around the labelling: 0.031 instead of 0.044 s on a real CT liver's box. The result
-        # equals MONAI's (tests/test_infer.py compares them).
+        # the first of the argsort of the sizes, reversed), written out so that the labelling runs
+        # on the C-ordered view (`_label`): MONAI labels the NIfTI-ordered box as it is, 0.044-0.051 s
+        # on the real CT's, against 0.031 s here. The result equals MONAI's (tests/test_infer.py).
         labels, count = _label(crop, full)
         if count > 1:
             sizes = np.bincount(labels.ravel())

@@ -284,7 +284,7 @@ class InPlaneResize(Resize):
     @staticmethod
     @lru_cache(maxsize=16)
     def upsample_matrix(n: int, m: int) -> "torch.Tensor":
-        """(m, n) float32: torch's bilinear (align_corners=False) weights for n -> m, m >= n, as
+        """(m, n) float32: torch's linear (align_corners=False, no smoothing) weights for n -> m, as
         `inverse` applies them (interpolation of unit vectors gives its weights exactly)."""
         import torch
 
@@ -298,7 +298,7 @@ class InPlaneResize(Resize):
         A bilinear value is a convex combination of its source neighbours, so it reaches the
         threshold only next to a source pixel that does: only the output box that depends on the
         source pixels at or above the threshold is interpolated (matrix form, as `axis_matrix`), the
-        rest is False. On a CT liver that is a tenth of the 512x512xZ grid. Equal to thresholding
+        rest is False. On the real CT that is a fifth of the 512x512x78 grid. Equal to thresholding
         `inverse` except where the probability lies within float32 rounding (~1e-7) of the threshold.
         """
         import torch
