@@ -86,7 +86,9 @@ def slice_logits(model: nn.Module, image: torch.Tensor, batch_size: int, device:
     on top of the forward passes (real CT, 78 slices, 5 models, bf16: 0.99 s vs 0.75 s).
     The caller sets eval/train mode; this only runs the slices through the model.
     """
-    return _batch_logits(model, as_slices(image), batch_size, device, amp).permute(1, 2, 3, 0)
+    slices = as_slices(image)
+    return torch.cat([logits.cpu() for _, logits in _batch_logits(model, slices, batch_size, device, amp)]
+                     ).permute(1, 2, 3, 0)
 
 
 def as_slices(image: torch.Tensor) -> torch.Tensor:
@@ -97,13 +99,12 @@ def as_slices(image: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, device: torch.device,
-                  amp: str) -> torch.Tensor:
-    """Logits (D, K, H, W) float32 on the CPU of slices (D, C, H, W), `batch_size` at a time."""
-    outputs = []
+                  amp: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first slice, float32 logits (B, K, H, W) on `device`) for slices (D, C, H, W), `batch_size`
+    at a time, under inference mode and the autocast of `amp`."""
     with torch.inference_mode(), autocast_context(device, amp):
         for start in range(0, slices.shape[0], batch_size):
-            outputs.append(model(slices[start:start + batch_size].to(device)).float().cpu())
-    return torch.cat(outputs)
+            yield start, model(slices[start:start + batch_size].to(device)).float()
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
@@ -125,13 +126,11 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), autocast_context(device, amp):
-                for start in range(0, slices.shape[0], batch_size):
-                    logits = model(slices[start:start + batch_size].to(device)).float()
-                    if logits.shape[1] != 2:
-                        raise PipelineError(f"predict: expected a background/liver model with 2 outputs, "
-                                            f"got {logits.shape[1]}")
-                    total[start:start + batch_size] += torch.sigmoid(logits[:, 1] - logits[:, 0]).cpu()
+            for start, logits in _batch_logits(model, slices, batch_size, device, amp):
+                if logits.shape[1] != 2:
+                    raise PipelineError(f"predict: expected a background/liver model with 2 outputs, "
+                                        f"got {logits.shape[1]}")
+                total[start:start + logits.shape[0]] += torch.sigmoid(logits[:, 1] - logits[:, 0]).cpu()
         finally:
             model.train(was_training)
     return total.div_(len(models))[None].permute(0, 2, 3, 1)

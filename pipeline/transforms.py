@@ -190,15 +190,16 @@ class InPlaneResize(Resize):
 
     @staticmethod
     @lru_cache(maxsize=16)
-    def axis_matrix(n: int, m: int) -> "torch.Tensor":
-        """(m, n) float32: bilinear resize n -> m after Gaussian smoothing when shrinking (cached:
-        the series of a run share a few sizes; callers only read it)."""
+    def axis_matrix(n: int, m: int, anti_aliasing: bool = True) -> "torch.Tensor":
+        """(m, n) float32: bilinear resize n -> m, after Gaussian smoothing when shrinking if
+        `anti_aliasing` (the forward resize; `inverse` does not smooth). Cached: the series of a run
+        share a few sizes; callers only read it."""
         import torch
         from monai.networks.layers.convutils import gaussian_1d
         from scipy.ndimage import correlate1d
 
         eye = np.eye(n)
-        sigma = max((n / m - 1.0) / 2.0, 0.0)
+        sigma = max((n / m - 1.0) / 2.0, 0.0) if anti_aliasing else 0.0
         if sigma > 0:
             kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf").double().numpy()
             eye = correlate1d(eye, kernel, axis=0, mode="nearest")  # column j = smoothed unit vector j
@@ -281,16 +282,6 @@ class InPlaneResize(Resize):
         y = torch.nn.functional.interpolate(x, size=(orig[1], orig[0]), mode="bilinear", align_corners=False)
         return MetaTensor(y.reshape(c, z, orig[1], orig[0]).permute(0, 3, 2, 1)).copy_meta_from(meta)
 
-    @staticmethod
-    @lru_cache(maxsize=16)
-    def upsample_matrix(n: int, m: int) -> "torch.Tensor":
-        """(m, n) float32: torch's linear (align_corners=False, no smoothing) weights for n -> m, as
-        `inverse` applies them (interpolation of unit vectors gives its weights exactly)."""
-        import torch
-
-        eye = torch.eye(n, dtype=torch.float64)[:, None]
-        return torch.nn.functional.interpolate(eye, size=m, mode="linear", align_corners=False)[:, 0].T.contiguous().float()
-
     def inverse_mask(self, data, threshold: float) -> np.ndarray:
         """`inverse(data)[0] >= threshold` for a one-channel probability map, as a bool (H, W, Z)
         array in NIfTI's memory layout, computed only where the threshold can be reached.
@@ -313,21 +304,20 @@ class InPlaneResize(Resize):
         hit = (x[0] >= threshold).numpy()
         if not hit.any():
             return out
-        box_in, box_out = [], []
+        box_in, weights = [], []
         for axis, (n, m) in enumerate(zip(x.shape[1:3], orig[:2])):
             on = np.flatnonzero(hit.any(axis=tuple(a for a in range(3) if a != axis)))
-            weights = self.upsample_matrix(n, m)
-            rows = np.flatnonzero((weights[:, on[0]:on[-1] + 1] > 0).any(dim=1).numpy())  # outputs that can reach it
-            cols = np.flatnonzero((weights[rows[0]:rows[-1] + 1] > 0).any(dim=0).numpy())  # inputs they read
-            box_out.append(slice(int(rows[0]), int(rows[-1]) + 1))
+            matrix = self.axis_matrix(n, m, anti_aliasing=False)  # what `inverse` interpolates with
+            rows = np.flatnonzero((matrix[:, on[0]:on[-1] + 1] > 0).any(dim=1).numpy())  # outputs that can reach it
+            cols = np.flatnonzero((matrix[rows[0]:rows[-1] + 1] > 0).any(dim=0).numpy())  # inputs they read
             box_in.append(slice(int(cols[0]), int(cols[-1]) + 1))
+            weights.append((slice(int(rows[0]), int(rows[-1]) + 1), matrix[rows[0]:rows[-1] + 1, box_in[-1]]))
+        (rows0, w0), (rows1, w1) = weights
         on_z = np.flatnonzero(hit.any(axis=(0, 1)))
         z = slice(int(on_z[0]), int(on_z[-1]) + 1)
-        w0 = self.upsample_matrix(x.shape[1], orig[0])[box_out[0], box_in[0]]
-        w1 = self.upsample_matrix(x.shape[2], orig[1])[box_out[1], box_in[1]]
         crop = x[0, box_in[0], box_in[1], z].permute(2, 0, 1)  # (Z', h', w')
         values = torch.matmul(torch.matmul(w0, crop), w1.T)  # (Z', H', W')
-        out[box_out[0], box_out[1], z] = (values >= threshold).permute(1, 2, 0).numpy()
+        out[rows0, rows1, z] = (values >= threshold).permute(1, 2, 0).numpy()
         return out
 
 
