@@ -94,7 +94,10 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    folds: str = "all"  # "all" = ensemble of every fold's best checkpoint, or one fold number
+    folds: str = "all"  # "all" = ensemble of every fold's checkpoint, or one fold number
+    # best: the epoch with the highest validation Dice; last: the final epoch. A Dice reported on
+    # the same patients that chose "best" is optimistic: score held-out patients with "last".
+    checkpoint: str = "best"
     batch_size: int = 32  # slices per forward pass
     largest_component: bool = True  # keep only the largest connected liver component
     # fill enclosed holes in the liver mask. Off by default: on held-out data it changed nothing that

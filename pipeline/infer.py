@@ -131,7 +131,7 @@ class LoadedRun:
 
 def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
              config_path: Path | None = None) -> LoadedRun:
-    """Read config and best checkpoints of a run folder; one fold or all of them."""
+    """Read config and checkpoints (infer.checkpoint: best or last) of a run folder; one fold or all."""
     import torch
 
     from pipeline.model import build_model
@@ -159,10 +159,13 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     fold_dirs = sorted(run_dir.glob("fold_*"), key=lambda p: p.name)
     if chosen != "all":
         fold_dirs = [d for d in fold_dirs if d.name == f"fold_{chosen}"]
-    ckpts = [d / "best.pt" for d in fold_dirs if (d / "best.pt").exists()]
+    if cfg.infer.checkpoint not in ("best", "last"):
+        raise PipelineError(f"config infer.checkpoint: expected best | last, got {cfg.infer.checkpoint!r}")
+    name = f"{cfg.infer.checkpoint}.pt"
+    ckpts = [d / name for d in fold_dirs if (d / name).exists()]
     if not ckpts:
         which = "any fold_*" if chosen == "all" else f"fold_{chosen}"
-        raise PipelineError(f"{run_dir}: no best.pt checkpoint in {which}")
+        raise PipelineError(f"{run_dir}: no {name} checkpoint in {which}")
     models = []
     for ck in ckpts:
         try:

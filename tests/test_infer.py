@@ -85,6 +85,26 @@ def test_fold_ensemble_averages_probabilities(tmp_path):
     np.testing.assert_allclose(p_both, (p_each[0] + p_each[1]) / 2, atol=1e-5)
 
 
+def test_checkpoint_setting_chooses_best_or_last(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    run_dir = make_run(tmp_path / "run")
+    cfg = load_config(None, TINY)
+    torch.manual_seed(99)
+    last = build_model(cfg.model)
+    torch.save({"model": last.state_dict(), "epoch": 2}, run_dir / "fold_0" / "last.pt")
+    volume, geom = read_series(series)
+    with torch.inference_mode():
+        p = {name: predict_case(load_run(run_dir, None, [f"infer.checkpoint={name}"]), volume, geom.affine, "MR")
+             for name in ("best", "last")}
+    assert not np.allclose(p["best"], p["last"], atol=1e-3)
+    with pytest.raises(PipelineError, match="infer.checkpoint"):
+        load_run(run_dir, None, ["infer.checkpoint=final"])
+    (run_dir / "fold_0" / "last.pt").unlink()
+    with pytest.raises(PipelineError, match="no last.pt"):
+        load_run(run_dir, None, ["infer.checkpoint=last"])
+
+
 def test_predict_volume_is_the_mean_softmax_of_the_models():
     from pipeline.predict import predict_volume
 
