@@ -37,6 +37,7 @@ class SynthConfig:
     mr_size: int = 128  # in-plane matrix of the MR series
     ct_slices: list[int] = field(default_factory=lambda: [40, 56])  # [min, max] CT slice count
     mr_slices: list[int] = field(default_factory=lambda: [26, 36])  # [min, max] MR slice count
+    workers: int = 0  # processes writing patients side by side (0: one per CPU core); same bytes either way
 
 
 @dataclass

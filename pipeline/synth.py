@@ -23,9 +23,11 @@ Ground PNGs are indexed like the stored pixel array (row, column), no flip.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -515,11 +517,28 @@ def _ids(base: list[int], count: int) -> list[int]:
     return (base + list(extra))[:count]
 
 
+def _synth_patient(modality: str, pid: int, tmp: Path, cfg: SynthConfig) -> tuple[dict, float]:
+    """Write one patient into `tmp` (a scratch folder); returns its summary row and the seconds it took."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    t0 = time.perf_counter()
+    make = synth_ct_patient if modality == "CT" else synth_mr_patient
+    return make(tmp, pid, cfg), time.perf_counter() - t0
+
+
+def _workers(requested: int, jobs: int) -> int:
+    if requested < 0:
+        raise PipelineError(f"synth.workers must be >= 0, got {requested}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested or cores, jobs))
+
+
 def generate_dataset(out: str | Path, cfg: SynthConfig) -> Path:
     """Write `cfg.patients` CT and `cfg.patients` MR patients under `out/Train_Sets`; return that path.
 
     Each patient is generated in a hidden scratch folder beside Train_Sets and renamed into place
-    when complete, so an interrupted run never leaves a half patient. Same cfg -> identical bytes.
+    when complete, so an interrupted run never leaves a half patient. Same cfg -> identical bytes,
+    whatever `cfg.workers`: every patient draws from its own seeded generator.
     """
     if cfg.patients < 1:
         raise PipelineError(f"synth.patients must be >= 1, got {cfg.patients}")
@@ -533,26 +552,41 @@ def generate_dataset(out: str | Path, cfg: SynthConfig) -> Path:
     root = Path(out) / "Train_Sets"
     scratch = Path(out) / f".synth-partial-{os.getpid()}"
     jobs = [("CT", i) for i in _ids(CT_IDS, cfg.patients)] + [("MR", i) for i in _ids(MR_IDS, cfg.patients)]
+    workers = _workers(cfg.workers, len(jobs))
     t0 = time.perf_counter()
+
+    def finish(modality: str, pid: int, row: dict, seconds: float) -> None:
+        final = root / modality / str(pid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)  # a previous synth output of the same patient
+        os.replace(scratch / modality / str(pid), final)
+        log.info("%s_%d written in %.1f s: %s", modality, pid, seconds, row)
+
+    bar = tqdm(total=len(jobs), desc="synth patients", unit="patient")
     try:
-        for modality, pid in tqdm(jobs, desc="synth patients", unit="patient"):
-            tmp = scratch / modality / str(pid)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            t1 = time.perf_counter()
-            make = synth_ct_patient if modality == "CT" else synth_mr_patient
-            row = make(tmp, pid, cfg)
-            final = root / modality / str(pid)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                shutil.rmtree(final)  # a previous synth output of the same patient
-            os.replace(tmp, final)
-            log.info("%s_%d written in %.1f s: %s", modality, pid, time.perf_counter() - t1, row)
+        if workers == 1:
+            for modality, pid in jobs:
+                finish(modality, pid, *_synth_patient(modality, pid, scratch / modality / str(pid), cfg))
+                bar.update()
+        else:
+            # Patients are independent and the work is NumPy/SciPy on one core each: one process
+            # per core. "spawn" because the caller may have started torch's thread pools already.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_synth_patient, m, i, scratch / m / str(i), cfg): (m, i) for m, i in jobs}
+                try:
+                    for fut in as_completed(futures):
+                        finish(*futures[fut], *fut.result())
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
+        bar.close()
         if scratch.exists():
             shutil.rmtree(scratch)
-    log.info("synthetic data set (%d CT + %d MR patients) in %.1f s: %s", cfg.patients, cfg.patients,
-             time.perf_counter() - t0, root)
+    log.info("synthetic data set (%d CT + %d MR patients, %d process%s) in %.1f s: %s", cfg.patients,
+             cfg.patients, workers, "es" if workers > 1 else "", time.perf_counter() - t0, root)
     return root
 
 

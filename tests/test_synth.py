@@ -143,7 +143,8 @@ def test_organs_come_and_go_across_slices(root):
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_different_data(root, tmp_path):
-    again = generate_dataset(tmp_path / "again", tiny())
+    # `root` was written by one process per core (2 on CI), `again` by one process
+    again = generate_dataset(tmp_path / "again", tiny(workers=1))
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for rel in files:
@@ -186,6 +187,8 @@ def test_invalid_sizes_raise_a_pipeline_error_naming_the_key(tmp_path):
         generate_dataset(tmp_path, tiny(mr_slices=[9, 3]))
     with pytest.raises(PipelineError, match="synth.patients"):
         generate_dataset(tmp_path, tiny(patients=0))
+    with pytest.raises(PipelineError, match="synth.workers"):
+        generate_dataset(tmp_path, tiny(workers=-1))
     assert not (tmp_path / "Train_Sets").exists()
 
 
@@ -213,7 +216,7 @@ def test_an_interrupted_run_leaves_only_complete_patients(tmp_path, monkeypatch)
 
     monkeypatch.setattr(synth, "write_series", failing_write_series)
     with pytest.raises(KeyboardInterrupt):
-        generate_dataset(tmp_path, tiny(patients=1))
+        generate_dataset(tmp_path, tiny(patients=1, workers=1))  # in-process: the patch must reach the writer
     root = tmp_path / "Train_Sets"
     assert [p.name for p in (root / "CT").iterdir()] == [str(CT_IDS[0])]
     assert not (root / "MR").exists(), "a half-written MR patient was left in Train_Sets"
