@@ -3,24 +3,33 @@
 
     python run.py synth    --out DIR [--patients N] [--seed S]
     python run.py prepare  --data CHAOS_ROOT --out DIR [--sequences CT,T2SPIR,...]
-    python run.py train    --data PREPARED_DIR --run RUN_DIR [--fold K|all] [--resume]
-    python run.py infer    --run RUN_DIR --input PATH --out DIR [--format nifti|chaos-png]
+    python run.py train    --data PREPARED_DIR --run-dir RUN_DIR [--fold K|all] [--resume]
+    python run.py infer    --run-dir RUN_DIR --input PATH --out DIR [--format nifti|chaos-png]
     python run.py evaluate --pred PATH --ref PATH [--dicom DIR] --out DIR
-    python run.py report   --run RUN_DIR
+    python run.py report   --run-dir RUN_DIR
     python run.py demo     [--out DIR]     synth -> prepare -> train -> infer -> evaluate
 
 Every command takes --config FILE and --set section.key=value. Each subcommand is a thin
-wrapper around one function of the `pipeline` package; torch and MONAI are imported inside
-the commands so that `--help` is instant.
+wrapper around one function of the `pipeline` package, which returns its results; tables are
+printed here, unless -q. torch and MONAI are imported inside the commands so that `--help` is
+instant. `--run-dir` is also spelled `--run`, except under torchrun, which takes `--run` for its
+own `--run-path`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
+
+
+def _show(args, text: str) -> None:
+    """Print a command's table or closing line, unless -q (or on a torchrun rank other than 0)."""
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        print(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -31,6 +40,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def _run_dir(p: argparse.ArgumentParser, help: str) -> None:
+    # --run-dir, not --run: torchrun's parser takes `--run` for its own `--run-path` option and stops
+    # ("ambiguous option") when `torchrun run.py train --run ...` is typed without `--`.
+    p.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, metavar="RUN_DIR",
+                   help=f"{help} (--run also works outside torchrun)")
 
 
 def _config(args, extra: list[str] | None = None):
@@ -49,7 +65,7 @@ def cmd_synth(args) -> int:
         extra.append(f"synth.seed={args.seed}")
     cfg = _config(args, extra)
     root = generate_dataset(args.out, cfg.synth)
-    print(f"synthetic CHAOS data set written to {root}")
+    _show(args, f"synthetic CHAOS data set written to {root}")
     return 0
 
 
@@ -58,15 +74,17 @@ def cmd_prepare(args) -> int:
 
     extra = [f"prepare.sequences=[{args.sequences}]"] if args.sequences else []
     cfg = _config(args, extra)
-    prepare_dataset(args.data, args.out, cfg)
+    _show(args, prepare_dataset(args.data, args.out, cfg)["table"])
     return 0
 
 
 def cmd_train(args) -> int:
-    from pipeline.train import run_training
+    from pipeline.train import format_cv_summary, run_training
 
     cfg = _config(args)
-    run_training(data_dir=args.data, run_dir=args.run, fold=args.fold, cfg=cfg, resume=args.resume)
+    results = run_training(data_dir=args.data, run_dir=args.run, fold=args.fold, cfg=cfg, resume=args.resume)
+    if args.fold == "all":
+        _show(args, format_cv_summary(results))
     return 0
 
 
@@ -85,7 +103,7 @@ def cmd_evaluate(args) -> int:
     from pipeline.evaluate import run_evaluation
 
     cfg = _config(args)
-    run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, dicom=args.dicom, cfg=cfg)
+    _show(args, run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, dicom=args.dicom, cfg=cfg)["table"])
     return 0
 
 
@@ -93,7 +111,7 @@ def cmd_report(args) -> int:
     from pipeline.report import write_report
 
     path = write_report(args.run, eval_dir=args.eval)
-    print(f"report written to {path}")
+    _show(args, f"report written to {path}")
     return 0
 
 
@@ -103,7 +121,7 @@ def cmd_demo(args) -> int:
 
     # configs/demo.yaml holds only what the demo changes from the defaults; --config replaces it.
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    run_demo(args.out, cfg)
+    _show(args, run_demo(args.out, cfg)["table"])
     return 0
 
 
@@ -131,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the 2D UNet, one fold or the whole cross-validation")
     p.add_argument("--data", type=Path, required=True, help="prepared folder (holding datalist.json)")
-    p.add_argument("--run", type=Path, required=True, help="run folder (fold_<k>/ is created inside)")
+    _run_dir(p, "run folder (fold_<k>/ is created inside)")
     p.add_argument("--fold", default="0", help="fold number or 'all' (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from fold_<k>/last.pt")
     _common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="DICOM series or prepared NIfTI -> one NIfTI liver mask per case")
-    p.add_argument("--run", type=Path, required=True, help="trained run folder")
+    _run_dir(p, "trained run folder")
     p.add_argument("--input", type=Path, required=True,
                    help="CHAOS root, a single DICOM series folder, or a prepared folder / datalist.json")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -160,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="write an offline HTML report of a run")
-    p.add_argument("--run", type=Path, required=True, help="run folder")
+    _run_dir(p, "run folder")
     p.add_argument("--eval", type=Path, default=None, help="evaluate output folder to include")
     _common(p)
     p.set_defaults(func=cmd_report)
@@ -175,11 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from pipeline.console import command_output
     from pipeline.errors import PipelineError
 
     try:
-        return args.func(args)
+        with command_output(level):
+            return args.func(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,10 +35,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.infer import (LIVER, _chaos_case, load_run, postprocess, predict_case,  # noqa: E402
+from pipeline.labels import LIVER  # noqa: E402
+from pipeline.postprocess import postprocess  # noqa: E402
+from pipeline.infer import (_chaos_case, load_run, predict_case,  # noqa: E402
                             preprocess_case, segment_case)
 from pipeline.metrics import dice  # noqa: E402
-from pipeline.predict import as_slices, autocast_context  # noqa: E402
+from pipeline.device import autocast_context  # noqa: E402
+from pipeline.predict import as_slices  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-real"
 
@@ -64,7 +67,8 @@ def speed(run, cases, repeats: int) -> None:
     ratios = {"CT": [], "MR": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for case in cases:
-            volume, affine, geom = case.load()
+            vol = case.load()
+            volume, affine, geom = vol.array, vol.affine, vol.geometry
             e2e, bare, parts = [], [], []
             for _ in range(repeats):  # interleaved, so both see the same machine state
                 row = segment_case(run, case, Path(tmp))
@@ -85,7 +89,7 @@ def speed(run, cases, repeats: int) -> None:
 def throughput(run, cases, repeats: int) -> None:
     cases = [dataclasses.replace(c, truth=None) for c in cases]  # masks only: no Ground to read and score
     loaded = [case.load() for case in cases]
-    n_ct = sum(geom.modality == "CT" for _, _, geom in loaded)
+    n_ct = sum(v.modality == "CT" for v in loaded)
     print(f"\nthroughput: {len(cases)} series ({n_ct} CT) as one infer run, {repeats} repeats, medians")
     walls, bare = [], []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -94,7 +98,7 @@ def throughput(run, cases, repeats: int) -> None:
             for case in cases:  # as run_inference does
                 segment_case(run, case, Path(tmp))
             walls.append(time.perf_counter() - t0)
-            bare.append(sum(bare_forward(run, v, a, g.modality) for v, a, g in loaded))
+            bare.append(sum(bare_forward(run, v.array, v.affine, v.modality) for v in loaded))
     bare_s, infer_s = statistics.median(bare) / len(cases), statistics.median(walls) / len(cases)
     print(f"s per series: infer {infer_s:.3f}, bare forward {bare_s:.3f}, ratio {infer_s / bare_s:.2f}")
 
@@ -116,8 +120,9 @@ def quality(run_dir: Path, data: Path) -> None:
         sources = [s for s in find_cases(data) if s.case in val_cases]
         for src in sources:
             case = _chaos_case(src)
-            volume, affine, geom = case.load()
-            truth = case.truth(geom)
+            vol = case.load()
+            volume, affine, geom = vol.array, vol.affine, vol.geometry
+            truth = case.truth(vol)
             row = []
             probs = {}
             for name, amp, lcc, fill in variants:

@@ -25,7 +25,8 @@ from timing import median_time  # noqa: E402
 
 from pipeline.chaos import find_cases  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.dicom import read_series, write_nifti  # noqa: E402
+from pipeline.dicom import read_series  # noqa: E402
+from pipeline.volume import write_nifti  # noqa: E402
 from pipeline.prepare import image_dtype, prepare_case  # noqa: E402
 
 

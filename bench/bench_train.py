@@ -26,8 +26,10 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_loss, build_model  # noqa: E402
-from pipeline.predict import autocast_context, plain, resolve_device  # noqa: E402
-from pipeline.train import Dist, build_loaders, load_datalist, split_fold  # noqa: E402
+from pipeline.datalist import read_datalist  # noqa: E402
+from pipeline.device import autocast_context, resolve_device  # noqa: E402
+from pipeline.predict import plain  # noqa: E402
+from pipeline.train import Dist, build_loaders  # noqa: E402
 from pipeline.transforms import without_metadata  # noqa: E402
 
 
@@ -57,8 +59,7 @@ def main() -> int:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(0)
 
-    entries, _, _ = load_datalist(args.data)
-    train, val = split_fold(entries, args.fold, args.data)
+    train, val = read_datalist(args.data).split(args.fold)
     t0 = time.perf_counter()
     _, loader, _, _, _, _ = build_loaders(cfg, train, val, Dist())
     cache_s = time.perf_counter() - t0

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train import load_datalist, run_training  # noqa: E402
+from pipeline.datalist import read_datalist  # noqa: E402
+from pipeline.train import run_training  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +35,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     cfg = load_config(None, args.overrides)
-    _, _, num_folds = load_datalist(args.data)
+    num_folds = read_datalist(args.data).num_folds
     folds = range(num_folds) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
     results = [run_training(args.data, args.run, str(k), cfg)[0] for k in folds]
 

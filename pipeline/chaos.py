@@ -22,13 +22,17 @@ from PIL import Image
 from pipeline.dicom import SeriesGeometry, natural_key
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name
+from pipeline.labels import LIVER
 
 log = logging.getLogger(__name__)
 
 SEQUENCES = ("CT", "T1DUAL_InPhase", "T1DUAL_OutPhase", "T2SPIR")
-LABELS = {0: "background", 1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
-# Official MR Ground grey levels: (low, high) inclusive -> label.
-MR_GREY_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
+# Official MR Ground grey level of each organ (label in pipeline.labels.ORGANS -> grey level); the
+# liver's, 63, is also the grey level of the liver in the challenge's submissions.
+MR_GREY_LEVELS = {LIVER: 63, 2: 126, 3: 189, 4: 252}
+CHAOS_PNG_LIVER = MR_GREY_LEVELS[LIVER]
+# The bands the official MR Ground PNGs actually use around those levels: (low, high) inclusive -> label.
+MR_GREY_RANGES = ((55, 70, LIVER), (110, 135, 2), (175, 200, 3), (240, 255, 4))
 _CT_GROUND = re.compile(r"^liver_GT_(\d+)$")
 _DIGITS = re.compile(r"^\d+$")
 
@@ -45,15 +49,29 @@ class CaseSource:
     ground_dir: Path | None
 
 
-def resolve_root(root: str | Path) -> Path:
-    """The folder holding CT/ and/or MR/: `root` itself, or its Train_Sets/ (else Test_Sets/)."""
+def find_root(root: str | Path) -> Path | None:
+    """The folder holding CT/ and/or MR/: `root` itself, or its Train_Sets/ (else Test_Sets/); None
+    when `root` is not a CHAOS root."""
     root = Path(root)
-    if not root.is_dir():
-        raise PipelineError(f"{root}: CHAOS root folder not found")
     for candidate in (root, root / "Train_Sets", root / "Test_Sets"):
         if (candidate / "CT").is_dir() or (candidate / "MR").is_dir():
             return candidate
-    raise PipelineError(f"{root}: not a CHAOS root (expected Train_Sets/, Test_Sets/, or CT/ and MR/ inside)")
+    return None
+
+
+def is_chaos_root(root: str | Path) -> bool:
+    return find_root(root) is not None
+
+
+def resolve_root(root: str | Path) -> Path:
+    """find_root, or an error naming `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"{root}: CHAOS root folder not found")
+    found = find_root(root)
+    if found is None:
+        raise PipelineError(f"{root}: not a CHAOS root (expected Train_Sets/, Test_Sets/, or CT/ and MR/ inside)")
+    return found
 
 
 def _patient_dirs(modality_dir: Path) -> list[Path]:
@@ -144,12 +162,20 @@ def read_ground(case: CaseSource, geometry: SeriesGeometry) -> np.ndarray:
     return geometry.stack(slices)
 
 
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".png" and not path.name.startswith(".")
+
+
+def list_pngs(folder: Path) -> list[Path]:
+    """The visible PNG files of `folder` in natural file-name order (the order CHAOS pairs them in)."""
+    return sorted((p for p in Path(folder).iterdir() if _is_png(p)), key=lambda p: natural_key(p.name))
+
+
 def _pngs(ground_dir: Path) -> list[Path]:
-    out = []
-    for p in sorted(ground_dir.iterdir(), key=lambda p: natural_key(p.name)):
-        if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith("."):
-            out.append(p)
-        elif p.is_file():
+    """A Ground folder's PNGs; other files are skipped with a warning, no PNG at all is an error."""
+    out = list_pngs(ground_dir)
+    for p in sorted(ground_dir.iterdir()):
+        if p.is_file() and not _is_png(p):
             log.warning("%s: not a Ground PNG, skipped", p)
     if not out:
         raise PipelineError(f"{ground_dir}: no Ground PNG files")
@@ -250,10 +276,15 @@ def read_png(png: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def png_labels(png: Path, modality: str, shape: tuple[int, int]) -> np.ndarray:
-    """One Ground PNG -> uint8 labels (rows x cols, as stored). CT: non-zero -> 1; MR: grey ranges."""
+    """One Ground PNG -> uint8 labels (rows x cols, as stored). CT: non-zero -> liver; MR: grey ranges."""
     arr = read_png(png, shape)
     if modality == "CT":
-        return (arr != 0).astype(np.uint8)
+        return (arr != 0).astype(np.uint8) * np.uint8(LIVER)
+    return decode_mr_grey(arr, png)
+
+
+def decode_mr_grey(arr: np.ndarray, png: Path) -> np.ndarray:
+    """MR Ground grey levels -> uint8 organ labels; a value outside every band is an error naming `png`."""
     labels = np.zeros(arr.shape, dtype=np.uint8)
     known = arr == 0
     for low, high, label in MR_GREY_RANGES:
@@ -264,3 +295,21 @@ def png_labels(png: Path, modality: str, shape: tuple[int, int]) -> np.ndarray:
         value = int(arr[~known].flat[0])
         raise PipelineError(f"{png}: grey value {value} is outside the known CHAOS label ranges")
     return labels
+
+
+def png_stack_liver(pngs_by_file: dict[Path, Path], geometry: SeriesGeometry) -> np.ndarray:
+    """{DICOM file: PNG} -> bool liver volume in NIfTI order (geometry.shape), for Ground and
+    submission PNGs alike.
+
+    The stack's grey levels decide how to read it: MR Ground (values in the liver band AND other
+    non-zero values, i.e. kidneys / spleen) -> the liver band, any value outside the four bands
+    being an error; otherwise (CT Ground 0/1, submissions with one grey level such as 63 or 255)
+    any non-zero pixel is liver.
+    """
+    raw = {Path(f): read_png(png, (geometry.rows, geometry.cols)) for f, png in pngs_by_file.items()}
+    low, high, _ = next(r for r in MR_GREY_RANGES if r[2] == LIVER)
+    in_band = any(np.any((a >= low) & (a <= high)) for a in raw.values())
+    outside = any(np.any((a != 0) & ((a < low) | (a > high))) for a in raw.values())
+    if not (in_band and outside):
+        return geometry.stack({f: a != 0 for f, a in raw.items()})
+    return geometry.stack({f: decode_mr_grey(a, pngs_by_file[f]) == LIVER for f, a in raw.items()})

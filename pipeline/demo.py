@@ -7,7 +7,6 @@ held-out number.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def run_demo(out: str | Path, cfg: Config) -> dict:
+    from pipeline.datalist import read_datalist
     from pipeline.evaluate import run_evaluation
     from pipeline.infer import run_inference
     from pipeline.prepare import prepare_dataset
@@ -44,8 +44,7 @@ def run_demo(out: str | Path, cfg: Config) -> dict:
     run_training(data_dir=prepared, run_dir=run_dir, fold=str(DEMO_FOLD), cfg=cfg, resume=False)
     timings["train"] = time.perf_counter() - t0
 
-    entries = json.loads((prepared / "datalist.json").read_text())["training"]
-    held_out = sorted({e["patient"] for e in entries if e["fold"] == DEMO_FOLD})
+    held_out = read_datalist(prepared).patients(DEMO_FOLD)
     t0 = time.perf_counter()
     infer_dir = out / "infer"
     run_inference(run_dir=run_dir, input_path=raw, out_dir=infer_dir, fold=str(DEMO_FOLD),
@@ -58,8 +57,10 @@ def run_demo(out: str | Path, cfg: Config) -> dict:
     timings["evaluate"] = time.perf_counter() - t0
 
     report = write_report(run_dir, eval_dir=out / "evaluate")
-
-    print("\ndemo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    print(f"held-out patients (fold {DEMO_FOLD}): {', '.join(held_out)}")
-    print(f"masks: {infer_dir}   metrics: {out / 'evaluate'}   report: {report}")
-    return {"timings": timings, "held_out": held_out, "evaluation": result, "report": report}
+    summary = "\n".join([
+        result["table"],
+        "", "demo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        f"held-out patients (fold {DEMO_FOLD}): {', '.join(held_out)}",
+        f"masks: {infer_dir}   metrics: {out / 'evaluate'}   report: {report}",
+    ])
+    return {"timings": timings, "held_out": held_out, "evaluation": result, "report": report, "table": summary}

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
@@ -421,8 +420,7 @@ def _read_pixels_in_order(files: list[Path], rows: int, cols: int,
     """Pixels of `files` (already in slice order), modality rescale applied, float32 (cols, rows, slices).
 
     Uncompressed files already read whole (`datasets`, from the header pass) are stacked from
-    memory: one pass over the files instead of two (512x512x78 CT: read_series 0.09-0.14 s instead of
-    0.15-0.19 s on 2 cores, bench/bench_infer.py). Compressed transfer syntaxes go to SimpleITK (GDCM,
+    memory: one pass over the files instead of two. Compressed transfer syntaxes go to SimpleITK (GDCM,
     C++), which decodes them several times faster than pydicom file by file; it is handed our
     slice order, and the geometry stays ours (from the pydicom headers). Where it fails, pydicom
     reads file by file, so the error names the file.
@@ -469,8 +467,8 @@ def _stored_pixels(ds: pydicom.Dataset, rows: int, cols: int) -> np.ndarray:
 
     Little-endian uncompressed data is viewed as the array directly, with what pydicom does to it
     (bits above BitsStored masked off, or sign-extended when signed). pydicom 3's pixel_array
-    resolves and validates its decoder options on every call: 0.011 s of a 0.08 s read of a
-    78-file CT series, for what is a view of the bytes here. Anything else goes to pydicom.
+    resolves and validates its decoder options on every call, a noticeable part of reading a CT
+    series, for what is a view of the bytes here. Anything else goes to pydicom.
     tests/test_dicom.py compares both on the bit patterns that matter.
     """
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
@@ -519,21 +517,3 @@ def _read_pixels(path: Path, rows: int, cols: int, ds: pydicom.Dataset | None = 
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError, TypeError) as exc:
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
     return out
-
-
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any) -> Path:
-    """Write `array` (NIfTI voxel order) with `affine` (RAS mm) atomically; sform and qform code 1.
-
-    nibabel's gzip writer stores mtime 0, so the same inputs give byte-identical files.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or np.allclose(affine, np.eye(4)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise PipelineError(f"{path}: refusing to write a NIfTI with an identity or singular affine")
-    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return path

@@ -39,15 +39,17 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.chaos import read_png
+from pipeline.chaos import is_chaos_root, list_pngs, png_stack_liver
 from pipeline.config import Config, save_config
+from pipeline.console import progress
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name, write_json, write_text
+from pipeline.labels import LIVER
+from pipeline.volume import is_nifti, nifti_stem, read_dicom_series, read_nifti
 
 log = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE = 1e-3
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass
@@ -62,29 +64,10 @@ class MaskSource:
 # ---------------------------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------------------------
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
-
-
 def read_nifti_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A mask NIfTI -> (bool liver array (i, j, k), affine)."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, ValueError, EOFError) as exc:
-        raise PipelineError(f"{path}: unreadable NIfTI ({exc})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    volume = read_nifti(path, dtype=None)
+    data = volume.array
     if data.ndim != 3:
         raise PipelineError(f"{path}: expected a 3-D mask, got shape {data.shape}")
     # A binary mask (one non-zero value, e.g. 1 or 255) is liver wherever non-zero; a label map
@@ -92,48 +75,16 @@ def read_nifti_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # The same rule on both sides, so a label map scored against itself gives Dice 1.
     values = np.unique(data)
     values = values[values != 0]
-    mask = data == 1 if values.size > 1 else data != 0
+    mask = data == LIVER if values.size > 1 else data != 0
     if values.size > 1 and not mask.any():
-        log.warning("%s: several labels but none is 1 (liver)", path)
-    return mask, np.asarray(img.affine, dtype=np.float64)
+        log.warning("%s: several labels but none is %d (liver)", path, LIVER)
+    return mask, volume.affine
 
 
 @lru_cache(maxsize=8)
 def _geometry(dicom_dir: Path):
     """SeriesGeometry of a DICOM series folder (cached: pred and ref PNGs often share a series)."""
-    from pipeline.dicom import read_series
-
-    return read_series(dicom_dir, pixels=False)[1]
-
-
-def _pngs(folder: Path) -> list[Path]:
-    from pipeline.dicom import natural_key
-
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"
-                   and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
-
-
-def png_stack_liver(pngs_by_file: dict[Path, Path], geometry) -> np.ndarray:
-    """{DICOM file: PNG} -> bool liver volume in NIfTI order (geometry.shape).
-
-    The stack's grey levels decide how to read it: MR Ground (values in the liver band 55..70
-    AND other non-zero values, i.e. kidneys/spleen at 126/189/252) -> liver is the 55..70 band
-    and any value outside the four CHAOS bands is an error; otherwise (CT Ground 0/1,
-    submission PNGs with one grey level such as 63 or 255) any non-zero pixel is liver.
-    """
-    from pipeline.chaos import MR_GREY_RANGES
-
-    raw = {Path(f): read_png(png, (geometry.rows, geometry.cols)) for f, png in pngs_by_file.items()}
-    low, high, _ = MR_GREY_RANGES[0]
-    in_band = any(np.any((a >= low) & (a <= high)) for a in raw.values())
-    outside = any(np.any((a != 0) & ((a < low) | (a > high))) for a in raw.values())
-    if not (in_band and outside):
-        return geometry.stack({f: a != 0 for f, a in raw.items()})
-    for f, a in raw.items():
-        known = (a == 0) | np.logical_or.reduce([(a >= lo) & (a <= hi) for lo, hi, _ in MR_GREY_RANGES])
-        if not known.all():
-            raise PipelineError(f"{pngs_by_file[f]}: grey value {int(a[~known].flat[0])} is outside the CHAOS label ranges")
-    return geometry.stack({f: (a >= low) & (a <= high) for f, a in raw.items()})
+    return read_dicom_series(dicom_dir, pixels=False).geometry
 
 
 def read_png_folder(folder: Path, dicom_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +96,7 @@ def read_png_folder(folder: Path, dicom_dir: Path) -> tuple[np.ndarray, np.ndarr
     from pipeline.dicom import natural_key
 
     geometry = _geometry(Path(dicom_dir))
-    pngs = _pngs(folder)
+    pngs = list_pngs(folder)
     files = sorted(geometry.files, key=lambda p: natural_key(Path(p).name))
     if len(pngs) != len(files):
         raise PipelineError(f"{folder}: {len(pngs)} PNG files for {len(files)} DICOM files in {dicom_dir}")
@@ -167,10 +118,6 @@ def _chaos_ground_source(case) -> MaskSource:
 # ---------------------------------------------------------------------------------------------
 # Finding cases
 # ---------------------------------------------------------------------------------------------
-def _is_chaos_root(path: Path) -> bool:
-    return any((c / "CT").is_dir() or (c / "MR").is_dir() for c in (path, path / "Train_Sets", path / "Test_Sets"))
-
-
 def _chaos_dicom_dirs(root: Path) -> dict[str, Path]:
     from pipeline.chaos import find_cases
 
@@ -180,7 +127,7 @@ def _chaos_dicom_dirs(root: Path) -> dict[str, Path]:
 def _nifti_sources(files: list[Path], reference: bool) -> dict[str, MaskSource]:
     sources: dict[str, MaskSource] = {}
     for f in files:
-        stem = _nifti_stem(f)
+        stem = nifti_stem(f)
         case = stem[: -len("_liver")] if not reference and stem.endswith("_liver") else stem
         if case in sources:
             raise PipelineError(f"{f}: a second mask for case {case} (also {sources[case].path.name})")
@@ -211,25 +158,25 @@ def find_masks(path: Path, reference: bool, dicom: Path | None, dicom_dirs: dict
     if not path.exists():
         raise PipelineError(f"{path}: {side} not found")
     if path.is_file():
-        if not _is_nifti(path):
+        if not is_nifti(path):
             raise PipelineError(f"{path}: {side} file is not a NIfTI (.nii or .nii.gz)")
         return _nifti_sources([path], reference)
-    if _is_chaos_root(path):
+    if is_chaos_root(path):
         from pipeline.chaos import find_cases
 
         cases = [c for c in find_cases(path) if c.ground_dir is not None]
         if not cases:
             raise PipelineError(f"{path}: CHAOS root without any Ground folder")
         return {c.case: _chaos_ground_source(c) for c in cases}
-    niftis = sorted(p for p in path.iterdir() if _is_nifti(p))
+    niftis = sorted(p for p in path.iterdir() if is_nifti(p))
     if niftis:
         return _nifti_sources(niftis, reference)
-    if _pngs(path):
-        if dicom is None or _is_chaos_root(dicom):
+    if list_pngs(path):
+        if dicom is None or is_chaos_root(dicom):
             raise PipelineError(f"{path}: a folder of PNG slices needs --dicom with its DICOM series folder")
         case = _png_case_name(path, dicom)
         return {case: _png_source(case, path, dicom)}
-    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _pngs(p))
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and list_pngs(p))
     if subfolders:
         sources = {}
         for folder in subfolders:
@@ -333,32 +280,28 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     Returns the metrics.json content: {'cases': [row per case], 'summary': {metric: {mean, std}},
     'missing': [...], 'hd_percentile': P, 'pred': ..., 'ref': ..., 'dicom': ...}. Row keys: case,
     dice, ravd_pct, assd_mm, mssd_mm, hd<P>_mm, dice_points, ravd_points, assd_points,
-    mssd_points, score, pred_ml, ref_ml, pred_file, ref_file.
+    mssd_points, score, pred_ml, ref_ml, pred_file, ref_file; plus 'table', the printed summary.
     """
-    from tqdm import tqdm
-
     from pipeline.metrics import hd_key
 
     cfg = cfg or Config()
-    if cfg.evaluate.missing not in ("error", "skip"):
-        raise PipelineError(f"config evaluate.missing must be 'error' or 'skip', got {cfg.evaluate.missing!r}")
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
     _geometry.cache_clear()  # the cache only spares re-reading a series within one evaluation
     dicom = Path(dicom) if dicom is not None else None
     dicom_dirs: dict[str, Path] = {}
-    if dicom is not None and _is_chaos_root(dicom):
+    if dicom is not None and is_chaos_root(dicom):
         dicom_dirs.update(_chaos_dicom_dirs(dicom))
-    if ref.is_dir() and _is_chaos_root(ref):
+    if ref.is_dir() and is_chaos_root(ref):
         dicom_dirs.update(_chaos_dicom_dirs(ref))
     refs = find_masks(ref, True, dicom, dicom_dirs)
     preds = find_masks(pred, False, dicom, dicom_dirs)
     pairs, absent = match_cases(preds, refs, cfg.evaluate.missing)
-    if absent:
-        log.warning("no prediction for %d case(s), skipped: %s", len(absent), ", ".join(absent))
+    if absent:  # evaluate.missing=skip asked for this: said, not warned about
+        log.info("no prediction for %d case(s), skipped: %s", len(absent), ", ".join(absent))
 
     hd = hd_key(cfg.evaluate.hd_percentile)
     rows = []
-    for case, p, r in tqdm(pairs, desc="evaluate", unit="case"):
+    for case, p, r in progress(pairs, desc="evaluate", unit="case"):
         row = score_case(case, p, r, cfg.evaluate.hd_percentile)
         log.info("%s: Dice %.4f RAVD %.2f %% ASSD %.2f mm MSSD %.2f mm score %.1f",
                  case, row["dice"], row["ravd_pct"], row["assd_mm"], row["mssd_mm"], row["score"])
@@ -375,6 +318,5 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     }
     write_json(out_dir / "metrics.json", result)
     save_config(cfg, out_dir / "config.yaml")
-    print(format_table(rows, summary, ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "score"]))
-    print(f"metrics written to {out_dir / 'metrics.csv'} and {out_dir / 'metrics.json'}")
-    return result
+    table = format_table(rows, summary, ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "score"])
+    return result | {"table": f"{table}\nmetrics written to {out_dir / 'metrics.csv'} and {out_dir / 'metrics.json'}"}

@@ -8,9 +8,7 @@ resampled twice and labels are never interpolated.
 """
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,85 +17,67 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from pipeline import runs
+from pipeline.chaos import CHAOS_PNG_LIVER
 from pipeline.config import Config, apply_overrides, load_config
+from pipeline.console import progress
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
-from pipeline.predict import postprocess  # noqa: F401  (re-exported: infer's post-processing)
+from pipeline.labels import LIVER, LIVER_RGB
+from pipeline.postprocess import postprocess
+from pipeline.volume import Volume, read_dicom_series, read_nifti, write_nifti
 
 log = logging.getLogger(__name__)
-
-LIVER = 1
-# Grey level of the liver in the CHAOS sample submission and MR Ground PNGs.
-CHAOS_PNG_LIVER = 63
 
 
 @dataclass
 class InferCase:
     """One volume to segment.
 
-    load() -> (volume float32 (X, Y, Z), affine 4x4 RAS, SeriesGeometry or None for NIfTI input);
-    truth(geometry) -> boolean liver mask on the same grid, when ground truth is known.
+    load() -> the Volume (float32, NIfTI voxel order, with its affine; DICOM geometry when read from DICOM);
+    truth(volume) -> boolean liver mask on the same grid, when ground truth is known.
     """
 
     case: str
     modality: str  # "CT" | "MR" | "" (read from the DICOM header)
-    load: Callable[[], tuple[np.ndarray, np.ndarray, object]]
-    truth: Callable[[object], np.ndarray] | None = None
+    load: Callable[[], Volume]
+    truth: Callable[[Volume], np.ndarray] | None = None
 
 
 def _dicom_case(case: str, folder: Path, modality: str, series_uid: str | None = None,
-                truth: Callable[[object], np.ndarray] | None = None) -> InferCase:
-    from pipeline.dicom import read_series
-
-    def load():
-        volume, geom = read_series(folder, series_uid=series_uid)
-        return volume, geom.affine, geom
-
-    return InferCase(case=case, modality=modality, load=load, truth=truth)
+                truth: Callable[[Volume], np.ndarray] | None = None) -> InferCase:
+    return InferCase(case=case, modality=modality, load=lambda: read_dicom_series(folder, series_uid), truth=truth)
 
 
 def _chaos_case(source) -> InferCase:
     from pipeline.chaos import read_ground
 
-    def truth(geom):
-        return read_ground(source, geom) == LIVER
+    def truth(volume: Volume) -> np.ndarray:
+        return read_ground(source, volume.geometry) == LIVER
 
     return _dicom_case(source.case, source.dicom_dir, source.modality,
                        truth=truth if source.ground_dir is not None else None)
 
 
 def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[str] | None) -> list[InferCase]:
-    import nibabel as nib
+    from pipeline.datalist import read_datalist
 
-    base = datalist.parent
-    try:
-        entries = json.loads(datalist.read_text())["training"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise PipelineError(f"{datalist}: not a datalist with a 'training' list ({exc})") from None
     cases = []
-    for e in entries:
-        if (patients and e["patient"] not in patients) or (sequences and e["sequence"] not in sequences):
-            continue
-        image, label = base / e["image"], base / e["label"]
+    for e in read_datalist(datalist).select(patients, sequences):
+        def truth(_volume: Volume, label=e["label"]) -> np.ndarray:
+            return read_nifti(label, dtype=None).array == LIVER
 
-        def load(image=image):
-            try:
-                img = nib.load(str(image))
-                return np.asarray(img.dataobj, dtype=np.float32), img.affine, None
-            except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-                raise PipelineError(f"{image}: cannot read NIfTI ({exc})") from None
-
-        def truth(_geom, label=label):
-            return np.asarray(nib.load(str(label)).dataobj) == LIVER
-
-        cases.append(InferCase(case=e["case"], modality=e["modality"], load=load,
-                               truth=truth if label.exists() else None))
+        cases.append(InferCase(case=e["case"], modality=e["modality"], load=lambda image=e["image"]: read_nifti(image),
+                               truth=truth))
     return cases
 
 
 def collect_cases(input_path: Path, patients: Iterable[str] | None = None, sequences: Iterable[str] | None = None,
                   series_uid: str | None = None) -> list[InferCase]:
     """Find what to segment: a prepared folder/datalist, a CHAOS root, or one DICOM series folder."""
+    from pipeline.chaos import find_cases, is_chaos_root
+    from pipeline.datalist import FILE_NAME as DATALIST
+
     input_path = Path(input_path)
     pset = set(patients) if patients else None
     sset = set(sequences) if sequences else None
@@ -107,15 +87,13 @@ def collect_cases(input_path: Path, patients: Iterable[str] | None = None, seque
         return _prepared_cases(input_path, pset, sset)
     if not input_path.is_dir():
         raise PipelineError(f"{input_path}: expected a folder or a datalist.json")
-    if (input_path / "datalist.json").exists():
-        return _prepared_cases(input_path / "datalist.json", pset, sset)
-    if any((input_path / d).is_dir() for d in ("Train_Sets", "Test_Sets", "CT", "MR")):
-        from pipeline.chaos import find_cases
-
+    if (input_path / DATALIST).exists():
+        return _prepared_cases(input_path / DATALIST, pset, sset)
+    if is_chaos_root(input_path):
         sources = find_cases(input_path, sequences=sorted(sset) if sset else None,
                              patients=sorted(pset) if pset else None)
         return [_chaos_case(s) for s in sources]
-    # Anything else is taken as one series folder; read_series names the folder when it is empty,
+    # Anything else is taken as one series folder; the reader names the folder when it is empty,
     # holds no DICOM, or holds several series (listing them for --series).
     return [_dicom_case(safe_name(input_path.name, "folder name"), input_path, "", series_uid)]
 
@@ -132,52 +110,27 @@ class LoadedRun:
 def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
              config_path: Path | None = None) -> LoadedRun:
     """Read config and checkpoints (infer.checkpoint: best or last) of a run folder; one fold or all."""
-    import torch
-
+    from pipeline.device import inference_amp, resolve_device
     from pipeline.model import build_model
-    from pipeline.predict import cpu_has_native_bf16, resolve_device
     from pipeline.runtime import freeze_long_lived_objects, keep_freed_memory
 
-    keep_freed_memory()  # a fifth of inference time went to page faults (pipeline/runtime.py)
+    keep_freed_memory()  # page faults on fresh mappings were a large part of inference (pipeline/runtime.py)
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise PipelineError(f"{run_dir}: not a run folder (config.yaml missing)")
-    cfg = load_config(cfg_file)
+    cfg = runs.read_config(run_dir)
     if config_path is not None:
         # A user's config may only tune inference; the model and its preprocessing stay the run's.
-        user = load_config(config_path)
-        cfg.infer = user.infer
+        cfg.infer = load_config(config_path).infer
     apply_overrides(cfg, overrides)
     device = resolve_device(cfg.infer.device)
-    if cfg.infer.amp == "auto" and device.type == "cpu" and cpu_has_native_bf16():
-        # Measured (bench/bench_infer.py, 12 real MR patients each by its own fold): bf16 autocast
-        # gives the same Dice as float32 (0.9085 vs 0.9086) and 1.6x faster inference on 2 cores
-        # with AVX512-BF16. Without native bf16, "auto" stays float32 (amp_dtype).
-        cfg.infer.amp = "bf16"
+    cfg.infer.amp = inference_amp(cfg.infer.amp, device)
     chosen = str(fold) if fold is not None else cfg.infer.folds  # --fold wins over infer.folds
-    fold_dirs = sorted(run_dir.glob("fold_*"), key=lambda p: p.name)
-    if chosen != "all":
-        fold_dirs = [d for d in fold_dirs if d.name == f"fold_{chosen}"]
-    if cfg.infer.checkpoint not in ("best", "last"):
-        raise PipelineError(f"config infer.checkpoint: expected best | last, got {cfg.infer.checkpoint!r}")
-    name = f"{cfg.infer.checkpoint}.pt"
-    ckpts = [d / name for d in fold_dirs if (d / name).exists()]
-    if not ckpts:
-        which = "any fold_*" if chosen == "all" else f"fold_{chosen}"
-        raise PipelineError(f"{run_dir}: no {name} checkpoint in {which}")
+    ckpts = runs.select_checkpoints(run_dir, chosen, cfg.infer.checkpoint)
     models = []
     for ck in ckpts:
-        try:
-            state = torch.load(ck, map_location="cpu", weights_only=True)
-            model = build_model(cfg.model)
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"{ck}: cannot load checkpoint ({first})") from None
+        model = runs.load_weights(build_model(cfg.model), ck, runs.load_checkpoint(ck)["model"])
         models.append(model.eval().to(device))
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
-    freeze_long_lived_objects()  # full garbage collections had cost 0.14 s at random (pipeline/runtime.py)
+    freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)
     return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device)
 
 
@@ -205,9 +158,7 @@ class PreparedCase:
     """A case read from disk and put through the run's deterministic transforms."""
 
     case: InferCase
-    volume: np.ndarray  # (X, Y, Z) float32, source grid
-    affine: np.ndarray
-    geom: object  # SeriesGeometry, or None for NIfTI input
+    volume: Volume  # float32 (X, Y, Z) on the source grid, with its affine (and DICOM geometry)
     transform: object  # the Compose that made `image` (Invertd needs this very instance)
     image: object  # MetaTensor (C, H, W, Z) on the model's grid
     stages: Stages
@@ -233,13 +184,13 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
     """Stage 1 of a case: read the series (or NIfTI) and preprocess it."""
     started, stage = time.perf_counter(), Stages()
     with stage("read"):
-        volume, affine, geom = case.load()
-    modality = case.modality or (geom.modality if geom is not None else "")
+        volume = case.load()
+    modality = case.modality or volume.modality
     if modality not in ("CT", "MR"):
-        raise PipelineError(f"{case.case}: modality {modality!r} is neither CT nor MR")
+        raise PipelineError(f"{volume.source}: modality {modality!r} is neither CT nor MR")
     with stage("preprocess"):
-        pre, image = preprocess_case(run, volume, affine, modality)
-    return PreparedCase(case, volume, affine, geom, pre, image, stage, started)
+        pre, image = preprocess_case(run, volume.array, volume.affine, modality)
+    return PreparedCase(case, volume, pre, image, stage, started)
 
 
 def network_probs(run: LoadedRun, image, stages: Stages):
@@ -260,7 +211,7 @@ def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages
         inv = to_source_grid(probs, image, source_grid_inverter(transform))
         liver = np.asarray(inv[0], dtype=np.float32)
     if liver.shape != tuple(shape):
-        raise PipelineError(f"internal error: inverted prediction {liver.shape} != image {tuple(shape)}")
+        raise RuntimeError(f"inverted prediction {liver.shape} != image {tuple(shape)}")
     return liver
 
 
@@ -291,7 +242,7 @@ def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...], s
             pred = source_grid_inverter(Compose(later))({"pred": pred, "image": image})["pred"]
         mask = steps[resize[0]].resizer.inverse_mask(pred, 0.5)
     if mask.shape != tuple(shape):
-        raise PipelineError(f"internal error: inverted prediction {mask.shape} != image {tuple(shape)}")
+        raise RuntimeError(f"inverted prediction {mask.shape} != image {tuple(shape)}")
     return mask
 
 
@@ -317,15 +268,14 @@ SLICER_CTBL = "# Color table file for liver masks\n# index name R G B A\n0 backg
 
 
 def write_label_descriptions(out_dir: Path) -> None:
-    from pipeline.visualize import LIVER_RGB
-
     r, g, b = LIVER_RGB
     write_text(out_dir / "labels.itksnap.txt", ITKSNAP_LABELS.format(r=r, g=g, b=b))
     write_text(out_dir / "labels.ctbl", SLICER_CTBL.format(r=r, g=g, b=b))
 
 
 def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
-    """One 8-bit PNG per DICOM file (same stem), liver = 63, as in the challenge's sample submission."""
+    """One 8-bit PNG per DICOM file (same stem), liver = CHAOS_PNG_LIVER (63), as in the challenge's
+    sample submission."""
     from PIL import Image
 
     if geom is None:
@@ -341,11 +291,11 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
 
 def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti") -> dict:
     """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row."""
-    from pipeline.dicom import write_nifti
     from pipeline.metrics import dice
     from pipeline.visualize import montage
 
-    case, volume, affine, geom, stage = prepared.case, prepared.volume, prepared.affine, prepared.geom, prepared.stages
+    case, stage = prepared.case, prepared.stages
+    volume, affine, geom = prepared.volume.array, prepared.volume.affine, prepared.volume.geometry
     raw = liver_mask_on_source_grid(probs, prepared.image, prepared.transform, volume.shape, stage)
     with stage("postprocess"):
         mask = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
@@ -357,13 +307,13 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
             write_chaos_png(out_dir, case.case, mask, geom)
     mask_seconds = time.perf_counter() - prepared.started  # DICOM read -> mask NIfTI written
     with stage("truth"):  # scoring and figures, not part of producing the mask
-        truth = case.truth(geom) if case.truth is not None else None
+        truth = case.truth(prepared.volume) if case.truth is not None else None
     if run.cfg.infer.montage:
         with stage("montage"):
             montage(out_dir / f"{case.case}_montage.png", volume, affine, mask, truth,
                     title=f"{case.case}  ({'+'.join(run.folds)})")
     row = {"case": case.case, "mask": mask_path.name, "slices": int(volume.shape[2]),
-           "liver_ml": float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)}
+           "liver_ml": float(mask.sum() * prepared.volume.voxel_ml)}
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["seconds"] = round(mask_seconds, 3)
@@ -383,7 +333,6 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
                   sequences: str | None = None, series: str | None = None, fmt: str = "nifti") -> list[dict]:
     """Segment every selected case of `input_path` with the run's model(s); returns one row per case."""
     import torch
-    from tqdm import tqdm
 
     from pipeline.config import save_config
 
@@ -394,11 +343,11 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     run = load_run(run_dir, fold, overrides, config_path)
     rows = []
     # One case after the other on purpose: reading the next case and writing the previous one in
-    # threads while the network ran was measured on the 13 real series (2 cores, bf16): 9.8 s vs
-    # 9.7 s serial. The serial run already keeps 1.8 cores busy (torch's OpenMP threads spin between
-    # kernels) and the threads slowed the network by a third; OMP_WAIT_POLICY=PASSIVE lost more.
+    # threads while the network ran was no faster on a small CPU. The serial run already keeps the
+    # cores busy (torch's OpenMP threads spin between kernels) and the threads slowed the network;
+    # OMP_WAIT_POLICY=PASSIVE lost more.
     with torch.inference_mode():
-        for case in tqdm(cases, desc="infer", unit="case"):
+        for case in progress(cases, desc="infer", unit="case"):
             row = segment_case(run, case, out_dir, fmt)
             if not rows:  # the folder's shared files, once there is a first mask to describe
                 save_config(run.cfg, out_dir / "config.yaml")

@@ -10,23 +10,15 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.networks.nets import UNet
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.labels import MODEL_OUTPUT
 
-NUM_CLASSES = 2  # background, liver
+NUM_CLASSES = len(MODEL_OUTPUT)  # background, liver
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """MONAI UNet(spatial_dims=2, in_channels=1 + 2 * context_slices (+ 1 with modality_channel),
-    out_channels=2) shaped by `cfg`."""
-    if len(cfg.channels) < 2 or len(cfg.strides) != len(cfg.channels) - 1:
-        raise PipelineError(
-            f"config model.strides: expected {len(cfg.channels) - 1} values for {len(cfg.channels)} "
-            f"model.channels, got {cfg.strides}")
-    if cfg.context_slices < 0:
-        raise PipelineError(f"config model.context_slices: expected >= 0, got {cfg.context_slices}")
-    if cfg.norm not in NORMS:
-        raise PipelineError(f"config model.norm: expected one of {sorted(NORMS)}, got {cfg.norm!r}")
+    out_channels=2) shaped by `cfg` (checked when the config was loaded: config.validate)."""
     return UNet(
         spatial_dims=2, in_channels=1 + 2 * cfg.context_slices + int(cfg.modality_channel), out_channels=NUM_CLASSES,
         channels=tuple(cfg.channels), strides=tuple(cfg.strides), num_res_units=cfg.num_res_units,
@@ -49,4 +41,4 @@ def build_loss(cfg: TrainConfig) -> nn.Module:
         return DiceFocalLoss(to_onehot_y=True, softmax=True, batch=True)
     if cfg.loss == "bce":
         return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0)
-    raise PipelineError(f"config train.loss: expected dice_ce | dice_focal | bce, got {cfg.loss!r}")
+    raise ValueError(f"loss {cfg.loss!r} is not dice_ce | dice_focal | bce")

@@ -30,21 +30,22 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
-from tqdm import tqdm
 
+from pipeline import runs
+from pipeline.console import progress
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
+REPORT_NAME = runs.REPORT
 NOT_AVAILABLE = "not available"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_FOLD_DIR = re.compile(r"^fold_(\d+)$")
 _INTEGER = re.compile(r"[+-]?\d+")
 _SUMMARY_LABELS = {"mean", "std", "overall", "all", "summary", "median"}
-_FOLD_ARTEFACTS = ("config.yaml", "split.json", "labels.json", "normalisation.json",
-                   "best.pt", "last.pt", "train.log", "metrics.csv", "curves.png")
+_FOLD_ARTEFACTS = (runs.CONFIG, runs.SPLIT, runs.LABELS, runs.NORMALISATION,
+                   *(runs.checkpoint_path("", c).name for c in runs.CHECKPOINTS), runs.TRAIN_LOG, runs.METRICS,
+                   runs.CURVES)
 
 
 class ArtefactUnavailable(PipelineError):
@@ -122,12 +123,6 @@ def _number(text: Any) -> float:
         return float(text)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_dir() and (m := _FOLD_DIR.match(p.name))]
-    return sorted(found)
 
 
 # --------------------------------------------------------------------------- HTML helpers
@@ -211,7 +206,7 @@ def _get(cfg: dict, dotted: str) -> str:
 
 
 def _load_config(run_dir: Path, folds: list[tuple[int, Path]]) -> tuple[dict, Path]:
-    candidates = [run_dir / "config.yaml", *(p / "config.yaml" for _, p in folds)]
+    candidates = [run_dir / runs.CONFIG, *(p / runs.CONFIG for _, p in folds)]
     for path in candidates:
         if path.is_file():
             return _read_yaml(path), path
@@ -269,7 +264,7 @@ def _best_epoch_dice(metrics: Table) -> tuple[dict[str, str], dict[str, float]]:
 
 def _cv_table(run_dir: Path, folds: list[tuple[int, Path]]) -> tuple[Table, str]:
     """Per-patient CV Dice: cv_summary.csv, else each fold's best epoch in metrics.csv."""
-    path = run_dir / "cv_summary.csv"
+    path = run_dir / runs.CV_SUMMARY
     if path.is_file():
         table = _read_csv(path)
         missing = [c for c in ("fold", "patient", "dice") if c not in table.columns]
@@ -280,7 +275,7 @@ def _cv_table(run_dir: Path, folds: list[tuple[int, Path]]) -> tuple[Table, str]
     rows = []
     for k, fold_dir in folds:
         try:
-            _, per_patient = _best_epoch_dice(_read_csv(fold_dir / "metrics.csv"))
+            _, per_patient = _best_epoch_dice(_read_csv(fold_dir / runs.METRICS))
         except ArtefactUnavailable as exc:
             log.warning("report: fold %d: %s", k, exc)
             continue
@@ -342,11 +337,11 @@ def _draw_curves(metrics: Table, title: str) -> str:
 
 def _split_html(fold_dir: Path) -> str:
     try:
-        split = _read_json(fold_dir / "split.json")
+        split = _read_json(fold_dir / runs.SPLIT)
     except ArtefactUnavailable as exc:
         return _unavailable("split", str(exc))
     if not isinstance(split, dict):
-        return _unavailable("split", f"{fold_dir / 'split.json'}: expected a mapping")
+        return _unavailable("split", f"{fold_dir / runs.SPLIT}: expected a mapping")
     items = []
     for key, value in split.items():
         if isinstance(value, dict):  # {"patients": [...], "cases": [...]}
@@ -363,12 +358,12 @@ def _fold_section(k: int, fold_dir: Path) -> str:
     parts.append(f'<p class="src">artefacts: {_esc(", ".join(present) or "none")}'
                  + (f'; {NOT_AVAILABLE}: {_esc(", ".join(missing))}' if missing else "") + "</p>")
     try:
-        metrics = _read_csv(fold_dir / "metrics.csv")
+        metrics = _read_csv(fold_dir / runs.METRICS)
     except ArtefactUnavailable as exc:
         metrics = None
         metrics_error = str(exc)
     try:
-        parts.append(_img(_png_data_uri(fold_dir / "curves.png"), f"training curves of fold {k}", "curves"))
+        parts.append(_img(_png_data_uri(fold_dir / runs.CURVES), f"training curves of fold {k}", "curves"))
     except ArtefactUnavailable as exc:
         if metrics is not None and metrics.rows:
             log.info("report: fold %d: %s; drawing curves from metrics.csv", k, exc)
@@ -467,7 +462,7 @@ def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
     if not paths:
         return head + _unavailable("montages", "no *_montage.png found (run infer with montages)") + "</section>"
     figures = []
-    for path in tqdm(paths, desc="montages", unit="image", leave=False):
+    for path in progress(paths, desc="montages", unit="image", leave=False):
         case = path.name[: -len("_montage.png")]
         try:
             figures.append(f"<figure>{_img(_png_data_uri(path), f'overlay montage of {case}', 'montage')}"
@@ -507,8 +502,8 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
     run_dir = Path(run_dir).resolve()  # so the page names the run even for `--run .`
     if not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: run folder not found")
-    folds = _fold_dirs(run_dir)
-    if not folds and not (run_dir / "config.yaml").is_file():
+    folds = runs.fold_dirs(run_dir)
+    if not folds and not (run_dir / runs.CONFIG).is_file():
         raise PipelineError(f"{run_dir}: not a run folder (no config.yaml and no fold_<k>/ inside)")
     eval_path = Path(eval_dir) if eval_dir is not None else None
     if eval_path is not None and not eval_path.is_dir():

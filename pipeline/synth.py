@@ -35,12 +35,13 @@ import numpy as np
 from PIL import Image
 from pydicom.uid import generate_uid
 from scipy import ndimage
-from tqdm import tqdm
-
+from pipeline.chaos import CHAOS_PNG_LIVER, MR_GREY_LEVELS
 from pipeline.config import SynthConfig
+from pipeline.console import progress
 from pipeline.dicom import write_series
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
+from pipeline.labels import ORGANS
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 CT_IDS = [1, 2, 5, 6, 8, 10, 14, 16, 18, 19, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
 MR_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
 
-# Official MR Ground grey levels.
-MR_LEVELS = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
+# Official MR Ground grey levels, by organ name.
+MR_LEVELS = {ORGANS[label]: grey for label, grey in MR_GREY_LEVELS.items()}
 
 # Tissue classes of the phantom (uint8 codes).
 (AIR, FAT, MUSCLE, BOWEL, GAS, FLUID, LIVER, VESSEL, GALL, SPLEEN, CORTEX, MEDULLA, PELVIS,
@@ -508,7 +509,7 @@ def synth_mr_patient(folder: Path, pid: int, cfg: SynthConfig) -> dict:
         for k, stem in enumerate(stems):
             _save_png(folder / seq / "Ground" / f"{stem}.png", Image.fromarray(ground[k], mode="L"))
         row[seq] = {"slices": n, "spacing": (*grid.spacing[:2], step), "oblique": oblique,
-                    "liver_ml": float((ground == 63).sum() * grid.spacing[0] ** 2 * step / 1000)}
+                    "liver_ml": float((ground == CHAOS_PNG_LIVER).sum() * grid.spacing[0] ** 2 * step / 1000)}
     return row
 
 
@@ -563,7 +564,7 @@ def generate_dataset(out: str | Path, cfg: SynthConfig) -> Path:
         os.replace(scratch / modality / str(pid), final)
         log.info("%s_%d written in %.1f s: %s", modality, pid, seconds, row)
 
-    bar = tqdm(total=len(jobs), desc="synth patients", unit="patient")
+    bar = progress(total=len(jobs), desc="synth patients", unit="patient")
     try:
         if workers == 1:
             for modality, pid in jobs:
@@ -637,7 +638,8 @@ def save_montage(train_sets: str | Path, out_png: str | Path, ct_id: int | None 
             ax = axes[row, col]
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             if row == 1:
-                for level, color in ((1, "lime"), (63, "lime"), (126, "orange"), (189, "cyan"), (252, "magenta")):
+                colours = ("lime", "orange", "cyan", "magenta")  # liver, right kidney, left kidney, spleen
+                for level, color in ((1, "lime"), *zip(MR_GREY_LEVELS.values(), colours)):
                     if np.any(ground == level):
                         ax.contour(ground == level, levels=[0.5], colors=color, linewidths=0.8)
             ax.set_title(title if row == 0 else "Ground outline", fontsize=9)

@@ -1,14 +1,9 @@
-"""Train the slice-wise 2D UNet on prepared NIfTI volumes, one fold or the whole cross-validation.
+"""Train the slice-wise 2D network on prepared NIfTI volumes, one fold or the whole cross-validation.
 
-Reads only DATA_DIR/datalist.json and the NIfTI files it lists (see pipeline/transforms.py for
-the volume conventions). Writes a self-describing run folder:
+Reads only the prepared datalist (pipeline.datalist) and the NIfTI files it lists (see
+pipeline/transforms.py for the volume conventions). Writes a self-describing run folder through
+pipeline.runs (its layout is described there).
 
-    RUN_DIR/config.yaml                 resolved config
-    RUN_DIR/cv_summary.csv              --fold all: fold, patient, dice (best and last checkpoint)
-    RUN_DIR/fold_<k>/config.yaml, split.json, labels.json, normalisation.json,
-                     best.pt, last.pt, train.log, metrics.csv, curves.png
-
-Checkpoints hold tensors and plain Python types only (`torch.load(weights_only=True)`).
 Under `torchrun` (WORLD_SIZE > 1) one fold trains with DistributedDataParallel; only rank 0
 validates and writes.
 """
@@ -16,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -32,65 +26,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from pipeline.config import Config, config_from_dict, config_to_dict, save_config
+from pipeline import runs
+from pipeline.config import Config, config_to_dict
+from pipeline.console import progress, quiet_known_library_noise
+from pipeline.datalist import Datalist, read_datalist
+from pipeline.device import autocast_context, cpu_has_native_bf16, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, safe_name, write_json, write_text
+from pipeline.io import safe_name, write_text
+from pipeline.labels import LIVER, MODEL_OUTPUT
 from pipeline.model import build_loss, build_model
-from pipeline.predict import (autocast_context, cpu_has_native_bf16, plain, postprocess, resolve_device,
-                              slice_logits, source_grid_inverter, to_source_grid)
-from pipeline.transforms import (LIVER_LABEL, ORIENTATION, deterministic_transforms, random_transforms,
-                                 without_metadata)
+from pipeline.postprocess import postprocess
+from pipeline.predict import plain, slice_logits, source_grid_inverter, to_source_grid
+from pipeline.transforms import ORIENTATION, deterministic_transforms, random_transforms, without_metadata
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_datalist(data_dir: Path) -> tuple[list[dict], dict, int]:
-    """(entries with absolute paths, label map, number of folds) from DATA_DIR/datalist.json."""
-    from monai.data import load_decathlon_datalist
-
-    path = data_dir / "datalist.json"
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found (run `python run.py prepare` first)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
-    entries = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training", base_dir=data_dir)
-    required = ("image", "label", "case", "patient", "modality", "fold")
-    for e in entries:
-        missing = [k for k in required if k not in e]
-        if missing:
-            raise PipelineError(f"{path}: entry {e.get('case', e.get('image'))!r} lacks {missing}")
-        if e["modality"] not in ("CT", "MR"):
-            # checked here because MONAI's Compose would bury the transform's own error in a traceback
-            raise PipelineError(f"{path}: entry {e['case']!r} has modality {e['modality']!r}, expected CT or MR")
-        for key in ("image", "label"):
-            if not Path(e[key]).is_file():
-                raise PipelineError(f"{e[key]}: listed in {path} but not found")
-    num_folds = int(raw.get("numFolds", max(e["fold"] for e in entries) + 1))
-    return entries, raw.get("labels", {}), num_folds
-
-
-def split_fold(entries: list[dict], fold: int, data_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Whole patients: the fold number comes from prepare's patient-level assignment."""
-    train = [e for e in entries if int(e["fold"]) != fold]
-    val = [e for e in entries if int(e["fold"]) == fold]
-    if not train or not val:
-        raise PipelineError(f"{data_dir / 'datalist.json'}: fold {fold} leaves {len(train)} training and "
-                            f"{len(val)} validation cases; both must be non-empty")
-    return train, val
-
-
 def reference_transform():
     """The liver mask on the label file's own voxel grid (1, X, Y, Z), for Dice on the source grid."""
     from monai.transforms import Compose, EnsureChannelFirstd, LabelFilterd, LoadImaged
 
+    quiet_known_library_noise()  # LoadImaged builds readers that warn about a codec it never uses
     return Compose([LoadImaged("label", reader="NibabelReader", image_only=True),
-                    EnsureChannelFirstd("label"), LabelFilterd("label", applied_labels=[LIVER_LABEL])])
+                    EnsureChannelFirstd("label"), LabelFilterd("label", applied_labels=[LIVER])])
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -147,7 +108,7 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "poly":
         return (1.0 - progress) ** 0.9
-    raise PipelineError(f"config train.schedule: expected cosine | poly, got {schedule!r}")
+    raise ValueError(f"schedule {schedule!r} is not cosine | poly")
 
 
 def rng_state() -> dict:
@@ -217,16 +178,12 @@ def save_checkpoint(path: Path, state: FoldState, cfg: Config) -> None:
     }
     if state.ema is not None:
         payload |= {"train_model": state.module.state_dict(), "ema": state.ema.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    runs.save_checkpoint(path, payload)
 
 
 def load_checkpoint(path: Path, state: FoldState) -> dict:
     """Restore `state` from `path`; returns the config dict the checkpoint was trained with."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise PipelineError(f"{path}: cannot load checkpoint ({exc})") from None
+    ckpt = runs.load_checkpoint(path)
     if state.ema is not None and "ema" in ckpt:
         state.module.load_state_dict(ckpt["train_model"])
         state.ema.load_state_dict(ckpt["ema"])
@@ -258,7 +215,7 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
     """One pass over the training volumes; returns the mean loss of this process's batches."""
     state.model.train()
     total, n = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not show, unit="batch")
+    bar = progress(loader, desc=desc, leave=False, disable=not show, unit="batch")
     with without_metadata():  # the random chain runs inside the iteration
         for batch in bar:
             image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
@@ -296,7 +253,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
         # argmax, and the same rule as infer's
-        liver = torch.softmax(logits, 0)[LIVER_LABEL:LIVER_LABEL + 1]
+        liver = torch.softmax(logits, 0)[LIVER:LIVER + 1]
         raw = np.asarray(to_source_grid(liver, item["image"], inverter)[0]) >= 0.5
         cleaned = postprocess(raw, cfg.infer.largest_component, cfg.infer.fill_holes)
         truth = ref[None].float()
@@ -320,21 +277,6 @@ def write_metrics(path: Path, rows: list[dict], patients: list[str]) -> None:
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     write_text(path, buf.getvalue())
-
-
-def write_fold_metadata(fold_dir: Path, cfg: Config, fold: int, train: list[dict], val: list[dict],
-                        labels: dict) -> None:
-    save_config(cfg, fold_dir / "config.yaml")
-    write_json(fold_dir / "split.json", {
-        "fold": fold,
-        "train": {"patients": sorted({e["patient"] for e in train}), "cases": sorted(e["case"] for e in train)},
-        "val": {"patients": sorted({e["patient"] for e in val}), "cases": sorted(e["case"] for e in val)},
-    })
-    write_json(fold_dir / "labels.json", {"labels": labels, "liver": LIVER_LABEL,
-                                           "model_output": {"0": "background", "1": "liver"}})
-    write_json(fold_dir / "normalisation.json", {
-        "ct_window": cfg.train.ct_window, "mr_percentiles": cfg.train.mr_percentiles,
-        "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
 
 
 @contextmanager
@@ -381,10 +323,7 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     from monai.data import CacheDataset, DataLoader, partition_dataset
     from monai.transforms import Compose
 
-    t = cfg.train
-    if t.batch_size % t.slices_per_volume:
-        raise PipelineError(f"config train.batch_size ({t.batch_size}) must be a multiple of "
-                            f"train.slices_per_volume ({t.slices_per_volume}): a batch is whole volumes' draws")
+    t = cfg.train  # batch_size is a multiple of slices_per_volume: config.validate
     if dd.world > 1:
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
@@ -417,9 +356,7 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup, total, cfg.train.schedule))
     state = FoldState(model, optimizer, scheduler)
-    if cfg.train.ema_decay > 0:
-        if not cfg.train.ema_decay < 1:
-            raise PipelineError(f"config train.ema_decay: expected a value in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.train.ema_decay > 0:  # below 1: config.validate
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         state.ema = AveragedModel(state.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
@@ -436,18 +373,18 @@ class FoldResult:
     minutes: float
 
 
-def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: list[dict], labels: dict,
-               dd: Dist, device, resume: bool) -> FoldResult:
-    fold_dir = run_dir / f"fold_{fold}"
-    last_path = fold_dir / "last.pt"
+def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Dist, device,
+               resume: bool) -> FoldResult:
+    fold_dir = runs.fold_dir(run_dir, fold)
+    last_path = runs.checkpoint_path(fold_dir, "last")
     if last_path.exists() and not resume:
-        raise PipelineError(f"{last_path}: exists; pass --resume to continue this fold or choose another --run")
-    train, val = split_fold(entries, fold, data_dir)
-    patients = sorted({e["patient"] for e in val})
+        raise PipelineError(f"{last_path}: exists; pass --resume to continue this fold or choose another --run-dir")
+    train, val = datalist.split(fold)
+    patients = datalist.patients(fold)
     if dd.main:
         fold_dir.mkdir(parents=True, exist_ok=True)
     dd.barrier()
-    with fold_log_file(fold_dir / "train.log", dd.main):
+    with fold_log_file(fold_dir / runs.TRAIN_LOG, dd.main):
         train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd)
         steps = len(loader)
         state = make_state(cfg, device, dd, steps)
@@ -459,8 +396,10 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
         elif resume:
             log.warning("fold %d: --resume but %s does not exist; starting from scratch", fold, last_path)
         if dd.main:
-            write_fold_metadata(fold_dir, cfg, fold, train, val, labels)
-            log_settings(cfg, fold, train, val, device, dd, steps, data_dir, fold_dir)
+            runs.write_fold_metadata(fold_dir, cfg, fold, train, val, datalist.labels, MODEL_OUTPUT, {
+                "ct_window": cfg.train.ct_window, "mr_percentiles": cfg.train.mr_percentiles,
+                "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
+            log_settings(cfg, fold, train, val, device, dd, steps, datalist.folder, fold_dir)
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
         inverter = source_grid_inverter(val_tf)
@@ -488,8 +427,8 @@ def train_fold(data_dir: Path, run_dir: Path, fold: int, cfg: Config, entries: l
         if dd.main:
             from pipeline.plots import plot_curves
 
-            write_metrics(fold_dir / "metrics.csv", state.history, patients)
-            plot_curves(state.history, patients, fold_dir / "curves.png", title=f"fold {fold}")
+            write_metrics(fold_dir / runs.METRICS, state.history, patients)
+            plot_curves(state.history, patients, fold_dir / runs.CURVES, title=f"fold {fold}")
     return fold_result(fold, state, patients, minutes)
 
 
@@ -498,9 +437,9 @@ def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patie
     dice = row.get("val_dice_mean")
     if dice is not None and dice > state.best_dice:
         state.best_dice, state.best_epoch = dice, state.epoch
-        save_checkpoint(fold_dir / "best.pt", state, cfg)
-    save_checkpoint(fold_dir / "last.pt", state, cfg)
-    write_metrics(fold_dir / "metrics.csv", state.history, patients)
+        save_checkpoint(runs.checkpoint_path(fold_dir, "best"), state, cfg)
+    save_checkpoint(runs.checkpoint_path(fold_dir, "last"), state, cfg)
+    write_metrics(fold_dir / runs.METRICS, state.history, patients)
     val = "" if dice is None else (f"  val loss {row['val_loss']:.4f}  val Dice {dice:.4f}"
                                     f" (raw {row['val_raw_dice_mean']:.4f})")
     log.info("epoch %3d/%d  train loss %.4f%s  lr %.2e  %.1fs  (best %.4f @ %d)", state.epoch, cfg.train.epochs,
@@ -518,61 +457,47 @@ def fold_result(fold: int, state: FoldState, patients: list[str], minutes: float
 
 # ----------------------------------------------------------------------------- entry point
 
-def parse_folds(fold: str | int, num_folds: int, data_dir: Path) -> list[int]:
-    if str(fold) == "all":
-        return list(range(num_folds))
-    try:
-        k = int(fold)
-    except ValueError:
-        raise PipelineError(f"--fold: expected a fold number or 'all', got {fold!r}") from None
-    if not 0 <= k < num_folds:
-        raise PipelineError(f"--fold {k}: {data_dir / 'datalist.json'} has folds 0..{num_folds - 1}")
-    return [k]
-
-
-def write_cv_summary(run_dir: Path, results: list[FoldResult]) -> str:
-    """cv_summary.csv (fold, patient, dice, dice_last) and the printed table; returns the table."""
+def write_cv_summary(run_dir: Path, results: list[FoldResult]) -> None:
+    """cv_summary.csv: fold, patient, Dice at the best checkpoint and at the last validation."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["fold", "patient", "dice", "dice_last"])
-    lines = [f"{'fold':>4}  {'patients':>8}  {'mean Dice':>9}  {'min':>6}  {'best epoch':>10}  {'minutes':>7}"]
-    all_dice = []
     for r in results:
         for p, d in sorted(r.dice_best.items()):
             writer.writerow([r.fold, p, f"{d:.6f}", f"{r.dice_last.get(p, float('nan')):.6f}"])
+    write_text(run_dir / runs.CV_SUMMARY, buf.getvalue())
+
+
+def format_cv_summary(results: list[FoldResult]) -> str:
+    """The cross-validation table: one line per fold, then the mean over every patient."""
+    lines = [f"{'fold':>4}  {'patients':>8}  {'mean Dice':>9}  {'min':>6}  {'best epoch':>10}  {'minutes':>7}"]
+    all_dice = []
+    for r in results:
         values = list(r.dice_best.values())
         all_dice += values
         lines.append(f"{r.fold:>4}  {len(values):>8}  {np.mean(values):>9.4f}  {min(values):>6.4f}  "
                      f"{r.best_epoch:>10}  {r.minutes:>7.1f}")
     std = statistics.stdev(all_dice) if len(all_dice) > 1 else 0.0
     lines.append(f"all folds: Dice {np.mean(all_dice):.4f} ± {std:.4f} (mean ± std over {len(all_dice)} patients)")
-    write_text(run_dir / "cv_summary.csv", buf.getvalue())
     return "\n".join(lines)
 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg: Config,
                  resume: bool = False) -> list[FoldResult]:
-    """Train fold `fold` ("0".."k-1") or every fold ("all") of DATA_DIR's datalist into RUN_DIR."""
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
-    entries, labels, num_folds = load_datalist(data_dir)
-    folds = parse_folds(fold, num_folds, data_dir)
-    for e in entries:
+    """Train fold `fold` ("0".."k-1") or every fold ("all") of DATA_DIR's datalist into RUN_DIR.
+
+    Returns one FoldResult per fold trained; with "all", RUN_DIR/cv_summary.csv is written too
+    (`format_cv_summary` gives the table `run.py` prints).
+    """
+    run_dir = Path(run_dir)
+    datalist = read_datalist(data_dir)
+    folds = datalist.parse_folds(fold)
+    for e in datalist.entries:
         safe_name(e["patient"], "patient id")  # patients become CSV columns and log lines
     with distributed(cfg.train.device) as (dd, device):
         if dd.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        results = [train_fold(data_dir, run_dir, k, cfg, entries, labels, dd, device, resume) for k in folds]
+            runs.write_run_config(run_dir, cfg)
+        results = [train_fold(datalist, run_dir, k, cfg, dd, device, resume) for k in folds]
         if dd.main and str(fold) == "all":
-            print(write_cv_summary(run_dir, results))
+            write_cv_summary(run_dir, results)
     return results
-
-
-def load_fold_config(fold_dir: str | Path) -> Config:
-    """The resolved config a fold was trained with (for infer)."""
-    import yaml
-
-    path = Path(fold_dir) / "config.yaml"
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; is {fold_dir} a trained fold folder?")
-    return config_from_dict(yaml.safe_load(path.read_text()))

@@ -46,7 +46,8 @@ def test_bad_overrides_fail_with_the_key(override, match):
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-3", "model.channels=[8,16]", "prepare.sequences=[CT]"])
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-3", "model.channels=[8,16]", "model.strides=[2]",
+                            "prepare.sequences=[CT]"])
     assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.channels == [8, 16] and cfg.prepare.sequences == ["CT"]
     # an int is accepted where a float is expected, and stored as float

@@ -8,21 +8,21 @@ from pathlib import Path
 import torch
 
 from tests.nifti_fixtures import make_prepared_dataset
-from tests.test_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp_run_trains_and_writes_each_artefact_once(tmp_path):
+def test_torchrun_as_users_type_it_trains_one_fold_on_two_processes(tmp_path, tiny_train_overrides):
     data = make_prepared_dataset(tmp_path / "prepared", n_mr=3, n_ct=3, folds=2)
     run = tmp_path / "run"
-    sets = [a for s in [*TINY, "train.epochs=2"] for a in ("--set", s)]
+    sets = [a for s in [*tiny_train_overrides, "train.epochs=2"] for a in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # The command as users type it: torchrun's console script, no "--" before the script. Our run
+    # folder option is --run-dir: torchrun would take a bare --run for its own --run-path.
     proc = subprocess.run(
-        # "--" ends torchrun's own options: without it torchrun reads our --run as an ambiguous
-        # abbreviation of its --run-path and exits.
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--", str(REPO / "run.py"),
-         "train", "--data", str(data), "--run", str(run), "--fold", "0", *sets],
+        [str(torchrun), "--nproc_per_node=2", "--standalone", "run.py", "train", "--data", str(data),
+         "--run-dir", str(run), "--fold", "0", *sets],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

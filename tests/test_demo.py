@@ -24,4 +24,5 @@ def test_demo_runs_every_stage_and_scores_the_held_out_patients_from_dicom(tmp_p
         assert (tmp_path / "infer" / f"{case}_liver.nii.gz").exists()
         assert (tmp_path / "infer" / f"{case}_montage.png").exists()
     assert (tmp_path / "run" / "report.html").exists()
-    assert "dice" in capsys.readouterr().out
+    assert "dice" in result["table"] and "held-out patients (fold 0)" in result["table"]
+    assert capsys.readouterr().out == ""  # the API returns the table; run.py prints it

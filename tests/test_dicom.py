@@ -87,7 +87,8 @@ def test_dcm2niix_converts_a_written_series(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # read_series: order, geometry and agreement with dcm2niix
 # ---------------------------------------------------------------------------------------------
-from pipeline.dicom import from_nifti_slice, read_series, to_nifti_slice, write_nifti  # noqa: E402
+from pipeline.dicom import from_nifti_slice, read_series, to_nifti_slice  # noqa: E402
+from pipeline.volume import write_nifti  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 GEOMETRIES = {

@@ -15,11 +15,11 @@ from dicom_fixtures import OBLIQUE_COL, OBLIQUE_ROW, write_tiny
 from pipeline.config import load_config, save_config
 from pipeline.dicom import read_series
 from pipeline.errors import PipelineError
-from pipeline.infer import collect_cases, load_run, postprocess, predict_case, run_inference
+from pipeline.infer import collect_cases, load_run, predict_case, run_inference
+from pipeline.postprocess import postprocess
 from pipeline.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = ROOT.parent / "shared" / "data" / "chaos-real" / "Train_Sets"
 TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "train.roi_size=[16,16]",
         "infer.amp=off", "infer.device=cpu", "infer.montage=false"]
 
@@ -201,9 +201,8 @@ def test_corrupt_checkpoint_fails_naming_the_file(tmp_path):
 
 
 @pytest.mark.realdata
-def test_real_ct_mask_overlays_the_prepared_label(tmp_path):
-    if not (REAL / "CT" / "3").exists():
-        pytest.skip(f"real CHAOS data not found at {REAL}")
+def test_real_ct_mask_overlays_the_prepared_label(tmp_path, real_chaos):
+    REAL = real_chaos / "Train_Sets"
     from pipeline.prepare import prepare_dataset
 
     prepared = tmp_path / "prep"
@@ -335,10 +334,10 @@ def test_a_bad_case_stops_the_run_naming_its_file(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, native):
-    import pipeline.predict
+    import pipeline.device
 
-    monkeypatch.setattr(pipeline.predict, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(pipeline.device, "cpu_has_native_bf16", lambda: native)
     run = load_run(make_run(tmp_path / "run"), None, ["infer.amp=auto"])
     assert run.device.type == "cpu"
     assert run.cfg.infer.amp == ("bf16" if native else "auto")
-    assert pipeline.predict.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)
+    assert pipeline.device.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)

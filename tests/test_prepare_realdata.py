@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,20 +12,16 @@ from pipeline.chaos import find_cases
 from pipeline.config import Config
 from pipeline.prepare import prepare_dataset
 
-REAL = Path(__file__).resolve().parents[2] / "shared/data/chaos-real"
 DCM2NIIX = shutil.which("dcm2niix")
 MR_IDS = [1, 2, 5, 8, 13, 19, 20, 22, 31, 33, 36, 38]
 
-pytestmark = [
-    pytest.mark.realdata,
-    pytest.mark.skipif(not (REAL / "Train_Sets").is_dir(), reason=f"real CHAOS data not found at {REAL}"),
-]
+pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, real_chaos):
     out = tmp_path_factory.mktemp("real_prepared")
-    datalist = prepare_dataset(REAL, out, Config())
+    datalist = prepare_dataset(real_chaos, out, Config())
     return out, {e["case"]: e for e in datalist["training"]}
 
 
@@ -67,9 +62,9 @@ def test_folds_never_split_a_patient(prepared):
 
 
 @pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix binary not found on PATH")
-def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path):
+def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path, real_chaos):
     out, entries = prepared
-    for case in find_cases(REAL):
+    for case in find_cases(real_chaos):
         dest = tmp_path / case.case
         dest.mkdir()
         subprocess.run([DCM2NIIX, "-z", "n", "-b", "n", "-f", "%s", "-o", str(dest), str(case.dicom_dir)],
@@ -80,10 +75,10 @@ def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path):
         np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata(), err_msg=case.case)
 
 
-def test_pixels_from_memory_equal_simpleitk_on_the_real_ct():
+def test_pixels_from_memory_equal_simpleitk_on_the_real_ct(real_chaos):
     from pipeline.dicom import _read_pixels_in_order, read_series
 
-    ct = next(s for s in find_cases(REAL) if s.modality == "CT")
+    ct = next(s for s in find_cases(real_chaos) if s.modality == "CT")
     volume, geom = read_series(ct.dicom_dir)  # files read once, pixels stacked from memory
     np.testing.assert_array_equal(volume, _read_pixels_in_order(geom.files, geom.rows, geom.cols))  # SimpleITK
     assert volume.flags["F_CONTIGUOUS"] and float(volume.min()) < -900.0  # HU, rescale applied

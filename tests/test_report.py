@@ -217,11 +217,14 @@ def test_missing_eval_folder_is_an_error_naming_it(run_dir):
     assert "no_eval" in str(info.value) and not (run_dir / "report.html").exists()
 
 
-def test_cli_report_writes_the_page(run_dir):
-    res = subprocess.run([sys.executable, str(ROOT / "run.py"), "report", "--run", str(run_dir), "-q"],
+def test_cli_report_writes_the_page_and_says_where_unless_quiet(run_dir):
+    res = subprocess.run([sys.executable, str(ROOT / "run.py"), "report", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (run_dir / "report.html").is_file() and "report.html" in res.stdout
+    res = subprocess.run([sys.executable, str(ROOT / "run.py"), "report", "--run", str(run_dir), "-q"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stderr
 
 
 # --------------------------------------------------------------------------- rendering

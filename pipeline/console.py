@@ -1,0 +1,64 @@
+"""What a command shows on the terminal: logging set-up, progress bars, known library noise.
+
+Log records and tqdm bars share stderr: records are written through tqdm while bars are open
+(`tqdm.contrib.logging.logging_redirect_tqdm`), so an INFO line never breaks a bar. Bars follow
+the logging level: `-q` (WARNING) hides them with the INFO lines.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Iterator
+
+LOGGER = "pipeline"
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm, shown only when the "pipeline" logger shows INFO (and stderr is a terminal or a file)."""
+    from tqdm import tqdm
+
+    if not logging.getLogger(LOGGER).isEnabledFor(logging.INFO):
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def command_output(level: int) -> Iterator[None]:
+    """Logging at `level` for the duration of a command, routed around the tqdm bars."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
+    quiet_known_library_noise()
+    with logging_redirect_tqdm():
+        yield
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_known_library_noise() -> None:
+    """Silence, precisely, the library messages a normal run would print that are not ours to fix.
+
+    MONAI's LoadImage builds every default reader, whatever reader it is given; building the
+    nvImageCodec DICOM reader where nvImageCodec is not installed warns (a UserWarning and a log
+    record) each time, although that reader is never used here (NIfTI only). One filter each, on
+    that message and module only. Called where this project builds a LoadImage (idempotent).
+    """
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register",
+                            category=UserWarning, module="monai.data.image_reader")
+    # A training volume without liver slices (or with liver on every slice) is legitimate: its draws
+    # are then all of one kind, which is what RandCropByPosNegLabeld does, with a warning per draw.
+    warnings.filterwarnings("ignore", message=r"Num foregrounds \d+, Num backgrounds \d+, unable to generate class "
+                            "balanced samples", category=UserWarning, module="monai.transforms.utils")
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("nvImageCodec is not available; skipping pydicom decoder plugin registration"))

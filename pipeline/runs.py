@@ -1,0 +1,137 @@
+"""The run folder: its layout in one place. `train` writes through it; `infer` and `report` read
+through it.
+
+    RUN_DIR/config.yaml            resolved config of the run
+    RUN_DIR/cv_summary.csv         --fold all: fold, patient, Dice (best and last checkpoint)
+    RUN_DIR/report.html            `run.py report`
+    RUN_DIR/fold_<k>/config.yaml, split.json, labels.json, normalisation.json,
+                     best.pt, last.pt, train.log, metrics.csv, curves.png
+
+Checkpoints hold tensors and plain Python types only and load with `torch.load(weights_only=True)`;
+"model" is the state dict to predict with.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Config, ConfigError, config_from_dict, save_config
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, write_json
+
+CONFIG = "config.yaml"
+CV_SUMMARY = "cv_summary.csv"
+REPORT = "report.html"
+SPLIT = "split.json"
+LABELS = "labels.json"
+NORMALISATION = "normalisation.json"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+TRAIN_LOG = "train.log"
+CHECKPOINTS = ("best", "last")
+_FOLD = re.compile(r"^fold_(\d+)$")
+
+
+def fold_dir(run_dir: str | Path, fold: int) -> Path:
+    return Path(run_dir) / f"fold_{int(fold)}"
+
+
+def fold_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(fold number, folder) of every fold_<k> folder, in numeric order (fold_10 after fold_9)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _FOLD.match(p.name))]
+    return sorted(found)
+
+
+def checkpoint_path(fold_folder: str | Path, which: str) -> Path:
+    """fold_<k>/best.pt or fold_<k>/last.pt."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"checkpoint {which!r} is not one of {CHECKPOINTS}")
+    return Path(fold_folder) / f"{which}.pt"
+
+
+def select_checkpoints(run_dir: str | Path, folds: str, which: str) -> list[Path]:
+    """The `which` checkpoint of every fold ("all") or of fold `folds`; an error naming the run
+    when there is none."""
+    run_dir = Path(run_dir)
+    chosen = [(k, d) for k, d in fold_dirs(run_dir) if folds == "all" or str(k) == str(folds)]
+    paths = [checkpoint_path(d, which) for _, d in chosen if checkpoint_path(d, which).is_file()]
+    if not paths:
+        where = "any fold_*" if folds == "all" else f"fold_{folds}"
+        raise PipelineError(f"{run_dir}: no {which}.pt checkpoint in {where}")
+    return paths
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """torch.save, written under a temporary name and renamed when complete."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict (weights_only), with a one-line error naming the file when it cannot be
+    read or holds no "model" weights."""
+    import torch
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise PipelineError(f"{path}: cannot load checkpoint ({_first_line(exc)})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'model' weights)")
+    return ckpt
+
+
+def load_weights(model, path: str | Path, state: dict):
+    """model.load_state_dict(state), with a one-line error naming the checkpoint on a mismatch."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise PipelineError(f"{path}: checkpoint does not fit the run's model ({_first_line(exc)})") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_config(folder: str | Path) -> Config:
+    """The resolved config saved in a run or fold folder."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not a run folder ({CONFIG} missing)")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(run_dir) / CONFIG)
+
+
+def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict], val: list[dict],
+                        labels: dict, model_output: dict, normalisation: dict) -> None:
+    """What infer needs besides the weights: config, split, label map and normalisation."""
+    save_config(cfg, folder / CONFIG)
+    write_json(folder / SPLIT, {
+        "fold": fold,
+        "train": {"patients": sorted({e["patient"] for e in train}), "cases": sorted(e["case"] for e in train)},
+        "val": {"patients": sorted({e["patient"] for e in val}), "cases": sorted(e["case"] for e in val)},
+    })
+    liver = next(int(k) for k, v in model_output.items() if v == "liver")
+    write_json(folder / LABELS, {"labels": labels, "liver": liver,
+                                 "model_output": {str(k): v for k, v in model_output.items()}})
+    write_json(folder / NORMALISATION, normalisation)

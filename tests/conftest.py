@@ -1,0 +1,50 @@
+"""Shared fixtures: the real-data location (defined once), tiny training configs, the realdata marker.
+
+Every test that reads the real CHAOS data carries `@pytest.mark.realdata` (or a module-level
+`pytestmark`) and takes the `real_chaos` fixture; both skip it, with the reason, where the data
+is absent (../shared/data/chaos-real beside the repository).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CHAOS = ROOT.parent / "shared" / "data" / "chaos-real"
+_REAL_MISSING = f"real CHAOS data not found at {REAL_CHAOS}"
+
+# The real default config shrunk for tests (model-zoo CI style): seconds per fold on a CPU.
+TINY_TRAIN = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "model.dropout=0.0",
+              "train.roi_size=[32,32]", "train.slices_per_volume=4", "train.batch_size=4", "train.lr=0.01",
+              "train.warmup_epochs=1", "train.epochs=3", "train.val_every=1"]
+
+
+def _real_present() -> bool:
+    return (REAL_CHAOS / "Train_Sets").is_dir()
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("realdata") is not None and not _real_present():
+        pytest.skip(_REAL_MISSING)
+
+
+@pytest.fixture(scope="session")
+def real_chaos() -> Path:
+    """The real CHAOS root (holding Train_Sets/); skips the test where it is absent."""
+    if not _real_present():
+        pytest.skip(_REAL_MISSING)
+    return REAL_CHAOS
+
+
+@pytest.fixture(scope="session")
+def tiny_train_overrides() -> list[str]:
+    return list(TINY_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(*extra_overrides) -> the default config shrunk to TINY_TRAIN plus `extra_overrides`."""
+    from pipeline.config import load_config
+
+    return lambda *extra: load_config(None, [*TINY_TRAIN, *extra])
