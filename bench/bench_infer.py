@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference cost and quality on real CHAOS series, measured side by side in one run.
 
-    python bench/bench_infer.py --run RUN_DIR [--data ../shared/data/chaos-real] [--repeats 3]
+    python bench/bench_infer.py --run-dir RUN_DIR [--data ../shared/data/chaos-real] [--repeats 3]
 
 Speed (the issue's target: end-to-end <= 1.3x the bare model forward):
   e2e   = segment_case: DICOM read -> transforms -> fold-ensemble prediction -> inversion ->
@@ -142,7 +142,7 @@ def quality(run_dir: Path, data: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="trained run folder")
+    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, help="trained run folder")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CHAOS root with real series")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-mr", type=int, default=4, help="MR series in the speed table")

@@ -2,7 +2,7 @@
 """Patient-wise cross-validation on the real CHAOS MR T2-SPIR patients, with timings.
 
     python run.py prepare --data ../shared/data/chaos-real --out /tmp/real_prep --sequences T2SPIR
-    python bench/train_real_cv.py --data /tmp/real_prep --run /tmp/real_cv [--folds 0,1] [--set key=value ...]
+    python bench/train_real_cv.py --data /tmp/real_prep --run-dir /tmp/real_cv [--folds 0,1] [--set key=value ...]
 
 Trains the listed folds one after the other with the default config (plus overrides) and prints,
 per fold, the mean and minimum 3D liver Dice over its validation patients (best checkpoint and
@@ -28,7 +28,7 @@ from pipeline.train import run_training  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="prepared real MR folder (datalist.json)")
-    ap.add_argument("--run", type=Path, required=True, help="run folder to create")
+    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, help="run folder to create")
     ap.add_argument("--folds", default="all", help="comma-separated fold numbers or 'all'")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
