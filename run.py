@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         with command_output(level):
             return args.func(args)
     except PipelineError as exc:
+        if args.verbose:  # where it was raised, and what caused it, for a bug report
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
