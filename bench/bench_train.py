@@ -63,7 +63,7 @@ def main() -> int:
     t0 = time.perf_counter()
     _, loader, _, _, _, _ = build_loaders(cfg, train, val, Dist())
     cache_s = time.perf_counter() - t0
-    model = build_model(cfg.model).to(device).train()
+    model = build_model(cfg.model, cfg.train.roi_size).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     loss_fn = build_loss(cfg.train)
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import yaml
 
@@ -55,16 +55,24 @@ class PrepareConfig:
     orientation_tolerance: float = 1e-4  # max difference between slice direction cosines
 
 
+ModelName = Literal["unet", "dynunet", "segresnet", "attentionunet", "basicunet"]
+
+
 @dataclass
 class ModelConfig:
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # UNet features per level
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level
+    # MONAI 2D network: unet | dynunet (nnU-Net's, strides derived from train.roi_size) | segresnet |
+    # attentionunet | basicunet (five levels)
+    name: ModelName = "unet"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # features per level
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level (unet, attentionunet)
     num_res_units: int = 1  # residual units per block (0 = plain convolutions)
     dropout: float = 0.1  # dropout probability
     norm: Literal["instance", "batch"] = "instance"  # normalisation layer
     context_slices: int = 0  # neighbouring slices on each side fed as extra input channels (2.5D); 0 = plain 2D
     # one more input channel, 1 on CT slices and 0 on MR: tells one model of both modalities which it sees
     modality_channel: bool = False
+    deep_supervision: bool = False  # dynunet: the loss also on lower decoder levels, summed (nnU-Net)
+    deep_supervision_levels: int = 2  # decoder levels below full resolution that deep supervision adds
 
 
 @dataclass
@@ -206,6 +214,23 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_value(dotted, value, hints[key]))
 
 
+MIN_FEATURE_MAP = 8  # nnU-Net stops down-sampling an axis before its feature map would go below this
+
+
+def plan_dynunet(roi: Sequence[int], levels: int) -> list[list[int]]:
+    """nnU-Net's rule for the strides of a 2D DynUNet with at most `levels` resolution levels:
+    halve an axis while its feature map stays >= MIN_FEATURE_MAP. Returns the strides per level
+    ([1, 1] first: the input level), one list per level actually used."""
+    size, strides = [int(r) for r in roi], [[1, 1]]
+    while len(strides) < levels:
+        step = [2 if s // 2 >= MIN_FEATURE_MAP else 1 for s in size]
+        if step == [1, 1]:
+            break
+        size = [s // k for s, k in zip(size, step)]
+        strides.append(step)
+    return strides
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -213,10 +238,20 @@ def validate(cfg: Config) -> Config:
     """Checks that involve more than one key's type (ranges, lengths, keys that must agree), run
     whenever a config is loaded, so that a bad value stops a command before any data is read."""
     m, t, i = cfg.model, cfg.train, cfg.infer
+    down = len(plan_dynunet(t.roi_size, len(m.channels))) - 1 if len(t.roi_size) == 2 else 0
     rules = [
         ("model.strides", len(m.channels) >= 2 and len(m.strides) == len(m.channels) - 1,
          f"expected {len(m.channels) - 1} values for {len(m.channels)} model.channels, got {m.strides}"),
         ("model.context_slices", m.context_slices >= 0, f"expected >= 0, got {m.context_slices}"),
+        ("model.channels", m.name != "basicunet" or len(m.channels) == 5,
+         f"basicunet has five levels: expected 5 values, got {m.channels}"),
+        ("model.channels", m.name != "segresnet" or len(m.channels) >= 3,
+         f"segresnet needs at least 3 levels, got {m.channels}"),
+        ("model.deep_supervision", not m.deep_supervision or m.name == "dynunet",
+         f"only model.name=dynunet has deep supervision, not {m.name}"),
+        ("model.deep_supervision_levels", not m.deep_supervision or 1 <= m.deep_supervision_levels < down,
+         f"expected 1..{down - 1} for a dynunet with {down} down-samplings at train.roi_size {t.roi_size}, "
+         f"got {m.deep_supervision_levels}"),
         ("model.dropout", 0.0 <= m.dropout < 1.0, f"expected a value in [0, 1), got {m.dropout}"),
         ("train.roi_size", len(t.roi_size) == 2 and min(t.roi_size, default=0) >= 8,
          f"expected [H, W] with both >= 8, got {t.roi_size}"),

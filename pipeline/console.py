@@ -59,6 +59,10 @@ def quiet_known_library_noise() -> None:
     # are then all of one kind, which is what RandCropByPosNegLabeld does, with a warning per draw.
     warnings.filterwarnings("ignore", message=r"Num foregrounds \d+, Num backgrounds \d+, unable to generate class "
                             "balanced samples", category=UserWarning, module="monai.transforms.utils")
+    # RandHistogramShift leaves a slice of one grey level (blank slices exist in real series) as it is,
+    # which is right, and warns each time.
+    warnings.filterwarnings("ignore", message="The image's intensity is a single value", category=UserWarning,
+                            module="monai.transforms.intensity.array")
     logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     if not any(isinstance(f, _DropMessage) for f in logger.filters):
         logger.addFilter(_DropMessage("nvImageCodec is not available; skipping pydicom decoder plugin registration"))

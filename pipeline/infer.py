@@ -127,7 +127,7 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     ckpts = runs.select_checkpoints(run_dir, chosen, cfg.infer.checkpoint)
     models = []
     for ck in ckpts:
-        model = runs.load_weights(build_model(cfg.model), ck, runs.load_checkpoint(ck)["model"])
+        model = runs.load_weights(build_model(cfg.model, cfg.train.roi_size), ck, runs.load_checkpoint(ck)["model"])
         models.append(model.eval().to(device))
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
     freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)

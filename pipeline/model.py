@@ -1,44 +1,109 @@
-"""Network and loss built from the config: a MONAI 2D UNet on single-channel axial slices.
+"""Networks and losses built from the config: MONAI 2D networks on axial slices.
 
-Input (B, 1, H, W) float32 intensities in about [0, 1]; output (B, 2, H, W) logits, channel 0
-background, channel 1 liver. Every loss below takes those logits and a (B, 1, H, W) label of 0/1.
+Input (B, C, H, W) float32 intensities in about [0, 1] (C = 1 + 2 * context_slices + modality
+channel); output (B, 2, H, W) logits, channel 0 background, channel 1 liver. `model.name` picks the
+architecture; the run folder's config.yaml records it, so infer rebuilds the same network from the
+run alone (runs from before `model.name` existed are plain UNets, the default).
+With `model.deep_supervision` (dynunet), training-mode outputs are (B, 1 + levels, 2, H, W): the
+full-resolution logits and the upsampled logits of lower decoder levels; eval mode returns the
+full-resolution logits only. Every loss below takes either and a (B, 1, H, W) label of 0/1.
 """
 from __future__ import annotations
 
-from torch import nn
-from monai.losses import DiceCELoss, DiceFocalLoss
-from monai.networks.nets import UNet
+from typing import Sequence
 
-from pipeline.config import ModelConfig, TrainConfig
+from torch import nn
+
+from pipeline.config import ModelConfig, TrainConfig, plan_dynunet
 from pipeline.labels import MODEL_OUTPUT
 
 NUM_CLASSES = len(MODEL_OUTPUT)  # background, liver
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """MONAI UNet(spatial_dims=2, in_channels=1 + 2 * context_slices (+ 1 with modality_channel),
-    out_channels=2) shaped by `cfg` (checked when the config was loaded: config.validate)."""
-    return UNet(
-        spatial_dims=2, in_channels=1 + 2 * cfg.context_slices + int(cfg.modality_channel), out_channels=NUM_CLASSES,
-        channels=tuple(cfg.channels), strides=tuple(cfg.strides), num_res_units=cfg.num_res_units,
-        dropout=cfg.dropout, norm=NORMS[cfg.norm],
-    )
+def in_channels(cfg: ModelConfig) -> int:
+    return 1 + 2 * cfg.context_slices + int(cfg.modality_channel)
+
+
+def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> nn.Module:
+    """The network `cfg.name` shaped by `cfg` (checked when the config was loaded: config.validate).
+    `roi` (train.roi_size) is the input size, from which dynunet derives its strides."""
+    from monai.networks.nets import UNet
+
+    c_in, norm = in_channels(cfg), NORMS[cfg.norm]
+    if cfg.name == "unet":
+        return UNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
+                    strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=norm)
+    if cfg.name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        strides = plan_dynunet(roi, len(cfg.channels))
+        return DynUNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, kernel_size=[3] * len(strides),
+                       strides=strides, upsample_kernel_size=strides[1:], filters=cfg.channels[:len(strides)],
+                       dropout=cfg.dropout or None, norm_name=(norm, {"affine": True}),
+                       deep_supervision=cfg.deep_supervision, deep_supr_num=cfg.deep_supervision_levels,
+                       res_block=cfg.num_res_units > 0)
+    if cfg.name == "segresnet":
+        from monai.networks.nets import SegResNet
+
+        levels = len(cfg.channels)  # SegResNet doubles its filters per level from init_filters
+        return SegResNet(spatial_dims=2, init_filters=cfg.channels[0], in_channels=c_in, out_channels=NUM_CLASSES,
+                         dropout_prob=cfg.dropout or None, norm=(norm, {"affine": True}),
+                         blocks_down=(1, *[2] * (levels - 2), 4), blocks_up=(1,) * (levels - 1))
+    if cfg.name == "attentionunet":
+        from monai.networks.nets import AttentionUnet
+
+        # MONAI's AttentionUnet has batch normalisation built in (model.norm does not apply)
+        return AttentionUnet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, channels=cfg.channels,
+                             strides=cfg.strides, dropout=cfg.dropout)
+    if cfg.name == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        return BasicUNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES,
+                         features=(*cfg.channels, cfg.channels[0]), norm=(norm, {"affine": True}), dropout=cfg.dropout)
+    raise ValueError(f"model {cfg.name!r} is not one of unet | dynunet | segresnet | attentionunet | basicunet")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class DeepSupervised(nn.Module):
+    """Wraps a loss for deep supervision: for outputs (B, S, C, H, W) (DynUNet in training mode),
+    MONAI's DeepSupervisionLoss sums the loss over the S scales with weights halving per level
+    (1, 1/2, 1/4, ...; DynUNet has already upsampled every scale to the label's size); plain
+    (B, C, H, W) outputs pass straight through."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        from monai.losses import DeepSupervisionLoss
+
+        self.loss = loss
+        self.deep = DeepSupervisionLoss(loss, weight_mode="exp")
+
+    def forward(self, output, target):
+        if output.ndim == target.ndim + 1:
+            return self.deep(list(output.unbind(dim=1)), target)
+        return self.loss(output, target)
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:
-    """dice_ce (default) | dice_focal | bce.
+    """dice_ce (default) | dice_focal | bce, taking plain or deeply supervised outputs.
 
     "bce" keeps the two-channel output and uses cross-entropy alone: softmax over two logits is
     a sigmoid of their difference, so this is binary cross-entropy without changing the model or
     the prediction code that the other losses share.
     """
+    from monai.losses import DiceCELoss, DiceFocalLoss
+
     # batch=True: Dice over the whole batch of slices (nnU-Net's "batch dice"); per-slice Dice is
     # erratic on the many slices with little or no liver.
     if cfg.loss == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    if cfg.loss == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True, batch=True)
-    if cfg.loss == "bce":
-        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0)
-    raise ValueError(f"loss {cfg.loss!r} is not dice_ce | dice_focal | bce")
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    elif cfg.loss == "dice_focal":
+        loss = DiceFocalLoss(to_onehot_y=True, softmax=True, batch=True)
+    elif cfg.loss == "bce":
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0)
+    else:
+        raise ValueError(f"loss {cfg.loss!r} is not dice_ce | dice_focal | bce")
+    return DeepSupervised(loss)

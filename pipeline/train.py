@@ -304,7 +304,7 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"fold {fold}: {len(train)} training cases ({len({e['patient'] for e in train})} patients), "
         f"{len(val)} validation cases ({', '.join(sorted({e['patient'] for e in val}))})",
         f"device {device}, amp {t.amp}, processes {dd.world}, seed {t.seed}",
-        f"model UNet2D channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
+        f"model {m.name} channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
         f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
         f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
         f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
@@ -330,7 +330,9 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
                                   even_divisible=True)[dd.rank]
     train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices)
                        + random_transforms(t, modality_channel=cfg.model.modality_channel))
-    train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
+    # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
+    train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
+                            as_contiguous=False)
     generator = torch.Generator()
     loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
                         num_workers=t.num_workers, generator=generator, drop_last=False)
@@ -348,7 +350,7 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     from monai.utils import set_determinism
 
     set_determinism(seed=cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.train.roi_size).to(device)
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -27,7 +27,6 @@ from monai.transforms import InvertibleTransform
 from monai.transforms import (
     EnsureChannelFirstd,
     LabelFilterd,
-    Lambdad,
     LoadImaged,
     MapTransform,
     EnsureTyped,
@@ -116,6 +115,28 @@ class SliceIndicesd(MapTransform):
         # voxel (0, 0, z) names slice z; the cropper then centres the whole-slice crop in-plane
         flat = np.ravel_multi_index((np.zeros_like(z), np.zeros_like(z), z), spatial)
         d[_FG], d[_BG] = flat[has_liver], flat[~has_liver]
+        return d
+
+
+class SliceMajord(MapTransform):
+    """(C, H, W, Z) tensors stored slice by slice in memory (Z outermost), same shape and values.
+
+    Training draws whole axial slices from the cached volumes; stored this way, slice z is one
+    contiguous block, so the drawn slice and every augmentation after it work on contiguous memory
+    instead of a strided view (torch's searchsorted, in RandHistogramShift, warned about that).
+    MONAI has no transform for a memory layout; it is a permute and a copy, once per cached volume.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            stored = plain(img).permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+            if hasattr(img, "as_tensor"):
+                from monai.data import MetaTensor
+
+                stored = MetaTensor(stored, meta=img.meta, applied_operations=img.applied_operations)
+            d[key] = stored
         return d
 
 
@@ -269,8 +290,8 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if orient_last:
         chain.append(orient)
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
-    if has_label and with_indices:
-        chain.append(SliceIndicesd("label"))
+    if has_label and with_indices:  # the training volumes that slices are drawn from
+        chain += [SliceIndicesd("label"), SliceMajord(keys)]
     if modality_channel:
         chain.append(ModalityChanneld("image"))
     return chain
@@ -314,18 +335,17 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
         RandCropByPosNegLabeld(
             keys, label_key="label", spatial_size=(-1, -1, 1), pos=ratio, neg=1.0 - ratio,
             num_samples=cfg.slices_per_volume, fg_indices_key=_FG, bg_indices_key=_BG, allow_smaller=True),
-        SqueezeDimd(keys, dim=-1),
-        # the squeezed slice is a strided view of its volume; the augmentations below (and torch's
-        # searchsorted in RandHistogramShift, which warns about it) want contiguous memory
-        Lambdad(keys, func=torch.Tensor.contiguous),
+        SqueezeDimd(keys, dim=-1),  # contiguous: the cached volumes are stored slice by slice (SliceMajord)
         RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
         RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
     ]
     if square:  # a 90-degree turn of a non-square slice would change its shape
         chain.append(RandRotate90d(keys, prob=cfg.rotate90_prob, max_k=3))
     chain += [
+        # cache_grid: the identity sampling grid of the (fixed) slice size is made once, not per draw
         RandAffined(keys, prob=cfg.affine_prob, rotate_range=0.26, scale_range=cfg.scale_range,
-                    translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros"),
+                    translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros",
+                    spatial_size=tuple(cfg.roi_size), cache_grid=True),
         # MR surface-coil shading: a slowly varying multiplicative field (exp of a degree-3
         # polynomial; coefficients in +-0.15 give a median max/min ratio of 1.9 over a slice), as on real
         # T2-SPIR livers that lose about half their brightness anteriorly (MR_5).
