@@ -84,6 +84,9 @@ class TrainConfig:
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
     epochs: int = 280  # epochs per fold
+    # minutes of training per fold (0 = off): after the warm-up the run times itself and fixes
+    # train.epochs to what fits; the fixed count is saved (config.yaml, checkpoints) and --resume keeps it
+    budget_minutes: float = 0.0
     lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: int = 2  # linear warm-up before the decay
@@ -264,6 +267,7 @@ def validate(cfg: Config) -> Config:
         ("train.epochs", t.epochs >= 1, f"expected >= 1, got {t.epochs}"),
         ("train.val_every", t.val_every >= 1, f"expected >= 1, got {t.val_every}"),
         ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, f"expected a value in [0, 1), got {t.ema_decay}"),
+        ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
         ("train.device", bool(_DEVICE.match(t.device)), f"expected auto | cpu | cuda | cuda:N, got {t.device!r}"),
         ("infer.device", bool(_DEVICE.match(i.device)), f"expected auto | cpu | cuda | cuda:N, got {i.device!r}"),
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),

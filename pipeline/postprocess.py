@@ -30,7 +30,7 @@ def postprocess(mask: np.ndarray, largest_component: bool, fill_holes: bool) -> 
         # slower. The result equals MONAI's (tests/test_infer.py).
         labels, count = _label(crop, full)
         if count > 1:
-            sizes = np.bincount(labels.ravel())
+            sizes = np.bincount(labels.ravel(order="K"))  # memory order: no copy of a transposed view
             sizes[0] = 0
             crop = (labels == np.argsort(sizes)[::-1][0]).astype(np.uint8)
     if fill_holes:

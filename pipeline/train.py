@@ -9,6 +9,7 @@ validates and writes.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import runs
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config, config_to_dict, save_config
 from pipeline.console import progress, quiet_known_library_noise
 from pipeline.datalist import Datalist, read_datalist
 from pipeline.device import autocast_context, cpu_has_native_bf16, resolve_device
@@ -69,6 +70,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def from_main(self, value: float) -> float:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value if self.main else 0.0], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
 
     def mean(self, value: float) -> float:
         if self.world == 1:
@@ -154,6 +163,8 @@ class FoldState:
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
     ema: nn.Module | None = None  # torch AveragedModel of the weights (train.ema_decay > 0)
+    schedule: dict = field(default_factory=dict)  # {"total": steps the LR decays over}; the budget may fix it
+    budget_epochs: int | None = None  # epochs that train.budget_minutes fixed (kept by --resume)
 
     @property
     def module(self) -> nn.Module:
@@ -174,7 +185,7 @@ def save_checkpoint(path: Path, state: FoldState, cfg: Config) -> None:
         "model": state.eval_model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "epoch": state.epoch, "best_dice": state.best_dice,
         "best_epoch": state.best_epoch, "history": state.history, "rng": rng_state(),
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(cfg), "budget_epochs": state.budget_epochs,
     }
     if state.ema is not None:
         payload |= {"train_model": state.module.state_dict(), "ema": state.ema.state_dict()}
@@ -193,6 +204,7 @@ def load_checkpoint(path: Path, state: FoldState) -> dict:
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch, state.best_dice, state.best_epoch = ckpt["epoch"], ckpt["best_dice"], ckpt["best_epoch"]
     state.history = list(ckpt["history"])
+    state.budget_epochs = ckpt.get("budget_epochs")
     set_rng_state(ckpt["rng"])
     return ckpt["config"]
 
@@ -354,10 +366,11 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+    schedule = {"total": cfg.train.epochs * steps_per_epoch}  # read at every step: the budget may fix it later
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, warmup, total, cfg.train.schedule))
-    state = FoldState(model, optimizer, scheduler)
+        optimizer, lambda step: lr_lambda(step, warmup, schedule["total"], cfg.train.schedule))
+    state = FoldState(model, optimizer, scheduler, schedule=schedule)
     if cfg.train.ema_decay > 0:  # below 1: config.validate
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -379,6 +392,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                resume: bool) -> FoldResult:
     fold_dir = runs.fold_dir(run_dir, fold)
     last_path = runs.checkpoint_path(fold_dir, "last")
+    cfg = copy.deepcopy(cfg)  # the budget fixes this fold's epochs in its own copy
     if last_path.exists() and not resume:
         raise PipelineError(f"{last_path}: exists; pass --resume to continue this fold or choose another --run-dir")
     train, val = datalist.split(fold)
@@ -391,7 +405,10 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         steps = len(loader)
         state = make_state(cfg, device, dd, steps)
         if resume and last_path.exists():
-            changes = config_changes(load_checkpoint(last_path, state), config_to_dict(cfg))
+            saved = load_checkpoint(last_path, state)
+            if state.budget_epochs is not None and cfg.train.budget_minutes > 0:
+                fix_epochs(cfg, state, state.budget_epochs, steps)  # the schedule the budget fixed, not a new one
+            changes = config_changes(saved, config_to_dict(cfg))
             log.info("fold %d: resumed from %s after epoch %d", fold, last_path, state.epoch)
             if changes:
                 log.warning("fold %d: resuming with a changed config: %s", fold, "; ".join(changes))
@@ -414,15 +431,27 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                                                  f"fold {fold} epoch {epoch}/{cfg.train.epochs}", dd.main))
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": state.scheduler.get_last_lr()[0]}
             dd.barrier()
-            if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
+            calibrate = cfg.train.budget_minutes > 0 and state.budget_epochs is None and \
+                epoch >= max(1, cfg.train.warmup_epochs)
+            if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or calibrate):
+                t_val = time.perf_counter()
                 val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
                         "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6)}
                 row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}
+                row["val_time_s"] = round(time.perf_counter() - t_val, 3)
             dd.barrier()
             row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
             state.epoch = epoch
             state.history.append(row)
+            if calibrate:
+                fit = epochs_within_budget(cfg, state.history, time.perf_counter() - t_start, dd)
+                budget = cfg.train.budget_minutes
+                fix_epochs(cfg, state, fit, steps)
+                log.info("fold %d: train.budget_minutes=%g fits %d epochs: train.epochs fixed to %d", fold, budget,
+                         fit, fit)
+                if dd.main:
+                    save_config(cfg, fold_dir / runs.CONFIG)
             if dd.main:
                 finish_epoch(fold_dir, state, row, cfg, patients)
         minutes = (time.perf_counter() - t_start) / 60
@@ -432,6 +461,24 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
             write_metrics(fold_dir / runs.METRICS, state.history, patients)
             plot_curves(state.history, patients, fold_dir / runs.CURVES, title=f"fold {fold}")
     return fold_result(fold, state, patients, minutes)
+
+
+def epochs_within_budget(cfg: Config, history: list[dict], elapsed_s: float, dd: Dist) -> int:
+    """How many epochs fit train.budget_minutes: the epochs done, plus what the time left buys at the
+    measured cost of an epoch (training time, plus a validation every val_every epochs)."""
+    train_s = [r["epoch_time_s"] - r.get("val_time_s", 0.0) for r in history]
+    per_epoch = dd.mean(float(np.median(train_s))) + dd.from_main(history[-1].get("val_time_s", 0.0)) / cfg.train.val_every
+    left = cfg.train.budget_minutes * 60 - dd.mean(elapsed_s)
+    return max(len(history), len(history) + int(left // max(per_epoch, 1e-6)))
+
+
+def fix_epochs(cfg: Config, state: FoldState, epochs: int, steps_per_epoch: int) -> None:
+    """Make `epochs` the fold's schedule: the LR decays to zero over it, and the fold's config says
+    train.epochs = `epochs` with the budget off, so that a rerun with that config.yaml repeats the
+    same schedule; state.budget_epochs, saved in the checkpoints, makes --resume keep it too."""
+    cfg.train.epochs = state.budget_epochs = int(epochs)
+    cfg.train.budget_minutes = 0.0
+    state.schedule["total"] = cfg.train.epochs * steps_per_epoch
 
 
 def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patients: list[str]) -> None:

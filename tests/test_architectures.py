@@ -40,7 +40,7 @@ def test_every_architecture_trains_resumes_and_infers_from_the_run_folder(name, 
     resumed = run_training(prepared, run, "0", load_config(None, _overrides(name, "train.epochs=2")), resume=True)
     ckpt = torch.load(run / "fold_0" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and [r["epoch"] for r in ckpt["history"]] == [1, 2]
-    assert set(resumed[0].dice_last) == {"CT_2", "MR_1"}
+    assert set(resumed[0].dice_last) == {"CT_1", "MR_1"}
     # infer needs nothing but the run folder: it rebuilds `name` from config.yaml
     rows = run_inference(run, prepared, tmp_path / "out", fold="0", patients="MR_1", overrides=["infer.amp=off"])
     mask = np.asarray(nib.load(tmp_path / "out" / "MR_1_T2SPIR_liver.nii.gz").dataobj)

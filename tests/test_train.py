@@ -231,3 +231,35 @@ def test_a_model_with_the_modality_channel_trains_validates_and_segments(data_di
     ct = next(r for r in rows if r["case"] == "CT_2")
     assert ct["dice"] == pytest.approx(results[0].dice_best["CT_2"], abs=1e-3)
     assert json.loads((tmp_path / "out" / "inference.json").read_text())["cases"]
+
+
+def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_dir, tmp_path, monkeypatch,
+                                                                          tiny_config):
+    import yaml
+
+    # 3 s for a fold whose epochs take a fraction of that: the budget, not train.epochs=200, decides
+    cfg = tiny_config("train.epochs=200", "train.budget_minutes=0.05", "train.val_every=2")
+    finish = train_mod.finish_epoch
+
+    def killed_after_epoch_3(fold_dir, state, *args):
+        finish(fold_dir, state, *args)
+        if state.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(data_dir, tmp_path, "0", cfg)
+    fold_dir = tmp_path / "fold_0"
+    saved = yaml.safe_load((fold_dir / "config.yaml").read_text())["train"]
+    fixed = torch.load(fold_dir / "last.pt", weights_only=True)["budget_epochs"]
+    assert fixed > 3 and fixed != 200  # measured after the one warm-up epoch (validated then, to time validation too)
+    assert saved["epochs"] == fixed and saved["budget_minutes"] == 0.0  # rerunning this config repeats it
+    assert read_metrics(fold_dir)[0]["val_dice_mean"] != ""
+
+    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    results = run_training(data_dir, tmp_path, "0", cfg, resume=True)  # the same command line: no new measurement
+    rows = read_metrics(fold_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, fixed + 1))
+    assert torch.load(fold_dir / "last.pt", weights_only=True)["budget_epochs"] == fixed
+    assert float(rows[-1]["lr"]) < 1e-6 * float(rows[0]["lr"]) + 1e-12  # the schedule ends at zero
+    assert results[0].dice_last and cfg.train.epochs == 200  # the caller's config is left as it was
