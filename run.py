@@ -110,8 +110,17 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from pipeline.report import write_report
 
-    path = write_report(args.run, eval_dir=args.eval)
+    path = write_report(args.run, eval_dir=args.eval, compare_dir=args.compare)
     _show(args, f"report written to {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.compare import leaderboard_table, run_comparison
+
+    configs = [Path(c.strip()) for c in args.configs.split(",") if c.strip()]
+    rows = run_comparison(args.data, configs, args.out, folds=args.folds, overrides=args.overrides, jobs=args.jobs)
+    _show(args, leaderboard_table(rows))
     return 0
 
 
@@ -180,8 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write an offline HTML report of a run")
     _run_dir(p, "run folder")
     p.add_argument("--eval", type=Path, default=None, help="evaluate output folder to include")
+    p.add_argument("--compare", type=Path, default=None, help="`run.py compare` output folder to include")
     _common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="train several configurations on the same folds and rank them")
+    p.add_argument("--data", type=Path, required=True, help="prepared folder (holding datalist.json)")
+    p.add_argument("--configs", required=True, help="comma-separated YAML configs (each as --config takes it)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one run folder per config, leaderboard)")
+    p.add_argument("--folds", default="all", help="fold numbers (e.g. 0,1) or 'all' (default all)")
+    p.add_argument("--jobs", type=int, default=1, help="folds trained side by side as processes (default 1)")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> infer -> evaluate on synthetic data")
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="work folder (default data/demo)")

@@ -122,6 +122,9 @@ class InferConfig:
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
+    # quality control: a mask outside this liver volume range (ml) is flagged (warning, "qc" in inference.json)
+    qc_liver_ml: list[float] = field(default_factory=lambda: [200.0, 5000.0])
+    qc_min_agreement: float = 0.8  # flag a mask when a fold model's own mask agrees less (Dice) with the ensemble's
     montage: bool = True  # write a PNG montage per case
 
 
@@ -243,7 +246,8 @@ def validate(cfg: Config) -> Config:
     m, t, i = cfg.model, cfg.train, cfg.infer
     down = len(plan_dynunet(t.roi_size, len(m.channels))) - 1 if len(t.roi_size) == 2 else 0
     rules = [
-        ("model.strides", len(m.channels) >= 2 and len(m.strides) == len(m.channels) - 1,
+        ("model.channels", len(m.channels) >= 2, f"expected at least 2 levels, got {m.channels}"),
+        ("model.strides", m.name not in ("unet", "attentionunet") or len(m.strides) == len(m.channels) - 1,
          f"expected {len(m.channels) - 1} values for {len(m.channels)} model.channels, got {m.strides}"),
         ("model.context_slices", m.context_slices >= 0, f"expected >= 0, got {m.context_slices}"),
         ("model.channels", m.name != "basicunet" or len(m.channels) == 5,
@@ -272,6 +276,9 @@ def validate(cfg: Config) -> Config:
         ("infer.device", bool(_DEVICE.match(i.device)), f"expected auto | cpu | cuda | cuda:N, got {i.device!r}"),
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),
         ("infer.batch_size", i.batch_size >= 1, f"expected >= 1, got {i.batch_size}"),
+        ("infer.qc_liver_ml", len(i.qc_liver_ml) == 2 and 0 <= i.qc_liver_ml[0] < i.qc_liver_ml[1],
+         f"expected [low, high] in ml with 0 <= low < high, got {i.qc_liver_ml}"),
+        ("infer.qc_min_agreement", 0.0 <= i.qc_min_agreement <= 1.0, f"expected a Dice in [0, 1], got {i.qc_min_agreement}"),
     ]
     for key, ok, problem in rules:
         if not ok:

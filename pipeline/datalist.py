@@ -46,16 +46,17 @@ class Datalist:
         return sorted({e["patient"] for e in self.entries if int(e["fold"]) == fold})
 
     def parse_folds(self, fold: str | int) -> list[int]:
-        """"all" -> every fold; "k" -> [k], checked against numFolds."""
+        """"all" -> every fold; "k" or "j,k" -> those folds, checked against numFolds."""
         if str(fold) == "all":
             return list(range(self.num_folds))
         try:
-            k = int(fold)
+            chosen = [int(k) for k in str(fold).split(",")]
         except ValueError:
             raise PipelineError(f"--fold: expected a fold number or 'all', got {fold!r}") from None
-        if not 0 <= k < self.num_folds:
-            raise PipelineError(f"--fold {k}: {self.path} has folds 0..{self.num_folds - 1}")
-        return [k]
+        for k in chosen:
+            if not 0 <= k < self.num_folds:
+                raise PipelineError(f"--fold {k}: {self.path} has folds 0..{self.num_folds - 1}")
+        return chosen
 
 
 def read_datalist(path: str | Path) -> Datalist:

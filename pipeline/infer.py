@@ -193,13 +193,28 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
     return PreparedCase(case, volume, pre, image, stage, started)
 
 
-def network_probs(run: LoadedRun, image, stages: Stages):
-    """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid."""
+def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | None = None):
+    """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid (each model's own
+    mask appended to `model_masks` when given, for the fold agreement)."""
     from pipeline.predict import predict_volume
 
     with stages("network"):
         return predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
-                              amp=run.cfg.infer.amp)
+                              amp=run.cfg.infer.amp, model_masks=model_masks)
+
+
+def quality_flags(liver_ml: float, agreement: float | None, cfg) -> list[str]:
+    """Why a mask should not be trusted without a look (empty when nothing is wrong): no liver, a
+    liver volume outside infer.qc_liver_ml, or fold models that disagree (infer.qc_min_agreement)."""
+    flags = []
+    low, high = cfg.qc_liver_ml
+    if liver_ml == 0:
+        flags.append("empty: no liver found")
+    elif not low <= liver_ml <= high:
+        flags.append(f"liver volume {liver_ml:.0f} ml outside {low:g}-{high:g} ml")
+    if agreement is not None and agreement < cfg.qc_min_agreement:
+        flags.append(f"fold models disagree (lowest Dice with the ensemble {agreement:.2f} < {cfg.qc_min_agreement:g})")
+    return flags
 
 
 def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
@@ -289,8 +304,10 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
     return folder
 
 
-def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti") -> dict:
-    """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row."""
+def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti",
+               agreement: float | None = None) -> dict:
+    """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row, with
+    "qc" (quality_flags; `agreement` from predict.fold_agreement)."""
     from pipeline.metrics import dice
     from pipeline.visualize import montage
 
@@ -316,6 +333,10 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
            "liver_ml": float(mask.sum() * prepared.volume.voxel_ml)}
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
+    row["fold_agreement"] = None if agreement is None else round(agreement, 4)
+    row["qc"] = quality_flags(row["liver_ml"], agreement, run.cfg.infer)
+    if row["qc"]:
+        log.warning("%s: check this mask before using it: %s", case.case, "; ".join(row["qc"]))
     row["seconds"] = round(mask_seconds, 3)
     row["total_seconds"] = round(time.perf_counter() - prepared.started, 3)
     row["stage_seconds"] = stage.rounded()
@@ -324,8 +345,12 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
 
 def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
     """Read one case, predict, post-process and write its outputs; returns its summary row."""
+    from pipeline.predict import fold_agreement
+
     prepared = read_case(run, case)
-    return write_case(run, prepared, network_probs(run, prepared.image, prepared.stages), out_dir, fmt)
+    masks: list = []
+    probs = network_probs(run, prepared.image, prepared.stages, masks)
+    return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs))
 
 
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),

@@ -51,9 +51,10 @@ def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, devic
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
-                   device: torch.device, amp: str = "off") -> torch.Tensor:
+                   device: torch.device, amp: str = "off", model_masks: list | None = None) -> torch.Tensor:
     """Liver probability (softmax channel LIVER) averaged over `models`: image (C, H, W, D) -> float32
-    (1, H, W, D). Models are put in eval mode and restored afterwards.
+    (1, H, W, D). Models are put in eval mode and restored afterwards. With a list `model_masks`,
+    each model's own liver mask (probability >= 0.5, bool (D, H, W)) is appended to it.
     """
     if not models:
         raise ValueError("predict: no model to predict with")
@@ -68,14 +69,20 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
     for model in models:
         was_training = model.training
         model.eval()
+        own = torch.zeros(total.shape, dtype=torch.bool) if model_masks is not None else None
         try:
             for start, logits in _batch_logits(model, slices, batch_size, device, amp):
                 if logits.shape[1] != 2:
                     raise ValueError(f"predict: expected a background/liver model with 2 outputs, "
-                                        f"got {logits.shape[1]}")
-                total[start:start + logits.shape[0]] += torch.sigmoid(logits[:, LIVER] - logits[:, 0]).cpu()
+                                     f"got {logits.shape[1]}")
+                diff = logits[:, LIVER] - logits[:, 0]
+                total[start:start + logits.shape[0]] += torch.sigmoid(diff).cpu()
+                if own is not None:  # sigmoid(d) >= 0.5 exactly where d >= 0: no second sigmoid
+                    own[start:start + logits.shape[0]] = (diff >= 0).cpu()
         finally:
             model.train(was_training)
+        if own is not None:
+            model_masks.append(own)
     return total.div_(len(models))[None].permute(0, 2, 3, 1)
 
 
@@ -97,3 +104,18 @@ def to_source_grid(probs: torch.Tensor, image: torch.Tensor, inverter) -> torch.
 
     pred = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
     return inverter({"pred": pred, "image": image})["pred"]
+
+
+def fold_agreement(model_masks: Sequence[torch.Tensor], probs: torch.Tensor) -> float | None:
+    """The lowest Dice between one model's own mask and the ensemble's (probs (1, H, W, D) >= 0.5),
+    on the model's grid; None with fewer than two models. Low when the folds disagree, which is
+    where an ensemble's mask deserves a second look."""
+    if len(model_masks) < 2:
+        return None
+    ensemble = (probs[0] >= 0.5).permute(2, 0, 1)  # (D, H, W), as the masks
+    size = int(ensemble.sum())
+    scores = []
+    for own in model_masks:
+        total = size + int(own.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((own & ensemble).sum()) / total)
+    return min(scores)

@@ -399,6 +399,27 @@ def _training_section(folds: list[tuple[int, Path]]) -> str:
     return head + "".join(_fold_section(k, p) for k, p in folds) + "</section>"
 
 
+def _compare_section(compare_dir: Path | None) -> str:
+    """The leaderboard of `run.py compare` (its CSV and box plot), when --compare names one."""
+    if compare_dir is None:
+        return ""
+    from pipeline.compare import BOXPLOT, LEADERBOARD
+
+    head = '<section id="compare"><h2>Comparison of configurations</h2>'
+    try:
+        table = _read_csv(compare_dir / LEADERBOARD)
+    except ArtefactUnavailable as exc:
+        return head + _unavailable("comparison", str(exc)) + "</section>"
+    parts = [head, f'<p class="src">source: {_esc(compare_dir / LEADERBOARD)}; every configuration trained on the '
+             "same folds and scored on each fold's validation patients with its last checkpoint.</p>",
+             _table(table.columns, [table.cells(r, table.columns) for r in table.rows], "compare")]
+    try:
+        parts.append(_img(_png_data_uri(compare_dir / BOXPLOT), "Dice per patient by configuration", "curves"))
+    except ArtefactUnavailable as exc:
+        parts.append(_unavailable("box plot", str(exc)))
+    return "".join(parts) + "</section>"
+
+
 def _eval_section(eval_dir: Path | None, table: Table | None, reason: str) -> str:
     head = '<section id="evaluation"><h2>Evaluation</h2>'
     if table is None:
@@ -492,7 +513,7 @@ pre{background:#f4f6fa;padding:.8em;overflow-x:auto;font-size:.85em}
 
 
 def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
-                 montage_dir: str | Path | None = None) -> Path:
+                 montage_dir: str | Path | None = None, compare_dir: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.html (atomically) and return its path.
 
     `eval_dir` is an evaluate output folder (metrics.csv); `montage_dir` an extra folder of infer
@@ -508,6 +529,9 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
     eval_path = Path(eval_dir) if eval_dir is not None else None
     if eval_path is not None and not eval_path.is_dir():
         raise PipelineError(f"{eval_path}: evaluate folder not found")
+    compare_path = Path(compare_dir) if compare_dir is not None else None
+    if compare_path is not None and not compare_path.is_dir():
+        raise PipelineError(f"{compare_path}: comparison folder not found")
     montage_path = Path(montage_dir) if montage_dir is not None else None
     if montage_path is not None and not montage_path.is_dir():
         raise PipelineError(f"{montage_path}: montage folder not found")
@@ -531,7 +555,8 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>", nav,
         _summary_section(run_dir, folds), _cv_section(run_dir, folds), _training_section(folds),
-        _eval_section(eval_path, evaluation, eval_reason), _montage_section(montages, evaluation),
+        _eval_section(eval_path, evaluation, eval_reason), _compare_section(compare_path),
+        _montage_section(montages, evaluation),
         "</body></html>\n",
     ])
     out = run_dir / REPORT_NAME

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["synth", "prepare", "train", "infer", "evaluate", "report", "demo"]
+COMMANDS = ["synth", "prepare", "train", "infer", "evaluate", "report", "compare", "demo"]
 
 
 def _run(*args, timeout=60):
@@ -75,7 +75,7 @@ def test_training_output_has_no_warnings(prepared, tmp_path, tiny_train_override
     res = _run("train", "--data", str(prepared), "--run", str(tmp_path / "run"), "--fold", "all", *sets, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr and "warn" not in res.stderr.lower()
-    assert " INFO " in res.stderr and "all folds: Dice" in res.stdout  # the CV table, printed by run.py
+    assert " INFO " in res.stderr and "all folds, last checkpoint: Dice" in res.stdout  # the CV table, by run.py
 
 
 def test_per_case_log_lines_never_share_a_line_with_the_progress_bar(prepared, tmp_path):

@@ -1,6 +1,7 @@
 """Inference: masks on the exact grid of the source series, fold ensemble, post-processing, errors."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,44 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypa
     assert run.device.type == "cpu"
     assert run.cfg.infer.amp == ("bf16" if native else "auto")
     assert pipeline.device.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)
+
+
+def test_quality_flags_name_what_is_wrong_with_a_mask():
+    from pipeline.infer import quality_flags
+
+    cfg = load_config(None, ["infer.qc_liver_ml=[500,3000]", "infer.qc_min_agreement=0.85"]).infer
+    assert quality_flags(1500.0, 0.95, cfg) == []
+    assert quality_flags(1500.0, None, cfg) == []  # one model: nothing to agree with
+    assert quality_flags(0.0, None, cfg) == ["empty: no liver found"]
+    assert quality_flags(120.0, 0.9, cfg) == ["liver volume 120 ml outside 500-3000 ml"]
+    assert quality_flags(3500.0, 0.5, cfg) == ["liver volume 3500 ml outside 500-3000 ml",
+                                               "fold models disagree (lowest Dice with the ensemble 0.50 < 0.85)"]
+
+
+def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
+    from pipeline.predict import fold_agreement
+
+    a = torch.zeros(2, 4, 4, dtype=torch.bool)
+    a[:, :2] = True  # 16 voxels
+    b = a.clone()
+    b[:, :1] = False  # 8 of them
+    probs = a.permute(1, 2, 0)[None].float()  # the ensemble says a
+    assert fold_agreement([a], probs) is None
+    assert fold_agreement([a, a], probs) == 1.0
+    assert fold_agreement([a, b], probs) == pytest.approx(2 * 8 / (16 + 8))
+
+
+def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, caplog):
+    import json
+
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    run_dir = make_run(tmp_path / "run", folds=(0, 1))  # random weights: the folds disagree
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer"):
+        rows = run_inference(run_dir=run_dir, input_path=series, out_dir=tmp_path / "out",
+                             overrides=["infer.qc_min_agreement=1.0", "infer.qc_liver_ml=[1000,2000]"])
+    saved = json.loads((tmp_path / "out" / "inference.json").read_text())["cases"][0]
+    assert saved["qc"] == rows[0]["qc"] and 0.0 <= saved["fold_agreement"] < 1.0
+    assert any(flag.startswith("fold models disagree") for flag in saved["qc"])
+    assert any(flag.startswith("liver volume") or flag.startswith("empty") for flag in saved["qc"])
+    assert "check this mask before using it" in caplog.text and "s:" in caplog.text

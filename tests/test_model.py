@@ -53,12 +53,23 @@ def test_model_rejects_an_input_with_a_channel_count_other_than_the_configured_o
     ("[4, 8]", "[2, 2]"),
     ("[4, 8, 16]", "[2]"),
     ("[4, 8]", "[]"),
-    ("[4]", "[]"),
 ])
 def test_model_config_with_strides_not_matching_the_channel_levels_is_an_error_naming_model_strides(
         channels, strides):
     with pytest.raises(PipelineError, match=r"model\.strides"):
         load_config(overrides=[f"model.channels={channels}", f"model.strides={strides}"])
+
+
+def test_a_model_with_a_single_level_is_an_error_naming_model_channels():
+    with pytest.raises(PipelineError, match=r"model\.channels: expected at least 2 levels"):
+        load_config(overrides=["model.channels=[4]", "model.strides=[]"])
+
+
+def test_strides_are_checked_only_for_the_networks_that_use_them():
+    cfg = load_config(overrides=["model.name=segresnet", "model.channels=[4, 8, 16]"])  # default strides: 4 values
+    assert cfg.model.strides == [2, 2, 2, 2]
+    with pytest.raises(PipelineError, match=r"model\.strides"):
+        load_config(overrides=["model.name=attentionunet", "model.channels=[4, 8, 16]"])
 
 
 def test_model_config_with_matching_channels_and_strides_loads_and_builds():

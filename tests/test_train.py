@@ -122,7 +122,10 @@ def test_fold_all_trains_every_fold_and_writes_the_cv_summary(data_dir, tmp_path
         rows = list(csv.DictReader(f))
     assert sorted(r["patient"] for r in rows) == ["CT_1", "CT_2", "CT_3", "MR_1", "MR_2", "MR_3"]
     assert {r["fold"] for r in rows} == {"0", "1"}
-    assert "mean ± std over 6 patients" in train_mod.format_cv_summary(results)
+    table = train_mod.format_cv_summary(results)
+    last = [r.dice_last[p] for r in results for p in r.dice_last]
+    assert f"all folds, last checkpoint: Dice {sum(last) / len(last):.4f}" in table
+    assert "all folds, best checkpoint: Dice" in table and "mean ± std over 6 patients" in table
     assert capsys.readouterr().out == ""  # the API returns results; run.py prints the table
     assert (tmp_path / "fold_1" / "best.pt").is_file()
 

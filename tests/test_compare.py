@@ -1,0 +1,66 @@
+"""`run.py compare`: configurations trained and scored on the same folds, a leaderboard, resumable."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from pipeline.compare import BOXPLOT, LEADERBOARD, PER_PATIENT, leaderboard_table, run_comparison
+from pipeline.report import write_report
+
+from tests.nifti_fixtures import make_prepared_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    data = make_prepared_dataset(root / "prepared", n_mr=2, n_ct=2, folds=2)
+    small = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0, "dropout": 0.0}
+    train = {"roi_size": [32, 32], "slices_per_volume": 4, "batch_size": 4, "epochs": 2, "val_every": 1,
+             "warmup_epochs": 1}
+    configs = []
+    for name, model in (("plain_unet", {"name": "unet"}), ("nnunet_like", {"name": "dynunet", "deep_supervision": True,
+                                                                           "deep_supervision_levels": 1})):
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": {**small, **model}, "train": train}))
+        configs.append(path)
+    return data, configs, root / "out"
+
+
+def test_every_configuration_is_scored_on_the_same_patients_and_ranked(setup):
+    data, configs, out = setup
+    rows = run_comparison(data, configs, out, folds="0,1", jobs=2)
+    assert sorted(r["config"] for r in rows) == ["nnunet_like", "plain_unet"]
+    assert rows[0]["dice_mean"] >= rows[1]["dice_mean"]  # best first
+    with open(out / PER_PATIENT, newline="") as f:
+        per_patient = list(csv.DictReader(f))
+    patients = {c: sorted(p["patient"] for p in per_patient if p["config"] == c) for c in ("plain_unet", "nnunet_like")}
+    assert patients["plain_unet"] == patients["nnunet_like"] == ["CT_1", "CT_2", "MR_1", "MR_2"]
+    for r in rows:
+        mine = [float(p["dice"]) for p in per_patient if p["config"] == r["config"]]
+        assert r["dice_mean"] == pytest.approx(sum(mine) / len(mine), abs=1e-5)
+        assert r["model"] in ("unet", "dynunet") and r["parameters"] > 0 and r["epochs_per_fold"] == 2
+    # each fold's patients were segmented with that fold's LAST checkpoint
+    inference = json.loads((out / "plain_unet" / "fold_0" / "val_last" / "inference.json").read_text())
+    assert inference["folds"] == ["fold_0"] and {c["case"] for c in inference["cases"]} == {"CT_1", "MR_1_T2SPIR"}
+    assert (out / BOXPLOT).read_bytes().startswith(b"\x89PNG") and (out / LEADERBOARD).is_file()
+    assert "nnunet_like" in leaderboard_table(rows) and "dynunet" in leaderboard_table(rows)
+
+
+def test_a_rerun_resumes_from_the_finished_folds(setup, monkeypatch):
+    data, configs, out = setup
+    before = (out / LEADERBOARD).read_text()
+    import pipeline.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(pipeline.train, "run_training", no_training)
+    run_comparison(data, configs, out, folds="0,1", jobs=1)
+    assert (out / LEADERBOARD).read_text() == before
+
+
+def test_the_report_shows_the_leaderboard(setup):
+    data, configs, out = setup
+    page = write_report(out / "plain_unet", compare_dir=out).read_text()
+    assert 'id="compare"' in page and "nnunet_like" in page and "data:image/png;base64," in page
