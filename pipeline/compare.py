@@ -16,8 +16,6 @@ table `run.py` prints; `run.py report --compare DIR` shows them in the HTML repo
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -29,7 +27,7 @@ from pipeline.config import load_config
 from pipeline.console import progress
 from pipeline.datalist import read_datalist
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, safe_name, write_json, write_text
+from pipeline.io import atomic_path, csv_text, safe_name, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +68,8 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
             for future in progress(as_completed(futures), total=len(futures), desc="compare", unit="fold"):
                 results.append(future.result())
     rows, per_patient = leaderboard(results, names)
-    write_text(out_dir / LEADERBOARD, _csv(rows, COLUMNS))
-    write_text(out_dir / PER_PATIENT, _csv(per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"]))
+    write_text(out_dir / LEADERBOARD, csv_text(rows, COLUMNS))
+    write_text(out_dir / PER_PATIENT, csv_text(per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"]))
     plot_leaderboard(per_patient, names, out_dir / BOXPLOT)
     return rows
 
@@ -187,12 +185,3 @@ def plot_leaderboard(per_patient: list[dict], names: list[str], path: Path) -> P
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
-
-
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()

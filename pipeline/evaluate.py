@@ -28,8 +28,6 @@ summary table is printed.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from pipeline.chaos import is_chaos_root, list_pngs, png_stack_liver
 from pipeline.config import Config, save_config
 from pipeline.console import progress
 from pipeline.errors import PipelineError
-from pipeline.io import safe_name, write_json, write_text
+from pipeline.io import csv_text, safe_name, write_json, write_text
 from pipeline.labels import LIVER
 from pipeline.volume import is_nifti, nifti_stem, read_dicom_series, read_nifti
 
@@ -247,15 +245,6 @@ def summarise(rows: list[dict], columns: list[str]) -> dict[str, dict[str, float
     return out
 
 
-def _csv_text(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
 def format_table(rows: list[dict], summary: dict, columns: list[str]) -> str:
     """Plain-text table: one line per case, then mean +- std."""
     width = max([len("case")] + [len(r["case"]) for r in rows])
@@ -310,7 +299,7 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     metric_cols = ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "dice_points", "ravd_points",
                    "assd_points", "mssd_points", "score", "pred_ml", "ref_ml"]
     summary = summarise(rows, metric_cols)
-    write_text(out_dir / "metrics.csv", _csv_text(rows, ["case", *metric_cols, "pred_file", "ref_file"]))
+    write_text(out_dir / "metrics.csv", csv_text(rows, ["case", *metric_cols, "pred_file", "ref_file"]))
     result = {
         "cases": [{k: _finite_or_none(v) for k, v in row.items()} for row in rows],
         "summary": summary, "missing": absent, "hd_percentile": cfg.evaluate.hd_percentile,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -56,3 +58,13 @@ def safe_name(text: str, what: str = "name") -> str:
     if not cleaned:
         raise PipelineError(f"cannot build a safe file name from {what} {text!r}")
     return cleaned[:128]
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """`rows` as CSV text with a header of `columns` (other keys ignored; floats to 6 significant digits)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()

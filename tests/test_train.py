@@ -17,6 +17,19 @@ ARTEFACTS = ["config.yaml", "split.json", "labels.json", "normalisation.json", "
              "metrics.csv", "curves.png"]
 
 
+def interrupt_after(monkeypatch, epoch):
+    """Training stops like Ctrl-C (or a kill) right after `epoch` is saved; returns the undo."""
+    finish = train_mod.finish_epoch
+
+    def killed(fold_dir, state, *args):
+        finish(fold_dir, state, *args)
+        if state.epoch == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "finish_epoch", killed)
+    return lambda: monkeypatch.setattr(train_mod, "finish_epoch", finish)
+
+
 def read_metrics(fold_dir):
     with open(fold_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -93,18 +106,11 @@ def test_same_seed_and_config_give_the_same_metrics(straight_run, data_dir, tmp_
 
 
 def test_resume_after_an_interruption_continues_exactly(straight_run, data_dir, tmp_path, monkeypatch, tiny_config):
-    finish = train_mod.finish_epoch
-
-    def killed_after_epoch_2(fold_dir, state, *args):
-        finish(fold_dir, state, *args)
-        if state.epoch == 2:
-            raise KeyboardInterrupt  # like Ctrl-C / a kill during epoch 3
-
-    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_2)
+    resume_normally = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_training(data_dir, tmp_path, "0", tiny_config())
     assert len(read_metrics(tmp_path / "fold_0")) == 2
-    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    resume_normally()
     run_training(data_dir, tmp_path, "0", tiny_config(), resume=True)
     resumed = without_times(read_metrics(tmp_path / "fold_0"))
     assert [int(r["epoch"]) for r in resumed] == [1, 2, 3]
@@ -188,17 +194,10 @@ def test_weight_average_is_validated_saved_and_resumed_exactly(data_dir, tmp_pat
     assert all(torch.equal(averaged[k], last["model"][k]) for k in averaged)  # "model" is the average
     assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
 
-    finish = train_mod.finish_epoch
-
-    def killed_after_epoch_2(fold_dir, state, *args):
-        finish(fold_dir, state, *args)
-        if state.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_2)
+    resume_normally = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_training(data_dir, tmp_path / "resumed", "0", cfg)
-    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    resume_normally()
     run_training(data_dir, tmp_path / "resumed", "0", cfg, resume=True)
     assert without_times(read_metrics(tmp_path / "resumed" / "fold_0")) == without_times(
         read_metrics(straight / "fold_0"))
@@ -242,14 +241,7 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
 
     # 3 s for a fold whose epochs take a fraction of that: the budget, not train.epochs=200, decides
     cfg = tiny_config("train.epochs=200", "train.budget_minutes=0.05", "train.val_every=2")
-    finish = train_mod.finish_epoch
-
-    def killed_after_epoch_3(fold_dir, state, *args):
-        finish(fold_dir, state, *args)
-        if state.epoch == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "finish_epoch", killed_after_epoch_3)
+    resume_normally = interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_training(data_dir, tmp_path, "0", cfg)
     fold_dir = tmp_path / "fold_0"
@@ -259,7 +251,7 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
     assert saved["epochs"] == fixed and saved["budget_minutes"] == 0.0  # rerunning this config repeats it
     assert read_metrics(fold_dir)[0]["val_dice_mean"] != ""
 
-    monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    resume_normally()
     results = run_training(data_dir, tmp_path, "0", cfg, resume=True)  # the same command line: no new measurement
     rows = read_metrics(fold_dir)
     assert [int(r["epoch"]) for r in rows] == list(range(1, fixed + 1))
