@@ -87,8 +87,10 @@ class TrainConfig:
     # minutes of training per fold (0 = off): after the warm-up the run times itself and fixes
     # train.epochs to what fits; the fixed count is saved (config.yaml, checkpoints) and --resume keeps it
     budget_minutes: float = 0.0
-    lr: float = 2e-3  # peak learning rate of AdamW
-    weight_decay: float = 1e-4  # AdamW weight decay
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: SGD with Nesterov momentum (nnU-Net's, with schedule poly)
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 1e-4  # weight decay
+    momentum: float = 0.99  # sgd's Nesterov momentum
     warmup_epochs: int = 2  # linear warm-up before the decay
     schedule: Literal["cosine", "poly"] = "cosine"  # decay after warm-up
     loss: Literal["dice_ce", "dice_focal", "bce"] = "dice_ce"
@@ -106,6 +108,10 @@ class TrainConfig:
     intensity_scale: float = 0.3  # intensity scaling augmentation: factor drawn in [1 - s, 1 + s] (p 0.5)
     histogram_shift_prob: float = 0.3  # probability of a random monotone remapping of the grey levels
     ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved (0 = off)
+    # nnU-Net's further augmentations, off by default (probability per slice; added after the others)
+    blur_prob: float = 0.0  # Gaussian blur, sigma 0.5-1.5 pixels
+    lowres_prob: float = 0.0  # low-resolution simulation: down-sampled by 0.5-1, up-sampled again
+    elastic_prob: float = 0.0  # elastic deformation
 
 
 @dataclass
@@ -272,6 +278,10 @@ def validate(cfg: Config) -> Config:
         ("train.val_every", t.val_every >= 1, f"expected >= 1, got {t.val_every}"),
         ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, f"expected a value in [0, 1), got {t.ema_decay}"),
         ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
+        ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),
+        *[(f"train.{k}", 0.0 <= getattr(t, k) <= 1.0, f"expected a probability in [0, 1], got {getattr(t, k)}")
+          for k in ("blur_prob", "lowres_prob", "elastic_prob", "affine_prob", "flip_prob", "rotate90_prob",
+                    "bias_field_prob", "histogram_shift_prob")],
         ("train.device", bool(_DEVICE.match(t.device)), f"expected auto | cpu | cuda | cuda:N, got {t.device!r}"),
         ("infer.device", bool(_DEVICE.match(i.device)), f"expected auto | cpu | cuda | cuda:N, got {i.device!r}"),
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),

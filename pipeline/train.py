@@ -320,7 +320,8 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
         f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
         f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
-        f"loss {t.loss}, AdamW lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
+        f"loss {t.loss}, {'AdamW' if t.optimizer == 'adamw' else f'SGD (Nesterov, momentum {t.momentum})'} "
+        f"lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
     ]
     for line in lines:
         log.info(line)
@@ -365,7 +366,11 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     model = build_model(cfg.model, cfg.train.roi_size).to(device)
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True,
+                                    weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_epochs * steps_per_epoch
     schedule = {"total": cfg.train.epochs * steps_per_epoch}  # read at every step: the budget may fix it later
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -36,11 +36,14 @@ from monai.transforms import (
     RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    Rand2DElasticd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandHistogramShiftd,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     Resized,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
@@ -358,6 +361,16 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
         RandGaussianNoised("image", prob=0.2, std=0.03),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
+    # nnU-Net's further augmentations, only when asked for: a transform in the chain takes the next
+    # random seed (monai.data.utils.set_rnd), so adding them at the end leaves the others' draws as they were
+    if cfg.blur_prob > 0:
+        chain.append(RandGaussianSmoothd("image", sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=cfg.blur_prob))
+    if cfg.lowres_prob > 0:
+        chain.append(RandSimulateLowResolutiond("image", prob=cfg.lowres_prob, zoom_range=(0.5, 1.0),
+                                                upsample_mode="bilinear"))
+    if cfg.elastic_prob > 0:
+        chain.append(Rand2DElasticd(keys, spacing=(20, 20), magnitude_range=(1, 2), prob=cfg.elastic_prob,
+                                    mode=("bilinear", "nearest"), padding_mode="zeros"))
     if modality_channel:  # after every intensity transform, so it stays exactly 0 or 1
         chain.append(ModalityChanneld("image"))
     return chain

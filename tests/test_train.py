@@ -258,3 +258,16 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
     assert torch.load(fold_dir / "last.pt", weights_only=True)["budget_epochs"] == fixed
     assert float(rows[-1]["lr"]) < 1e-6 * float(rows[0]["lr"]) + 1e-12  # the schedule ends at zero
     assert results[0].dice_last and cfg.train.epochs == 200  # the caller's config is left as it was
+
+
+def test_sgd_is_nnunets_nesterov_momentum_and_is_resumed_with_its_state(data_dir, tmp_path, tiny_config):
+    cfg = tiny_config("train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.01", "train.schedule=poly",
+                      "train.epochs=2")
+    state = train_mod.make_state(cfg, torch.device("cpu"), train_mod.Dist(), steps_per_epoch=3)
+    assert isinstance(state.optimizer, torch.optim.SGD)
+    group = state.optimizer.param_groups[0]
+    assert group["nesterov"] and group["momentum"] == 0.9 and group["lr"] == pytest.approx(0.01 / 3)  # warm-up
+    run_training(data_dir, tmp_path, "0", cfg)
+    ckpt = torch.load(tmp_path / "fold_0" / "last.pt", weights_only=True)
+    assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
+    assert ckpt["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # poly ends at zero

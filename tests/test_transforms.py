@@ -377,3 +377,24 @@ def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
     assert out[:, 0, 0, :].tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 3]]
     assert torch.equal(out.affine, vol.affine)
     assert NeighbourSlicesd("image", context=0)({"image": vol})["image"] is vol
+
+
+def test_nnunet_augmentations_join_the_chain_only_when_asked_and_leave_the_others_draws_alone(prepared):
+    plain_cfg = cfg_with()
+    names = [type(t).__name__ for t in random_transforms(plain_cfg)]
+    assert not {"RandGaussianSmoothd", "RandSimulateLowResolutiond", "Rand2DElasticd"} & set(names)
+    extra_cfg = cfg_with("train.blur_prob=1.0", "train.lowres_prob=1.0", "train.elastic_prob=1.0")
+    extra = random_transforms(extra_cfg)
+    assert [type(t).__name__ for t in extra][:len(names)] == names  # appended after the others
+    assert [type(t).__name__ for t in extra][len(names):] == ["RandGaussianSmoothd", "RandSimulateLowResolutiond",
+                                                             "Rand2DElasticd"]
+    # the new transforms act: the same draws without them differ from the draws with them
+    volume = Compose(deterministic_transforms(plain_cfg, with_indices=True))(dict(prepared[0]))
+    outs = []
+    for chain in (random_transforms(plain_cfg), extra):
+        composed = Compose(chain)
+        composed.set_random_state(seed=3)
+        with without_metadata():
+            outs.append(composed(dict(volume)))
+    assert outs[0][0]["image"].shape == outs[1][0]["image"].shape
+    assert not np.allclose(np.asarray(outs[0][0]["image"]), np.asarray(outs[1][0]["image"]))
