@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Contrast robustness: cross-validation models scored on their own validation patients under
+intensity remappings that real scanners and diseases produce, beside the unperturbed score.
+
+    python bench/contrast_robustness.py --run-dir RUN --data PREPARED [--checkpoint last]
+
+RUN is a run folder with fold_<k>/ trained on PREPARED's folds (e.g. one configuration's folder
+of `run.py compare`); every validation patient is segmented by its own fold's model (the checkpoint
+that was not chosen on it: last, by default) from the prepared image, remapped before the run's
+own normalisation, and scored against the prepared label (largest component kept, as infer does).
+The remappings (MR intensities have no unit, so each works on the volume's 1-99 percentile range):
+  gamma 0.5 / gamma 2      monotone, brightens / darkens the mid-tones
+  compressed contrast      every value pulled half-way to the median
+  dark liver and spleen    both organs at 35% of their intensity (iron overload; uses the labels)
+  strong bias field        a smooth multiplicative ramp from 0.4 to 1.6 across the body
+  inverted                 brightest and darkest exchanged
+Per remapping: mean and minimum Dice, patients below 0.5, and how many of those infer's QC flags
+(empty mask or liver volume outside infer.qc_liver_ml: a single fold's model has no fold agreement).
+Target (issue #12): mean within 0.03 of the unperturbed score and no patient below 0.5 unflagged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import runs  # noqa: E402
+from pipeline.datalist import read_datalist  # noqa: E402
+from pipeline.infer import load_run, predict_case, quality_flags  # noqa: E402
+from pipeline.labels import LIVER  # noqa: E402
+from pipeline.metrics import dice  # noqa: E402
+from pipeline.postprocess import postprocess  # noqa: E402
+from pipeline.volume import read_nifti  # noqa: E402
+
+SPLEEN = 4  # prepared MR label maps: 1 liver, 2 / 3 kidneys, 4 spleen
+
+
+def _span(v: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(v, [1, 99])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _gamma(g: float):
+    def remap(v, label):
+        lo, hi = _span(v)
+        x = np.clip((v - lo) / (hi - lo), 0, None)
+        return lo + (hi - lo) * x ** g
+    return remap
+
+
+def _compressed(v, label):
+    med = float(np.median(v))
+    return med + 0.5 * (v - med)
+
+
+def _dark_organs(v, label):
+    out = v.copy()
+    organs = (label == LIVER) | (label == SPLEEN)
+    out[organs] *= 0.35
+    return out
+
+
+def _bias_field(v, label):
+    ramp = np.linspace(0.4, 1.6, v.shape[1], dtype=np.float32)  # across the second voxel axis
+    return v * ramp[None, :, None]
+
+
+def _inverted(v, label):
+    lo, hi = _span(v)
+    return lo + hi - v
+
+
+REMAPS = {"none": lambda v, label: v, "gamma 0.5": _gamma(0.5), "gamma 2": _gamma(2.0),
+          "compressed contrast": _compressed, "dark liver and spleen": _dark_organs,
+          "strong bias field": _bias_field, "inverted": _inverted}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="prepared folder the run was trained on")
+    ap.add_argument("--checkpoint", default="last", choices=["best", "last"])
+    args = ap.parse_args()
+    datalist = read_datalist(args.data)
+    scores: dict[str, list[tuple[str, float, list[str]]]] = {name: [] for name in REMAPS}
+    for fold, _ in runs.fold_dirs(args.run):
+        run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off"])
+        _, val = datalist.split(fold)
+        for entry in val:
+            image, label = read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array
+            truth = label == LIVER
+            for name, remap in REMAPS.items():
+                volume = remap(image.array, label).astype(np.float32)
+                with torch.inference_mode():
+                    probs = predict_case(run, volume, image.affine, entry["modality"])
+                mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
+                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer)
+                scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags))
+    base = statistics.mean(d for _, d, _ in scores["none"])
+    print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}")
+    for name, rows in scores.items():
+        values = [d for _, d, _ in rows]
+        low = [r for r in rows if r[1] < 0.5]
+        print(f"{name:<24}{statistics.mean(values):>10.4f}{statistics.mean(values) - base:>+9.4f}{min(values):>8.4f}"
+              f"{len(low):>7}{sum(1 for r in low if r[2]):>9}")
+    print(json.dumps({name: {case: round(d, 4) for case, d, _ in rows} for name, rows in scores.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
