@@ -1,5 +1,7 @@
 """Config loading: strict keys and types, overrides, round trip."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -69,3 +71,11 @@ def test_missing_config_file_is_an_error(tmp_path):
 def test_off_is_a_word_for_string_options():
     cfg = load_config(None, ["train.amp=off", "infer.amp=off"])
     assert cfg.train.amp == "off" and cfg.infer.amp == "off"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "gpu.yaml"])
+def test_every_shipped_config_loads_and_builds_its_network(name):
+    from pipeline.model import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert build_model(cfg.model, cfg.train.roi_size) is not None
