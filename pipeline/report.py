@@ -472,6 +472,17 @@ def _find_montages(run_dir: Path, eval_dir: Path | None, montage_dir: Path | Non
     return list(seen.values())
 
 
+@functools.lru_cache(maxsize=32)
+def _qc_flags(infer_dir: Path) -> dict[str, list[str]]:
+    """{case: infer's quality-control flags} from infer_dir/inference.json ({} when absent)."""
+    try:
+        data = _read_json(infer_dir / "inference.json")
+    except ArtefactUnavailable:
+        return {}
+    cases = data.get("cases", []) if isinstance(data, dict) else []
+    return {str(c.get("case")): [str(f) for f in c.get("qc") or []] for c in cases if isinstance(c, dict)}
+
+
 def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
     head = '<section id="montages"><h2>Per-patient overlays</h2>'
     scores = {}
@@ -485,10 +496,12 @@ def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
     figures = []
     for path in progress(paths, desc="montages", unit="image", leave=False):
         case = path.name[: -len("_montage.png")]
+        flags = _qc_flags(path.parent).get(case, [])
         try:
             figures.append(f"<figure>{_img(_png_data_uri(path), f'overlay montage of {case}', 'montage')}"
                            f"<figcaption>{_esc(case)}"
                            + (f" · {_esc(scores[case])}" if scores.get(case) else "")
+                           + "".join(f'<br><span class="qc">check: {_esc(f)}</span>' for f in flags)
                            + "</figcaption></figure>")
         except ArtefactUnavailable as exc:
             log.warning("report: %s", exc)
@@ -508,6 +521,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .scroll{overflow-x:auto}.na{color:#9a3b00;font-style:italic}.src{color:#5b6475;font-size:.88em}
 .headline{font-size:1.1em}img{max-width:100%;height:auto}
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{text-align:center;color:#5b6475}
+.qc{color:#9a3b00;font-weight:600}
 pre{background:#f4f6fa;padding:.8em;overflow-x:auto;font-size:.85em}
 """
 
@@ -521,6 +535,7 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None,
     config.yaml nor fold_<k>/) or `eval_dir`/`montage_dir` is given but does not exist.
     """
     run_dir = Path(run_dir).resolve()  # so the page names the run even for `--run .`
+    _qc_flags.cache_clear()  # inference.json files may have changed since an earlier report
     if not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: run folder not found")
     folds = runs.fold_dirs(run_dir)

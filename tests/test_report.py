@@ -271,3 +271,23 @@ def test_report_renders_in_headless_chromium_with_every_image_decoded(run_dir, b
     evil = browser.execute_script("return document.querySelector('#eval-cases tbody tr:nth-child(2) td').textContent;")
     assert evil == EVIL_CASE  # shown as text, not executed as markup
     assert browser.save_screenshot(str(tmp_path / "report.png"))
+
+
+def test_masks_flagged_by_infer_are_marked_under_their_overlay(tmp_path):
+    import json
+
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {epochs: 1}\n")
+    infer = run_dir / "infer"
+    infer.mkdir()
+    for case in ("CT_1", "MR_2_T2SPIR"):
+        Image.new("RGB", (8, 8)).save(infer / f"{case}_montage.png")
+    (infer / "inference.json").write_text(json.dumps({"cases": [
+        {"case": "CT_1", "qc": []}, {"case": "MR_2_T2SPIR", "qc": ["empty: no liver found"]}]}))
+    page = write_report(run_dir).read_text()
+    assert page.count('class="qc"') == 1 and "check: empty: no liver found" in page
+    start = page.index("overlay montage of MR_2_T2SPIR")
+    assert "check: empty" in page[start:page.index("</figure>", start)]  # under its own overlay
