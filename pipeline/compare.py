@@ -90,15 +90,16 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     from pipeline.train import run_training
 
     run_dir = Path(out_dir) / name
-    done = runs.fold_dir(run_dir, fold) / FOLD_RESULT
+    fold_dir = runs.fold_dir(run_dir, fold)
+    done = fold_dir / FOLD_RESULT
     if done.is_file():
         return json.loads(done.read_text())
     cfg = load_config(config, overrides)
-    resume = runs.checkpoint_path(runs.fold_dir(run_dir, fold), "last").is_file()
+    resume = runs.checkpoint_path(fold_dir, "last").is_file()
     result = run_training(data, run_dir, str(fold), cfg, resume=resume)[0]
     datalist = read_datalist(data)
     patients = datalist.patients(fold)
-    infer_dir = runs.fold_dir(run_dir, fold) / "val_last"
+    infer_dir = fold_dir / "val_last"
     rows = run_inference(run_dir, Path(data), infer_dir, fold=str(fold), patients=",".join(patients),
                          overrides=["infer.checkpoint=last", "infer.montage=false"])
     cfg.evaluate.missing = "skip"  # only this fold's patients were segmented
@@ -108,7 +109,7 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
              for c in scored["cases"]]
     summary = {
         "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
-        "epochs": runs.read_config(runs.fold_dir(run_dir, fold)).train.epochs,  # as the budget fixed them
+        "epochs": runs.read_config(fold_dir).train.epochs,  # as the budget fixed them
         "parameters": count_parameters(build_model(cfg.model, cfg.train.roi_size)),
         "infer_seconds": statistics.mean(r["seconds"] for r in rows), "cases": cases,
     }

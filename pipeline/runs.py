@@ -59,8 +59,8 @@ def select_checkpoints(run_dir: str | Path, folds: str, which: str) -> list[Path
     """The `which` checkpoint of every fold ("all") or of fold `folds`; an error naming the run
     when there is none."""
     run_dir = Path(run_dir)
-    chosen = [(k, d) for k, d in fold_dirs(run_dir) if folds == "all" or str(k) == str(folds)]
-    paths = [checkpoint_path(d, which) for _, d in chosen if checkpoint_path(d, which).is_file()]
+    chosen = [checkpoint_path(d, which) for k, d in fold_dirs(run_dir) if folds == "all" or str(k) == str(folds)]
+    paths = [p for p in chosen if p.is_file()]
     if not paths:
         where = "any fold_*" if folds == "all" else f"fold_{folds}"
         raise PipelineError(f"{run_dir}: no {which}.pt checkpoint in {where}")
