@@ -43,6 +43,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandomizableTransform,
     RandSimulateLowResolutiond,
     Resized,
     ScaleIntensityRanged,
@@ -199,6 +200,60 @@ def _stack_channels(img, channels: list) -> "torch.Tensor":
 
         return MetaTensor(stacked, meta=img.meta, applied_operations=img.applied_operations)
     return stacked
+
+
+class RandGreyCurved(RandomizableTransform, MapTransform):
+    """A random grey-level curve, monotone or not: contrast-agnostic training.
+
+    With probability `prob`, the slice's intensities (scaled to [0, 1] by the deterministic chain)
+    go through a piecewise-linear curve whose `points` (drawn in the range given) control values
+    are drawn uniformly, then stretched to span [0, 1], at evenly spaced intensities; one curve for every channel of the
+    slice (context slices are the same scan). The liver can then come out darker or brighter than
+    the spleen, fat or muscle, its contrast inverted or flattened, so a model trained with it has
+    to find the liver by its shape and position; real scans put it at brightnesses the training
+    set lacks (dark liver and spleen with iron overload, other sequences).
+
+    Written here rather than using MONAI's `RandIntensityRemap`: that one draws a curve value per
+    distinct grey level (tens of thousands on a float slice, so the curve is noise), has no
+    dictionary form, and its inner transform draws from an unseeded random state, which breaks
+    `set_determinism`. `RandHistogramShift` draws monotone curves only.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float, points: tuple[int, int] = (3, 7)) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 2 <= points[0] <= points[1]:
+            raise ValueError(f"points {points}: need 2 <= low <= high")
+        self.points = points
+        self.values = np.zeros(2, np.float32)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            n = int(self.R.randint(self.points[0], self.points[1] + 1))
+            values = self.R.uniform(0.0, 1.0, n)
+            # stretched to span [0, 1], as the intensity scaling leaves a real slice: a flat curve
+            # would teach faint images the deterministic chain never produces
+            self.values = ((values - values.min()) / max(np.ptp(values), 1e-6)).astype(np.float32)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = grey_curve(d[key], self.values)
+        return d
+
+
+def grey_curve(img, values: np.ndarray):
+    """`img` in [0, 1] (clamped) through the piecewise-linear curve through (i / (n-1), values[i])."""
+    x = torch.as_tensor(img)
+    ys = torch.as_tensor(values, dtype=x.dtype, device=x.device)
+    pos = x.clamp(0.0, 1.0) * (len(values) - 1)
+    low = pos.floor().clamp(max=len(values) - 2)
+    i = low.long()
+    return torch.lerp(ys[i], ys[i + 1], pos - low)
 
 
 class ModalityChanneld(MapTransform):
@@ -371,6 +426,8 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
     if cfg.elastic_prob > 0:
         chain.append(Rand2DElasticd(keys, spacing=(20, 20), magnitude_range=(1, 2), prob=cfg.elastic_prob,
                                     mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.grey_curve_prob > 0:  # last of the intensity changes: it decides the slice's contrast
+        chain.append(RandGreyCurved("image", prob=cfg.grey_curve_prob))
     if modality_channel:  # after every intensity transform, so it stays exactly 0 or 1
         chain.append(ModalityChanneld("image"))
     return chain

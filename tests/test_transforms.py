@@ -398,3 +398,47 @@ def test_nnunet_augmentations_join_the_chain_only_when_asked_and_leave_the_other
             outs.append(composed(dict(volume)))
     assert outs[0][0]["image"].shape == outs[1][0]["image"].shape
     assert not np.allclose(np.asarray(outs[0][0]["image"]), np.asarray(outs[1][0]["image"]))
+
+
+def test_grey_curve_joins_the_chain_last_and_only_when_asked():
+    names = [type(t).__name__ for t in random_transforms(cfg_with())]
+    assert "RandGreyCurved" not in names
+    curved = [type(t).__name__ for t in random_transforms(cfg_with("train.grey_curve_prob=0.5"))]
+    assert curved == names + ["RandGreyCurved"]
+    with_modality = [type(t).__name__ for t in random_transforms(cfg_with("train.grey_curve_prob=0.5"),
+                                                                 modality_channel=True)]
+    assert with_modality[-2:] == ["RandGreyCurved", "ModalityChanneld"]  # the flag channel stays 0 / 1
+
+
+def test_grey_curve_is_a_seeded_piecewise_linear_curve_spanning_zero_to_one_on_every_channel():
+    from pipeline.transforms import RandGreyCurved, grey_curve
+
+    # the curve itself: control values at 0, 1/2, 1; linear between them; clamped outside [0, 1]
+    x = torch.tensor([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0])
+    assert torch.allclose(grey_curve(x, np.array([1.0, 0.0, 0.5], np.float32)),
+                          torch.tensor([1.0, 1.0, 0.5, 0.0, 0.25, 0.5, 0.5]))
+    image = torch.rand(3, 16, 16)  # three context slices of one scan
+    image[:, 0, 0], image[:, 0, 1] = 0.0, 1.0
+    outs, values = [], []
+    for _ in range(2):
+        t = RandGreyCurved("image", prob=1.0)
+        t.set_random_state(seed=7)
+        outs.append(t({"image": image.clone(), "label": torch.ones(1, 16, 16)}))
+        values.append(t.values.copy())
+    assert np.array_equal(values[0], values[1]) and torch.equal(outs[0]["image"], outs[1]["image"])  # seeded
+    assert 3 <= len(values[0]) <= 7 and values[0].min() == 0.0 and values[0].max() == 1.0
+    for c in range(3):  # one curve for all channels
+        assert torch.allclose(outs[0]["image"][c], grey_curve(image[c], values[0]))
+    assert torch.equal(outs[0]["label"], torch.ones(1, 16, 16))  # the label untouched
+    # across seeds the curves differ, and some are not monotone (the point of the transform)
+    curves = []
+    for seed in range(20):
+        t = RandGreyCurved("image", prob=1.0)
+        t.set_random_state(seed=seed)
+        t({"image": image})
+        curves.append(t.values)
+    assert any(np.any(np.diff(v) < 0) and np.any(np.diff(v) > 0) for v in curves)
+    never = RandGreyCurved("image", prob=0.0)
+    assert never({"image": image})["image"] is image
+    with pytest.raises(ValueError):
+        RandGreyCurved("image", prob=1.0, points=(1, 3))
