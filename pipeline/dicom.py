@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -233,6 +233,9 @@ class SeriesGeometry:
     series_uid: str
     rows: int
     cols: int
+    # the source files' headers in slice order, pixel data dropped (what DICOM outputs reference and
+    # copy); empty where the geometry came from elsewhere
+    headers: list = field(default_factory=list, repr=False, compare=False)
 
     def stack(self, slices_by_file: Mapping[Path, np.ndarray]) -> np.ndarray:
         """Per-file 2D arrays (rows x cols, as stored, e.g. Ground PNGs) -> volume in NIfTI order."""
@@ -383,9 +386,17 @@ def read_series(
     geometry = SeriesGeometry(
         affine=affine, shape=(cols, rows, len(files)), spacing=(float(dc), float(dr), float(step)), files=files,
         modality=str(ds0.get("Modality", "")), series_uid=str(ds0.get("SeriesInstanceUID", "")),
-        rows=rows, cols=cols,
+        rows=rows, cols=cols, headers=[_without_pixels(ds) for _, ds in headers],
     )
     return volume, geometry
+
+
+def _without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The header alone: the pixels are in the volume already, and a CT series' would double its memory."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
 
 
 def _check_steps(files, positions, normal, tolerance, ds0) -> float:

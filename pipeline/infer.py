@@ -105,6 +105,7 @@ class LoadedRun:
     models: list
     folds: list[str]
     device: object  # torch.device
+    name: str = ""  # the run folder's name (recorded in DICOM outputs)
 
 
 def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
@@ -131,7 +132,8 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
         models.append(model.eval().to(device))
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
     freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)
-    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device)
+    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device,
+                     name=run_dir.resolve().name)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -304,6 +306,19 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
     return folder
 
 
+FORMATS = ("nifti", "chaos-png", "dicom-seg")  # the NIfTI mask is always written; the others beside it
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'nifti,dicom-seg' -> ('nifti', 'dicom-seg'); PipelineError naming an unknown format."""
+    formats = tuple(dict.fromkeys(f.strip() for f in str(text).split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise PipelineError(f"--format {text!r}: unknown format {', '.join(unknown) or '(none)'}; "
+                            f"choose from {', '.join(FORMATS)} (comma-separated)")
+    return formats
+
+
 def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti",
                agreement: float | None = None) -> dict:
     """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row, with
@@ -320,8 +335,16 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", mask, affine, np.uint8)
         if run.cfg.infer.save_image:
             write_nifti(out_dir / f"{case.case}_image.nii.gz", volume, affine, np.float32)
-        if fmt == "chaos-png":
+        formats = parse_formats(fmt)
+        if "chaos-png" in formats:
             write_chaos_png(out_dir, case.case, mask, geom)
+    if "dicom-seg" in formats:
+        with stage("dicom-seg"):
+            if geom is None:
+                raise PipelineError(f"{case.case}: --format dicom-seg needs DICOM input (NIfTI input has no DICOM files)")
+            from pipeline.dicom_out import write_seg
+
+            write_seg(out_dir / f"{case.case}_liver.seg.dcm", mask, geom, case=case.case, run_name=run.name)
     mask_seconds = time.perf_counter() - prepared.started  # DICOM read -> mask NIfTI written
     with stage("truth"):  # scoring and figures, not part of producing the mask
         truth = case.truth(prepared.volume) if case.truth is not None else None
@@ -362,6 +385,7 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     from pipeline.config import save_config
 
     out_dir = Path(out_dir)
+    parse_formats(fmt)  # a typo fails before any case is read
     cases = collect_cases(input_path, _split(patients), _split(sequences), series)
     if not cases:
         raise PipelineError(f"{input_path}: no cases selected")
