@@ -4,7 +4,7 @@
     python run.py synth    --out DIR [--patients N] [--seed S]
     python run.py prepare  --data CHAOS_ROOT --out DIR [--sequences CT,T2SPIR,...]
     python run.py train    --data PREPARED_DIR --run-dir RUN_DIR [--fold K|all] [--resume]
-    python run.py infer    --run-dir RUN_DIR --input PATH --out DIR [--format nifti,chaos-png,dicom-seg]
+    python run.py infer    --run-dir RUN_DIR --input PATH --out DIR [--format nifti,chaos-png,dicom-seg,rtstruct]
     python run.py evaluate --pred PATH --ref PATH [--dicom DIR] --out DIR
     python run.py report   --run-dir RUN_DIR
     python run.py demo     [--out DIR]     synth -> prepare -> train -> infer -> evaluate
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, help="SeriesInstanceUID to pick when a folder holds several")
     p.add_argument("--format", default="nifti", metavar="FORMATS",
                    help="comma-separated, beside the NIfTI mask: chaos-png (challenge-style PNG slices), "
-                        "dicom-seg (a DICOM SEG of the source series); e.g. nifti,dicom-seg")
+                        "dicom-seg (a DICOM SEG of the source series), rtstruct (an RT Structure Set); e.g. nifti,dicom-seg")
     _common(p)
     p.set_defaults(func=cmd_infer)
 

@@ -92,3 +92,159 @@ def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: s
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------- RTSTRUCT
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # what RT Referenced Study Sequence items name (PS3.3 C.8.8.5)
+
+
+def _decimal_strings(values: np.ndarray) -> bytes:
+    """A DS multi-value, encoded: each number with 3 decimals (micrometres; at most 16 characters,
+    the DS limit that rt-utils' long values break), backslash-separated, padded to even length."""
+    text = "\\".join(f"{v:.3f}" for v in np.asarray(values, dtype=np.float64).ravel())
+    return (text + " " * (len(text) % 2)).encode("ascii")
+
+
+def _raw_ds(keyword: str, encoded: bytes):
+    """A DS element given as its encoded value (pydicom would otherwise make one Python object per
+    coordinate: tens of thousands per series)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    tag = Tag(tag_for_keyword(keyword))
+    return tag, RawDataElement(tag, "DS", len(encoded), encoded, 0, True, True)
+
+
+def slice_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """Closed contours (each (N, 2) as (row, col) pixel coordinates, not repeating its first point) on
+    the iso-line half-way between inside and outside pixel centres of a 2D binary `plane`: outer
+    boundaries and hole boundaries alike (a hole is a contour inside another; the even-odd rule, which
+    radiotherapy systems, 3D Slicer and plastimatch apply to contours of one plane, gives back the mask).
+
+    scikit-image's marching squares (find_contours) on the plane padded with background, so every
+    contour closes; collinear points are dropped (approximate_polygon, tolerance 1e-6 pixel).
+    """
+    from skimage.measure import approximate_polygon, find_contours
+
+    padded = np.pad(np.asarray(plane, dtype=np.float32), 1)
+    out = []
+    for contour in find_contours(padded, 0.5):
+        # back to the plane's pixel indices; only (numerically) collinear points go
+        contour = approximate_polygon(contour - 1.0, tolerance=1e-6)
+        if len(contour) > 3:  # closed: the last point repeats the first
+            out.append(contour[:-1])
+    return out
+
+
+def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str) -> Path:
+    """Write the liver mask (X, Y, Z, NIfTI order) as an RT Structure Set with one ROI "Liver": closed
+    planar contours per source image, in patient coordinates (mm), each referencing its image.
+
+    Written with pydicom: highdicom has no RT Structure Set writer, and rt-utils (the usual choice)
+    writes contour coordinates longer than a DS value may be. The patient and study modules are
+    copied from the source (type-2 attributes present, empty when the source lacks them).
+    """
+    import datetime
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+    from pipeline.labels import LIVER_RGB
+
+    headers = _source_headers(geometry, case)
+    first = headers[0]
+    frame_of_reference = str(first.get("FrameOfReferenceUID", "") or "")
+    if not frame_of_reference:
+        raise PipelineError(f"{case}: the source series has no FrameOfReferenceUID; an RTSTRUCT needs one")
+    now = datetime.datetime.now()
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_SOP_CLASS, ds.file_meta.MediaStorageSOPInstanceUID
+    for keyword in TYPE2_COPIED + ("StudyInstanceUID",):
+        setattr(ds, keyword, first.get(keyword, ""))
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    source_number = first.get("SeriesNumber")
+    ds.SeriesNumber = (int(source_number) if source_number not in (None, "") else 0) + SEG_SERIES_OFFSET + 1
+    ds.SeriesDescription = "Liver contours"
+    ds.OperatorsName = ""
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = SOFTWARE, "liver segmentation", __version__
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "LIVER"
+    ds.StructureSetName = f"{SOFTWARE} {run_name}"[:64]
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.FrameOfReferenceUID = frame_of_reference  # the Frame of Reference module, the source's
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+
+    def image_ref(src) -> pydicom.Dataset:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
+        return item
+
+    series_ref = pydicom.Dataset()
+    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
+    series_ref.ContourImageSequence = DicomSequence([image_ref(h) for h in headers])
+    study_ref = pydicom.Dataset()
+    study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = STUDY_COMPONENT_SOP_CLASS, ds.StudyInstanceUID
+    study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
+    frame_ref = pydicom.Dataset()
+    frame_ref.FrameOfReferenceUID = frame_of_reference
+    frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
+
+    roi = pydicom.Dataset()
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = 1, frame_of_reference, "Liver"
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"{SOFTWARE} {__version__}, run {run_name}"[:64]
+    ds.StructureSetROISequence = DicomSequence([roi])
+
+    contours = []
+    planes = source_frames(mask, geometry) > 0
+    for src, plane in zip(headers, planes):
+        if not plane.any():
+            continue
+        origin = np.array([float(v) for v in src.ImagePositionPatient])
+        iop = np.array([float(v) for v in src.ImageOrientationPatient])
+        dr, dc = (float(v) for v in src.PixelSpacing)  # between rows, between columns
+        for rc in slice_contours(plane):
+            # column index runs along the first orientation vector, row index along the second
+            xyz = origin + np.outer(rc[:, 1] * dc, iop[:3]) + np.outer(rc[:, 0] * dr, iop[3:])
+            item = pydicom.Dataset()
+            item.ContourImageSequence = DicomSequence([image_ref(src)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(xyz)
+            tag, element = _raw_ds("ContourData", _decimal_strings(xyz))
+            item[tag] = element
+            contours.append(item)
+    roi_contour = pydicom.Dataset()
+    roi_contour.ReferencedROINumber = 1
+    roi_contour.ROIDisplayColor = list(LIVER_RGB)
+    if contours:  # type 2 in the standard's sense: an empty mask has an ROI without contours
+        roi_contour.ContourSequence = DicomSequence(contours)
+    ds.ROIContourSequence = DicomSequence([roi_contour])
+
+    observation = pydicom.Dataset()
+    observation.ObservationNumber, observation.ReferencedROINumber = 1, 1
+    observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+    ds.RTROIObservationsSequence = DicomSequence([observation])
+    # Implicit VR: a contour's coordinates may exceed the 64 KiB an explicit-VR DS value can hold.
+    # The writer decodes raw DS values before writing them; as numpy arrays that costs a few ms a
+    # series instead of a Python object per number (pydicom.config.use_DS_numpy, restored after).
+    from pydicom import config as pydicom_config
+
+    numpy_ds = pydicom_config.use_DS_numpy
+    try:
+        pydicom_config.use_DS_numpy = True
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+    finally:
+        pydicom_config.use_DS_numpy = numpy_ds
+    return path

@@ -306,7 +306,7 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
     return folder
 
 
-FORMATS = ("nifti", "chaos-png", "dicom-seg")  # the NIfTI mask is always written; the others beside it
+FORMATS = ("nifti", "chaos-png", "dicom-seg", "rtstruct")  # the NIfTI mask is always written; the others beside it
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -338,13 +338,16 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         formats = parse_formats(fmt)
         if "chaos-png" in formats:
             write_chaos_png(out_dir, case.case, mask, geom)
-    if "dicom-seg" in formats:
-        with stage("dicom-seg"):
+    for name, suffix, writer in (("dicom-seg", "seg", "write_seg"), ("rtstruct", "rtstruct", "write_rtstruct")):
+        if name not in formats:
+            continue
+        with stage(name):
             if geom is None:
-                raise PipelineError(f"{case.case}: --format dicom-seg needs DICOM input (NIfTI input has no DICOM files)")
-            from pipeline.dicom_out import write_seg
+                raise PipelineError(f"{case.case}: --format {name} needs DICOM input (NIfTI input has no DICOM files)")
+            from pipeline import dicom_out
 
-            write_seg(out_dir / f"{case.case}_liver.seg.dcm", mask, geom, case=case.case, run_name=run.name)
+            getattr(dicom_out, writer)(out_dir / f"{case.case}_liver.{suffix}.dcm", mask, geom, case=case.case,
+                                       run_name=run.name)
     mask_seconds = time.perf_counter() - prepared.started  # DICOM read -> mask NIfTI written
     with stage("truth"):  # scoring and figures, not part of producing the mask
         truth = case.truth(prepared.volume) if case.truth is not None else None

@@ -171,3 +171,120 @@ def test_real_ct_seg_is_valid_and_matches_the_mask(tmp_path, real_chaos):
     mask[150:330, 200:380, 10:60] = 1  # a box across slices; frames outside it are empty
     out = write_seg(tmp_path / "CT_3_liver.seg.dcm", mask, geom, case="CT_3", run_name="run")
     check_seg_against_source(out, mask, series)
+
+
+# --------------------------------------------------------------------------- RTSTRUCT
+def rasterise_rtstruct(rt_path: Path, geometry) -> np.ndarray:
+    """The RTSTRUCT's "Liver" contours back on the source images, (frames, rows, cols) in geometry
+    order: each contour's pixel centres inside it (skimage polygon2mask), contours of one image
+    combined by the even-odd rule (holes are contours inside contours)."""
+    from skimage.draw import polygon2mask
+
+    rt = pydicom.dcmread(rt_path)
+    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(geometry.headers)}
+    out = np.zeros((len(index), geometry.rows, geometry.cols), bool)
+    roi = rt.ROIContourSequence[0]
+    for item in roi.get("ContourSequence", []):
+        assert item.ContourGeometricType == "CLOSED_PLANAR"
+        k = index[str(item.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+        src = geometry.headers[k]
+        xyz = np.array([float(v) for v in item.ContourData]).reshape(-1, 3)
+        assert len(xyz) == int(item.NumberOfContourPoints)
+        iop = np.array([float(v) for v in src.ImageOrientationPatient])
+        dr, dc = (float(v) for v in src.PixelSpacing)
+        d = xyz - np.array([float(v) for v in src.ImagePositionPatient])
+        normal = np.cross(iop[:3], iop[3:])
+        assert np.abs(d @ normal).max() < 1e-3  # in the image's plane
+        rc = np.stack([d @ iop[3:] / dr, d @ iop[:3] / dc], axis=1)
+        out[k] ^= polygon2mask((geometry.rows, geometry.cols), rc)
+    return out
+
+
+def check_rtstruct_against_source(rt_path: Path, mask: np.ndarray, series_folder: Path, min_dice: float = 1.0):
+    from pipeline.dicom_out import source_frames
+    from pipeline.metrics import dice
+
+    assert dciodvfy_errors(rt_path) == []
+    _, geom = read_series(series_folder)
+    rt = pydicom.dcmread(rt_path)
+    src = pydicom.dcmread(geom.files[0], stop_before_pixels=True)
+    assert rt.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and rt.Modality == "RTSTRUCT"
+    assert rt.StudyInstanceUID == src.StudyInstanceUID and rt.FrameOfReferenceUID == src.FrameOfReferenceUID
+    frame_ref = rt.ReferencedFrameOfReferenceSequence[0]
+    series_ref = frame_ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert series_ref.SeriesInstanceUID == src.SeriesInstanceUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in series_ref.ContourImageSequence} == \
+        {str(ds.SOPInstanceUID) for ds in geom.headers}
+    assert rt.StructureSetROISequence[0].ROIName == "Liver"
+    assert rt.RTROIObservationsSequence[0].RTROIInterpretedType == "ORGAN"
+    for item in rt.ROIContourSequence[0].get("ContourSequence", []):
+        assert max(len(str(v)) for v in item.ContourData) <= 16  # DS values fit
+    back, truth = rasterise_rtstruct(rt_path, geom), source_frames(mask, geom) > 0
+    score = dice(back, truth) if truth.any() else float(not back.any())
+    assert score >= min_dice, score
+    return back, truth
+
+
+def test_rtstruct_contours_rasterise_back_to_the_mask_with_holes_and_islands(tmp_path):
+    from pipeline.dicom_out import write_rtstruct
+
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume(n=6, rows=40, cols=36), row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL,
+               spacing=(0.8, 0.7, -2.5))
+    _, geom = read_series(series)
+    mask = np.zeros(geom.shape, np.uint8)
+    mask[5:25, 6:30, 1:5] = 1
+    mask[10:14, 12:16, 2:4] = 0  # a hole
+    mask[29:33, 30:34, 3] = 1  # an island
+    out = write_rtstruct(tmp_path / "liver.rtstruct.dcm", mask, geom, case="s", run_name="run")
+    back, truth = check_rtstruct_against_source(out, mask, series, min_dice=1.0)
+    np.testing.assert_array_equal(back, truth)  # iso-line contours of pixel masks give the pixels back
+    rt = pydicom.dcmread(out)
+    per_image = {}
+    for item in rt.ROIContourSequence[0].ContourSequence:
+        uid = str(item.ContourImageSequence[0].ReferencedSOPInstanceUID)
+        per_image[uid] = per_image.get(uid, 0) + 1
+    assert sorted(per_image.values()) == [1, 1, 2, 3]  # plain, plain, hole, hole + island
+
+
+def test_empty_mask_gives_a_valid_rtstruct_without_contours(tmp_path):
+    from pipeline.dicom_out import write_rtstruct
+
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    _, geom = read_series(series)
+    out = write_rtstruct(tmp_path / "e.rtstruct.dcm", np.zeros(geom.shape, np.uint8), geom, case="s", run_name="r")
+    assert dciodvfy_errors(out) == []
+    assert "ContourSequence" not in pydicom.dcmread(out).ROIContourSequence[0]
+
+
+def test_infer_writes_all_formats_together(tmp_path):
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume(), spacing=(0.8, 0.7, -2.5))
+    run_dir = make_run(tmp_path / "run")
+    res = _cli("--run-dir", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"),
+               "--format", "dicom-seg,rtstruct,chaos-png", "-q")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    assert {p.name for p in out.glob("s_liver*")} == {"s_liver.nii.gz", "s_liver.seg.dcm", "s_liver.rtstruct.dcm"}
+    mask = np.asarray(nib.load(str(out / "s_liver.nii.gz")).dataobj)
+    check_seg_against_source(out / "s_liver.seg.dcm", mask, series)
+    check_rtstruct_against_source(out / "s_liver.rtstruct.dcm", mask, series, min_dice=1.0)
+
+
+@pytest.mark.realdata
+def test_real_mr_rtstruct_and_seg_of_a_liver_shaped_mask(tmp_path, real_chaos):
+    """The real liver label of an MR patient (a real outline, islands and all) as the mask."""
+    from pipeline.chaos import png_stack_liver
+    from pipeline.dicom_out import write_rtstruct, write_seg
+
+    patient = real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR"
+    series = patient / "DICOM_anon"
+    _, geom = read_series(series, pixels=False)
+    pngs = {Path(f): patient / "Ground" / f"{Path(f).stem}.png" for f in geom.files}  # same stems (data README)
+    mask = png_stack_liver(pngs, geom).astype(np.uint8)
+    assert mask.any()
+    rt = write_rtstruct(tmp_path / "MR_1.rtstruct.dcm", mask, geom, case="MR_1", run_name="run")
+    check_rtstruct_against_source(rt, mask, series, min_dice=0.98)
+    seg = write_seg(tmp_path / "MR_1.seg.dcm", mask, geom, case="MR_1", run_name="run")
+    check_seg_against_source(seg, mask, series)
