@@ -89,13 +89,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from pipeline.infer import run_inference
+    import json
+
+    from pipeline.infer import format_inference_table, run_inference
 
     run_inference(
         run_dir=args.run, input_path=args.input, out_dir=args.out, overrides=args.overrides,
         config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
         series=args.series, fmt=args.format,
     )
+    _show(args, format_inference_table(json.loads((args.out / "inference.json").read_text())))
     return 0
 
 

@@ -269,14 +269,19 @@ def from_nifti_slice(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(arr).T[::-1, :])
 
 
-def _list_headers(folder: Path, with_pixels: bool = False) -> list[tuple[Path, pydicom.Dataset]]:
-    """Headers of the image files in `folder`; harmless non-image files are skipped with a warning.
+def _list_headers(folder: Path | Sequence[Path], with_pixels: bool = False) -> list[tuple[Path, pydicom.Dataset]]:
+    """Headers of the image files in `folder` (or of the files listed); harmless non-image files
+    are skipped with a warning.
 
     with_pixels: read whole files (pixel data included), so that the pixels need no second pass.
     """
-    if not folder.is_dir():
+    if not isinstance(folder, (str, Path)):  # the files of one series, found by pipeline.study
+        entries = [Path(f) for f in folder]
+        folder = entries[0].parent if entries else Path(".")
+    elif not Path(folder).is_dir():
         raise PipelineError(f"{folder}: DICOM folder not found")
-    entries = sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+    else:
+        entries = sorted(Path(folder).iterdir(), key=lambda p: natural_key(p.name))
     out = []
     for path in entries:
         if not path.is_file():
@@ -330,14 +335,14 @@ def _select_series(folder: Path, headers, series_uid: str | None):
 
 
 def read_series(
-    folder: str | Path,
+    folder: str | Path | Sequence[Path],
     series_uid: str | None = None,
     *,
     orientation_tolerance: float = 1e-4,
     spacing_tolerance: float = 0.01,
     pixels: bool = True,
 ) -> tuple[np.ndarray | None, SeriesGeometry]:
-    """Read one single-frame DICOM series folder into (volume, geometry).
+    """Read one single-frame DICOM series folder (or the list of its files) into (volume, geometry).
 
     Returns volume float32 (columns, rows, slices) in dcm2niix's voxel order with the modality
     rescale applied (HU for CT), and its SeriesGeometry (RAS affine in mm). Slices are ordered by
@@ -345,8 +350,9 @@ def read_series(
     Raises PipelineError naming the file on: missing/empty folder, several series, inconsistent
     orientation or matrix size, uneven spacing (missing slices), gantry tilt, undecodable pixels.
     """
-    folder = Path(folder)
-    headers = _select_series(folder, _list_headers(folder, with_pixels=pixels), series_uid)
+    headers = _list_headers(folder, with_pixels=pixels)
+    folder = Path(folder) if isinstance(folder, (str, Path)) else headers[0][0].parent
+    headers = _select_series(folder, headers, series_uid)
     path0, ds0 = headers[0]
     iop0 = _float_list(ds0, "ImageOrientationPatient", path0, 6)
     row_dir, col_dir = iop0[:3], iop0[3:]

@@ -42,6 +42,7 @@ class InferCase:
     modality: str  # "CT" | "MR" | "" (read from the DICOM header)
     load: Callable[[], Volume]
     truth: Callable[[Volume], np.ndarray] | None = None
+    skip_on_error: bool = False  # one series of a study folder: a bad one is skipped with a warning
 
 
 def _dicom_case(case: str, folder: Path, modality: str, series_uid: str | None = None,
@@ -74,9 +75,36 @@ def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[st
 
 def collect_cases(input_path: Path, patients: Iterable[str] | None = None, sequences: Iterable[str] | None = None,
                   series_uid: str | None = None) -> list[InferCase]:
-    """Find what to segment: a prepared folder/datalist, a CHAOS root, or one DICOM series folder."""
+    """Find what to segment: a prepared folder/datalist, a CHAOS root, a study folder tree or one
+    DICOM series folder."""
+    return collect_inputs(input_path, patients, sequences, series_uid)[0]
+
+
+def _study_cases(root: Path, series_uid: str | None) -> tuple[list[InferCase], list[tuple[str, str]]]:
+    from pipeline.study import scan_study
+
+    scan = scan_study(root)
+    found = scan.series
+    if series_uid is not None:
+        found = [s for s in found if s.series_uid == series_uid]
+        if not found:
+            listing = "; ".join(f"{s.name} {s.series_uid}" for s in scan.series) or "none"
+            raise PipelineError(f"{root}: no image series with SeriesInstanceUID {series_uid} (found: {listing})")
+    if not found:
+        why = "; ".join(f"{what}: {reason}" for what, reason in scan.skipped[:3])
+        raise PipelineError(f"{root}: no CT or MR image series found in this folder tree"
+                            + (f" (skipped {len(scan.skipped)} file(s), e.g. {why})" if why else " (it is empty)"))
+    cases = [InferCase(case=s.name, modality=s.modality, skip_on_error=True,
+                       load=lambda files=tuple(s.files): read_dicom_series(list(files))) for s in found]
+    return cases, scan.skipped
+
+
+def collect_inputs(input_path: Path, patients: Iterable[str] | None = None, sequences: Iterable[str] | None = None,
+                   series_uid: str | None = None) -> tuple[list[InferCase], list[tuple[str, str]]]:
+    """collect_cases, and what a study folder holds that is not segmented: [(file or series, why)]."""
     from pipeline.chaos import find_cases, is_chaos_root
     from pipeline.datalist import FILE_NAME as DATALIST
+    from pipeline.study import is_study_tree
 
     input_path = Path(input_path)
     pset = set(patients) if patients else None
@@ -84,18 +112,20 @@ def collect_cases(input_path: Path, patients: Iterable[str] | None = None, seque
     if not input_path.exists():
         raise PipelineError(f"{input_path}: input not found")
     if input_path.is_file() and input_path.suffix == ".json":
-        return _prepared_cases(input_path, pset, sset)
+        return _prepared_cases(input_path, pset, sset), []
     if not input_path.is_dir():
         raise PipelineError(f"{input_path}: expected a folder or a datalist.json")
     if (input_path / DATALIST).exists():
-        return _prepared_cases(input_path / DATALIST, pset, sset)
+        return _prepared_cases(input_path / DATALIST, pset, sset), []
     if is_chaos_root(input_path):
         sources = find_cases(input_path, sequences=sorted(sset) if sset else None,
                              patients=sorted(pset) if pset else None)
-        return [_chaos_case(s) for s in sources]
-    # Anything else is taken as one series folder; the reader names the folder when it is empty,
-    # holds no DICOM, or holds several series (listing them for --series).
-    return [_dicom_case(safe_name(input_path.name, "folder name"), input_path, "", series_uid)]
+        return [_chaos_case(s) for s in sources], []
+    if is_study_tree(input_path):  # a PACS export or study folder: every image series under it
+        return _study_cases(input_path, series_uid)
+    # A flat folder is one series folder; the reader names the folder when it is empty, holds no
+    # DICOM, or holds several series (listing them for --series).
+    return [_dicom_case(safe_name(input_path.name, "folder name"), input_path, "", series_uid)], []
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -389,9 +419,12 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
 
     out_dir = Path(out_dir)
     parse_formats(fmt)  # a typo fails before any case is read
-    cases = collect_cases(input_path, _split(patients), _split(sequences), series)
+    cases, skipped = collect_inputs(input_path, _split(patients), _split(sequences), series)
     if not cases:
         raise PipelineError(f"{input_path}: no cases selected")
+    for what, why in skipped:
+        log.warning("%s: skipped, %s", what, why)
+    skipped = [{"input": what, "reason": why} for what, why in skipped]
     run = load_run(run_dir, fold, overrides, config_path)
     rows = []
     # One case after the other on purpose: reading the next case and writing the previous one in
@@ -400,15 +433,37 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     # OMP_WAIT_POLICY=PASSIVE lost more.
     with torch.inference_mode():
         for case in progress(cases, desc="infer", unit="case"):
-            row = segment_case(run, case, out_dir, fmt)
+            try:
+                row = segment_case(run, case, out_dir, fmt)
+            except PipelineError as exc:
+                if not case.skip_on_error:
+                    raise
+                log.warning("%s: skipped, %s", case.case, exc)  # one bad series of a study does not stop the rest
+                skipped.append({"input": case.case, "reason": str(exc)})
+                continue
             if not rows:  # the folder's shared files, once there is a first mask to describe
                 save_config(run.cfg, out_dir / "config.yaml")
                 write_label_descriptions(out_dir)
             rows.append(row)
             log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
                      f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
-    write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows})
+    if not rows:
+        raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")
+    write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows,
+                                             "skipped": skipped})
     return rows
+
+
+def format_inference_table(summary: dict) -> str:
+    """inference.json's content as the table `run.py infer` prints: what was segmented, what was skipped."""
+    lines = [f"{'case':<32}{'slices':>7}{'liver ml':>10}{'Dice':>8}{'seconds':>9}  qc"]
+    for row in summary.get("cases", []):
+        dice_text = f"{row['dice']:.4f}" if row.get("dice") is not None else "-"
+        lines.append(f"{row['case']:<32}{row['slices']:>7}{row['liver_ml']:>10.0f}{dice_text:>8}"
+                     f"{row['seconds']:>9.2f}  {'; '.join(row.get('qc') or []) or 'ok'}")
+    for item in summary.get("skipped", []):
+        lines.append(f"{item['input']:<32}{'skipped':>7}  {item['reason']}")
+    return "\n".join(lines)
 
 
 def _split(text: str | None) -> list[str] | None:

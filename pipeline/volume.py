@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -76,13 +76,14 @@ def read_nifti(path: str | Path, dtype: Any = np.float32) -> Volume:
     return Volume(data, np.asarray(img.affine, dtype=np.float64), path)
 
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None, *, pixels: bool = True,
+def read_dicom_series(folder: str | Path | Sequence[Path], series_uid: str | None = None, *, pixels: bool = True,
                       orientation_tolerance: float = 1e-4, spacing_tolerance: float = 0.01) -> Volume:
-    """One single-frame DICOM series folder (see pipeline.dicom.read_series); pixels=False reads
-    the geometry only (array None)."""
+    """One single-frame DICOM series folder, or the list of its files (see pipeline.dicom.read_series);
+    pixels=False reads the geometry only (array None)."""
     array, geometry = read_series(folder, series_uid, pixels=pixels, orientation_tolerance=orientation_tolerance,
                                   spacing_tolerance=spacing_tolerance)
-    return Volume(array, geometry.affine, Path(folder), geometry)
+    source = Path(folder) if isinstance(folder, (str, Path)) else Path(geometry.files[0]).parent
+    return Volume(array, geometry.affine, source, geometry)
 
 
 def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
