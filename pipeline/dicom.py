@@ -10,7 +10,8 @@ import re
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -334,7 +335,28 @@ def _select_series(folder: Path, headers, series_uid: str | None):
     return headers
 
 
-def read_series(
+@contextmanager
+def lenient_values() -> Iterator[None]:
+    """pydicom's per-value VR checks off while headers are read (its default warns for each value that
+    breaks its VR's rules: damaged or non-conformant files, common in exports). What the pipeline
+    relies on is checked by the reader itself and named in its errors (orientation, positions,
+    spacing, pixel size), and a damaged identifier shows up as a gap in its series."""
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = before
+
+
+def read_series(*args, **kwargs) -> tuple[np.ndarray | None, SeriesGeometry]:
+    """`_read_series` (below) with pydicom's value checks off (`lenient_values`)."""
+    with lenient_values():
+        return _read_series(*args, **kwargs)
+
+
+def _read_series(
     folder: str | Path | Sequence[Path],
     series_uid: str | None = None,
     *,

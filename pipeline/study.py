@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.dicom import natural_key
+from pipeline.dicom import lenient_values, natural_key
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name
 
@@ -77,7 +77,10 @@ def scan_study(root: Path) -> StudyScan:
             skipped.append((rel, "DICOMDIR" if path.name == "DICOMDIR" else "not a DICOM image file"))
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+            with lenient_values():
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+                for keyword in _TAGS:  # converted now, under the lenient checks
+                    ds.get(keyword)
         except InvalidDicomError:
             skipped.append((rel, "not a DICOM file"))
             continue
