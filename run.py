@@ -91,14 +91,19 @@ def cmd_train(args) -> int:
 def cmd_infer(args) -> int:
     import json
 
+    import time
+
     from pipeline.infer import format_inference_table, run_inference
 
+    started = time.time()
     run_inference(
         run_dir=args.run, input_path=args.input, out_dir=args.out, overrides=args.overrides,
         config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
-        series=args.series, fmt=args.format,
+        series=args.series, fmt=args.format, shard=args.shard,
     )
-    _show(args, format_inference_table(json.loads((args.out / "inference.json").read_text())))
+    summary = args.out / "inference.json"
+    if summary.exists() and (args.shard is None or summary.stat().st_mtime >= started):  # merged by this process
+        _show(args, format_inference_table(json.loads(summary.read_text())))
     return 0
 
 
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", default=None, help="comma-separated patient ids (e.g. CT_3,MR_1)")
     p.add_argument("--sequences", default=None, help="comma-separated sequences")
     p.add_argument("--series", default=None, help="SeriesInstanceUID to pick when a folder holds several")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="segment only shard K of N (from 0), e.g. one array job each; torchrun shards by rank")
     p.add_argument("--format", default="nifti", metavar="FORMATS",
                    help="comma-separated, beside the NIfTI mask: chaos-png (challenge-style PNG slices), "
                         "dicom-seg (a DICOM SEG of the source series), rtstruct (an RT Structure Set); e.g. nifti,dicom-seg")

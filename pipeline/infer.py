@@ -9,6 +9,7 @@ resampled twice and labels are never interpolated.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -409,22 +410,54 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
     return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' (0 <= K < N) -> (K, N); PipelineError otherwise."""
+    try:
+        k, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard {text!r}: expected K/N, e.g. 0/4 (shard K of N, counted from 0)") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise PipelineError(f"--shard {text!r}: need 0 <= K < N")
+    return k, n
+
+
+def _torchrun_shard() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) under torchrun with several processes, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+SHARDS_DIR = "shards"  # out_dir/shards/inference.<K>-of-<N>.json: each shard's rows until they are merged
+
+
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
                   config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
-                  sequences: str | None = None, series: str | None = None, fmt: str = "nifti") -> list[dict]:
-    """Segment every selected case of `input_path` with the run's model(s); returns one row per case."""
+                  sequences: str | None = None, series: str | None = None, fmt: str = "nifti",
+                  shard: str | None = None) -> list[dict]:
+    """Segment every selected case of `input_path` with the run's model(s); returns one row per case.
+
+    shard "K/N": only every N-th case from the K-th (for a scheduler's array jobs); under torchrun
+    with several processes each rank takes its share the same way. Each shard writes its rows to
+    out_dir/shards/; whoever finishes last (rank 0 under torchrun) merges them into inference.json.
+    Returns this process's rows.
+    """
     import torch
 
     from pipeline.config import save_config
 
     out_dir = Path(out_dir)
     parse_formats(fmt)  # a typo fails before any case is read
-    cases, skipped = collect_inputs(input_path, _split(patients), _split(sequences), series)
-    if not cases:
+    under_torchrun = shard is None and _torchrun_shard() is not None
+    k, n = parse_shard(shard) if shard is not None else (_torchrun_shard() or (0, 1))
+    all_cases, skipped_inputs = collect_inputs(input_path, _split(patients), _split(sequences), series)
+    if not all_cases:
         raise PipelineError(f"{input_path}: no cases selected")
-    for what, why in skipped:
-        log.warning("%s: skipped, %s", what, why)
-    skipped = [{"input": what, "reason": why} for what, why in skipped]
+    cases = all_cases[k::n]
+    skipped = []
+    if k == 0:  # what the scan skipped is the same for every shard: shard 0 reports it
+        for what, why in skipped_inputs:
+            log.warning("%s: skipped, %s", what, why)
+        skipped = [{"input": what, "reason": why} for what, why in skipped_inputs]
     run = load_run(run_dir, fold, overrides, config_path)
     rows = []
     # One case after the other on purpose: reading the next case and writing the previous one in
@@ -432,7 +465,7 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     # cores busy (torch's OpenMP threads spin between kernels) and the threads slowed the network;
     # OMP_WAIT_POLICY=PASSIVE lost more.
     with torch.inference_mode():
-        for case in progress(cases, desc="infer", unit="case"):
+        for case in progress(cases, desc="infer" if n == 1 else f"infer {k}/{n}", unit="case"):
             try:
                 row = segment_case(run, case, out_dir, fmt)
             except PipelineError as exc:
@@ -441,17 +474,53 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
                 log.warning("%s: skipped, %s", case.case, exc)  # one bad series of a study does not stop the rest
                 skipped.append({"input": case.case, "reason": str(exc)})
                 continue
-            if not rows:  # the folder's shared files, once there is a first mask to describe
+            if not rows and k == 0:  # the folder's shared files, once there is a first mask to describe
                 save_config(run.cfg, out_dir / "config.yaml")
                 write_label_descriptions(out_dir)
             rows.append(row)
             log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
                      f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
-    if not rows:
-        raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")
-    write_json(out_dir / "inference.json", {"run": str(run_dir), "folds": run.folds, "cases": rows,
-                                             "skipped": skipped})
+    head = {"run": str(run_dir), "folds": run.folds}
+    if n == 1:
+        if not rows:
+            raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")
+        write_json(out_dir / "inference.json", {**head, "cases": rows, "skipped": skipped})
+        return rows
+    write_json(out_dir / SHARDS_DIR / f"inference.{k}-of-{n}.json", {**head, "cases": rows, "skipped": skipped})
+    if under_torchrun:
+        import torch.distributed as dist
+
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("gloo")
+        dist.barrier()  # every rank's part is written
+        if k == 0:
+            _merge_shards(out_dir, n, [c.case for c in all_cases], run)
+        dist.barrier()
+        if started:
+            dist.destroy_process_group()
+    elif all((out_dir / SHARDS_DIR / f"inference.{i}-of-{n}.json").exists() for i in range(n)):
+        _merge_shards(out_dir, n, [c.case for c in all_cases], run)  # the last shard to finish
     return rows
+
+
+def _merge_shards(out_dir: Path, n: int, order: list[str], run: LoadedRun) -> None:
+    """inference.json from the N shards' parts, cases in the order of a single-process run."""
+    import json
+
+    from pipeline.config import save_config
+
+    parts = [json.loads((out_dir / SHARDS_DIR / f"inference.{i}-of-{n}.json").read_text()) for i in range(n)]
+    rank = {name: i for i, name in enumerate(order)}
+    rows = sorted((r for p in parts for r in p["cases"]), key=lambda r: rank.get(r["case"], len(rank)))
+    skipped = [s for p in parts for s in p["skipped"]]
+    if not rows:
+        raise PipelineError(f"{out_dir}: no series could be segmented by any of the {n} shards")
+    if not (out_dir / "config.yaml").exists():  # shard 0 had no case to write it with
+        save_config(run.cfg, out_dir / "config.yaml")
+        write_label_descriptions(out_dir)
+    write_json(out_dir / "inference.json", {**{k: parts[0][k] for k in ("run", "folds")}, "cases": rows,
+                                             "skipped": skipped, "shards": n})
 
 
 def format_inference_table(summary: dict) -> str:
