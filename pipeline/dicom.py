@@ -363,18 +363,26 @@ def _read_series(
     orientation_tolerance: float = 1e-4,
     spacing_tolerance: float = 0.01,
     pixels: bool = True,
+    stack: int | None = None,
 ) -> tuple[np.ndarray | None, SeriesGeometry]:
     """Read one single-frame DICOM series folder (or the list of its files) into (volume, geometry).
 
     Returns volume float32 (columns, rows, slices) in dcm2niix's voxel order with the modality
     rescale applied (HU for CT), and its SeriesGeometry (RAS affine in mm). Slices are ordered by
     ImagePositionPatient along the slice normal; spacing comes from the positions.
+    Enhanced / Legacy Converted Enhanced multi-frame files go to `pipeline.multiframe` (`stack`
+    picks one of several stacks, e.g. magnitude and phase).
     Raises PipelineError naming the file on: missing/empty folder, several series, inconsistent
     orientation or matrix size, uneven spacing (missing slices), gantry tilt, undecodable pixels.
     """
     headers = _list_headers(folder, with_pixels=pixels)
     folder = Path(folder) if isinstance(folder, (str, Path)) else headers[0][0].parent
     headers = _select_series(folder, headers, series_uid)
+    from pipeline.multiframe import is_multiframe, read_multiframe
+
+    if any(is_multiframe(ds) for _, ds in headers):
+        return read_multiframe([p for p, _ in headers], stack, pixels=pixels,
+                               orientation_tolerance=orientation_tolerance, spacing_tolerance=spacing_tolerance)
     path0, ds0 = headers[0]
     iop0 = _float_list(ds0, "ImageOrientationPatient", path0, 6)
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -402,15 +410,8 @@ def _read_series(
     pixel_spacing = _float_list(ds0, "PixelSpacing", path0, 2)  # [between rows, between columns]
     volume = _read_pixels_in_order(files, rows, cols, [ds for _, ds in headers]) if pixels else None
 
-    # Voxel (i, j, k) lies at P_first + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step*normal (LPS).
     dr, dc = pixel_spacing
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = -col_dir * dr
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = positions[0] + (rows - 1) * dr * col_dir
-    affine = np.eye(4)
-    affine[:3] = _LPS_TO_RAS @ lps[:3]
+    affine = nifti_affine(row_dir, col_dir, normal, step, positions[0], rows, dr, dc)
     geometry = SeriesGeometry(
         affine=affine, shape=(cols, rows, len(files)), spacing=(float(dc), float(dr), float(step)), files=files,
         modality=str(ds0.get("Modality", "")), series_uid=str(ds0.get("SeriesInstanceUID", "")),
@@ -425,6 +426,20 @@ def _without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
         if keyword in ds:
             delattr(ds, keyword)
     return ds
+
+
+def nifti_affine(row_dir, col_dir, normal, step: float, first_position, rows: int, dr: float, dc: float) -> np.ndarray:
+    """RAS affine of dcm2niix's voxel order for a stack: voxel (i, j, k) lies at
+    P_first + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step*normal (LPS), P_first the first slice's
+    ImagePositionPatient, dr / dc the spacing between rows / columns."""
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(row_dir) * dc
+    lps[:3, 1] = -np.asarray(col_dir) * dr
+    lps[:3, 2] = np.asarray(normal) * step
+    lps[:3, 3] = np.asarray(first_position) + (rows - 1) * dr * np.asarray(col_dir)
+    affine = np.eye(4)
+    affine[:3] = _LPS_TO_RAS @ lps[:3]
+    return affine
 
 
 def _check_steps(files, positions, normal, tolerance, ds0) -> float:

@@ -40,7 +40,9 @@ def _source_headers(geometry: SeriesGeometry, case: str) -> list:
     """The source headers, the first a copy with any missing type-2 attribute added empty (highdicom
     copies the patient and study modules from the first source image); the geometry's stay as they are."""
     if not geometry.headers or len(geometry.headers) != len(geometry.files):
-        raise PipelineError(f"{case}: DICOM output needs the source series' headers (DICOM input)")
+        # the geometry of multi-frame sources (pipeline.multiframe) keeps no per-image headers
+        raise PipelineError(f"{case}: DICOM SEG / RTSTRUCT need single-frame source images; "
+                            "multi-frame sources are not supported yet")
     first, rest = geometry.headers[0], list(geometry.headers[1:])
     missing = [k for k in TYPE2_COPIED if k not in first]
     if missing:

@@ -96,7 +96,8 @@ def _study_cases(root: Path, series_uid: str | None) -> tuple[list[InferCase], l
         raise PipelineError(f"{root}: no CT or MR image series found in this folder tree"
                             + (f" (skipped {len(scan.skipped)} file(s), e.g. {why})" if why else " (it is empty)"))
     cases = [InferCase(case=s.name, modality=s.modality, skip_on_error=True,
-                       load=lambda files=tuple(s.files): read_dicom_series(list(files))) for s in found]
+                       load=lambda files=tuple(s.files), stack=s.stack: read_dicom_series(list(files), stack=stack))
+             for s in found]
     return cases, scan.skipped
 
 
@@ -328,6 +329,8 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
 
     if geom is None:
         raise PipelineError(f"{case}: --format chaos-png needs DICOM input (NIfTI input has no DICOM files)")
+    if len(set(geom.files)) != len(geom.files):
+        raise PipelineError(f"{case}: --format chaos-png needs single-frame DICOM files (one PNG per file)")
     folder = out_dir / f"{case}_png"
     folder.mkdir(parents=True, exist_ok=True)
     for src, plane in geom.unstack(mask).items():

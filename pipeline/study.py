@@ -4,7 +4,8 @@ Series are grouped by SeriesInstanceUID and, within one, by image orientation (a
 folder: exports spread a series over folders or put several series in one. What cannot be
 segmented is listed with the reason (one warning line each in `infer`): DICOMDIR, non-DICOM and
 unreadable files, non-image objects (SEG, RTSTRUCT, SR, presentation states...), modalities other
-than CT and MR, localisers, single-slice stacks and multi-frame files (not read yet).
+than CT and MR, localisers and single-slice stacks. Multi-frame files give one series per stack
+(`pipeline.multiframe`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pipeline.dicom import lenient_values, natural_key
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name
+from pipeline.multiframe import frames_of, group_stacks
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class FoundSeries:
     modality: str
     description: str
     files: list[Path] = field(default_factory=list)
+    stack: int | None = None  # multi-frame files: which of their stacks (pipeline.multiframe)
 
 
 @dataclass
@@ -71,6 +74,8 @@ def scan_study(root: Path) -> StudyScan:
         raise PipelineError(f"{root}: folder not found")
     skipped: list[tuple[str, str]] = []
     groups: dict[tuple, list[tuple[Path, pydicom.Dataset]]] = {}
+    multiframe: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    stack_of: dict[tuple, tuple[int, list[Path]]] = {}  # multi-frame groups: (stack index, files)
     for path in _walk(root):
         rel = str(path.relative_to(root))
         if path.name in _SKIP_NAMES or path.name.startswith("."):
@@ -102,11 +107,26 @@ def scan_study(root: Path) -> StudyScan:
         if "LOCALIZER" in image_type:
             skipped.append((rel, "localizer"))
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            skipped.append((rel, "multi-frame image file: not supported yet"))
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # stacks from the frames, once all files are known
+            multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
             continue
         key = (str(ds.get("SeriesInstanceUID", "")), _orientation_key(ds))
         groups.setdefault(key, []).append((path, ds))
+    for uid, members in multiframe.items():
+        try:
+            with lenient_values():
+                headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p, _ in members}
+                stacks = group_stacks([f for p, ds in headers.items() for f in frames_of(p, ds)])
+        except PipelineError as exc:
+            skipped.append((str(members[0][0].relative_to(root)), str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - damage in one file must not stop the scan; it is named
+            skipped.append((str(members[0][0].relative_to(root)), f"unreadable multi-frame file ({exc})"[:200]))
+            continue
+        for index, frames in enumerate(stacks):
+            # the key keeps stacks apart; the loader finds the stack again by its index
+            groups[(uid, ("stack", index))] = [(members[0][0], members[0][1])] * len(frames)
+            stack_of[(uid, ("stack", index))] = (index, [p for p, _ in members])
 
     series: list[FoundSeries] = []
     used: set[str] = set()
@@ -114,7 +134,8 @@ def scan_study(root: Path) -> StudyScan:
     for (uid, _), members in groups.items():
         stacks_per_uid[uid] = stacks_per_uid.get(uid, 0) + 1
     seen_per_uid: dict[str, int] = {}
-    for (uid, _), members in groups.items():
+    for key, members in groups.items():
+        uid = key[0]
         ds0 = members[0][1]
         number = str(ds0.get("SeriesNumber", "") or "").strip()
         description = str(ds0.get("SeriesDescription", "") or "").strip()
@@ -133,8 +154,9 @@ def scan_study(root: Path) -> StudyScan:
             skipped.append((f"{name} ({members[0][0].relative_to(root)})", "single-slice series"))
             continue
         used.add(name.lower())
+        stack, files = stack_of.get(key, (None, [p for p, _ in members]))
         series.append(FoundSeries(name=name, series_uid=uid, modality=str(ds0.Modality), description=description,
-                                  files=[p for p, _ in members]))
+                                  files=files, stack=stack))
     series.sort(key=lambda s: natural_key(s.name))
     return StudyScan(series=series, skipped=skipped)
 

@@ -77,11 +77,12 @@ def read_nifti(path: str | Path, dtype: Any = np.float32) -> Volume:
 
 
 def read_dicom_series(folder: str | Path | Sequence[Path], series_uid: str | None = None, *, pixels: bool = True,
-                      orientation_tolerance: float = 1e-4, spacing_tolerance: float = 0.01) -> Volume:
-    """One single-frame DICOM series folder, or the list of its files (see pipeline.dicom.read_series);
-    pixels=False reads the geometry only (array None)."""
+                      orientation_tolerance: float = 1e-4, spacing_tolerance: float = 0.01,
+                      stack: int | None = None) -> Volume:
+    """One DICOM series folder, or the list of its files (see pipeline.dicom.read_series; `stack`
+    picks one stack of multi-frame files); pixels=False reads the geometry only (array None)."""
     array, geometry = read_series(folder, series_uid, pixels=pixels, orientation_tolerance=orientation_tolerance,
-                                  spacing_tolerance=spacing_tolerance)
+                                  spacing_tolerance=spacing_tolerance, stack=stack)
     source = Path(folder) if isinstance(folder, (str, Path)) else Path(geometry.files[0]).parent
     return Volume(array, geometry.affine, source, geometry)
 
