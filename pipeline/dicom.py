@@ -237,6 +237,8 @@ class SeriesGeometry:
     # the source files' headers in slice order, pixel data dropped (what DICOM outputs reference and
     # copy); empty where the geometry came from elsewhere
     headers: list = field(default_factory=list, repr=False, compare=False)
+    # multi-frame sources (pipeline.multiframe): the 1-based frame of files[k] that holds slice k
+    frame_numbers: list = field(default_factory=list, repr=False, compare=False)
 
     def stack(self, slices_by_file: Mapping[Path, np.ndarray]) -> np.ndarray:
         """Per-file 2D arrays (rows x cols, as stored, e.g. Ground PNGs) -> volume in NIfTI order."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.dicom import SeriesGeometry
+from pipeline.dicom import SeriesGeometry, from_nifti_slice
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
@@ -24,10 +24,28 @@ SEG_SERIES_OFFSET = 1000  # SEG series number = the source's + this (viewers lis
 
 
 def source_frames(mask: np.ndarray, geometry: SeriesGeometry) -> np.ndarray:
-    """Mask in NIfTI order (X, Y, Z) -> (frames, rows, cols), one frame per source file, in the order
-    of `geometry.files` / `geometry.headers`, each as the source stores its pixels."""
-    planes = geometry.unstack(mask)
-    return np.stack([planes[Path(f)] for f in geometry.files])
+    """Mask in NIfTI order (X, Y, Z) -> (slices, rows, cols), slice k as the source image (or frame)
+    `geometry.files[k]` / `geometry.headers[k]` stores its pixels."""
+    mask = np.asarray(mask)
+    if mask.shape != tuple(geometry.shape):
+        raise ValueError(f"mask {mask.shape} does not match the series {tuple(geometry.shape)}")
+    return np.stack([from_nifti_slice(mask[:, :, k]) for k in range(mask.shape[2])])
+
+
+def _slice_planes(geometry: SeriesGeometry) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+    """Per slice: (ImagePositionPatient, ImageOrientationPatient, row spacing, column spacing), LPS mm.
+    A single-frame image's own header; a frame of a multi-frame image from the stack's affine (its
+    frames were checked to lie on it)."""
+    if not geometry.frame_numbers:
+        return [(np.array([float(v) for v in h.ImagePositionPatient]),
+                 np.array([float(v) for v in h.ImageOrientationPatient]),
+                 *(float(v) for v in h.PixelSpacing)) for h in geometry.headers]
+    lps = np.diag([-1.0, -1.0, 1.0]) @ geometry.affine[:3]  # RAS -> LPS
+    dc, dr, _ = geometry.spacing
+    row_dir, col_dir = lps[:, 0] / dc, -lps[:, 1] / dr
+    orientation = np.concatenate([row_dir, col_dir])
+    # stored pixel (row 0, column 0) of slice k is voxel (0, rows - 1, k)
+    return [(lps @ np.array([0.0, geometry.rows - 1, k, 1.0]), orientation, dr, dc) for k in range(geometry.shape[2])]
 
 
 # Type-2 attributes of the patient and study modules that a SEG copies from its source: anonymised
@@ -40,9 +58,7 @@ def _source_headers(geometry: SeriesGeometry, case: str) -> list:
     """The source headers, the first a copy with any missing type-2 attribute added empty (highdicom
     copies the patient and study modules from the first source image); the geometry's stay as they are."""
     if not geometry.headers or len(geometry.headers) != len(geometry.files):
-        # the geometry of multi-frame sources (pipeline.multiframe) keeps no per-image headers
-        raise PipelineError(f"{case}: DICOM SEG / RTSTRUCT need single-frame source images; "
-                            "multi-frame sources are not supported yet")
+        raise PipelineError(f"{case}: DICOM output needs the source series' headers (DICOM input)")
     first, rest = geometry.headers[0], list(geometry.headers[1:])
     missing = [k for k in TYPE2_COPIED if k not in first]
     if missing:
@@ -63,6 +79,13 @@ def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: s
 
     headers = _source_headers(geometry, case)
     frames = (source_frames(mask, geometry) > 0).astype(np.uint8)
+    if geometry.frame_numbers:  # a multi-frame source: one SEG frame per source frame, the stack's filled
+        if len(set(geometry.files)) > 1:
+            raise PipelineError(f"{case}: a DICOM SEG can reference one multi-frame source file; this stack "
+                                f"spreads over {len(set(geometry.files))}")
+        full = np.zeros((int(headers[0].NumberOfFrames), geometry.rows, geometry.cols), np.uint8)
+        full[np.asarray(geometry.frame_numbers) - 1] = frames
+        frames, headers = full, headers[:1]
     algorithm = hd.AlgorithmIdentificationSequence(
         name=SOFTWARE, version=__version__, family=codes.cid7162.ArtificialIntelligence,
         parameters={"run": run_name[:64]})
@@ -190,14 +213,19 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
     ds.FrameOfReferenceUID = frame_of_reference  # the Frame of Reference module, the source's
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
 
-    def image_ref(src) -> pydicom.Dataset:
+    def image_ref(src, frame: int | None = None) -> pydicom.Dataset:
         item = pydicom.Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
+        if frame is not None:
+            item.ReferencedFrameNumber = frame
         return item
 
+    frame_numbers = geometry.frame_numbers or [None] * len(headers)
     series_ref = pydicom.Dataset()
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = DicomSequence([image_ref(h) for h in headers])
+    series_ref.ContourImageSequence = DicomSequence(
+        [image_ref(h, f) for h, f in zip(headers, frame_numbers)] if geometry.frame_numbers
+        else [image_ref(h) for h in headers])
     study_ref = pydicom.Dataset()
     study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = STUDY_COMPONENT_SOP_CLASS, ds.StudyInstanceUID
     study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
@@ -214,17 +242,14 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
 
     contours = []
     planes = source_frames(mask, geometry) > 0
-    for src, plane in zip(headers, planes):
+    for src, frame, plane, (origin, iop, dr, dc) in zip(headers, frame_numbers, planes, _slice_planes(geometry)):
         if not plane.any():
             continue
-        origin = np.array([float(v) for v in src.ImagePositionPatient])
-        iop = np.array([float(v) for v in src.ImageOrientationPatient])
-        dr, dc = (float(v) for v in src.PixelSpacing)  # between rows, between columns
         for rc in slice_contours(plane):
             # column index runs along the first orientation vector, row index along the second
             xyz = origin + np.outer(rc[:, 1] * dc, iop[:3]) + np.outer(rc[:, 0] * dr, iop[3:])
             item = pydicom.Dataset()
-            item.ContourImageSequence = DicomSequence([image_ref(src)])
+            item.ContourImageSequence = DicomSequence([image_ref(src, frame)])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(xyz)
             tag, element = _raw_ds("ContourData", _decimal_strings(xyz))

@@ -130,7 +130,8 @@ def read_stack(frames: list[Frame], headers: dict[Path, pydicom.Dataset], *, pix
     geometry = SeriesGeometry(
         affine=affine, shape=(cols, rows, len(frames)), spacing=(float(dc), float(dr), float(step)),
         files=[f.path for f in frames], modality=str(ds0.get("Modality", "")),
-        series_uid=str(ds0.get("SeriesInstanceUID", "")), rows=rows, cols=cols)
+        series_uid=str(ds0.get("SeriesInstanceUID", "")), rows=rows, cols=cols,
+        headers=[headers[f.path] for f in frames], frame_numbers=[f.index + 1 for f in frames])
     return volume, geometry
 
 

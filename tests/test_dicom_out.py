@@ -123,7 +123,7 @@ def test_empty_mask_still_writes_a_valid_seg(tmp_path):
     assert not seg_planes(out, geom).any()
 
 
-def test_seg_needs_single_frame_source_headers(tmp_path):
+def test_seg_needs_the_source_headers(tmp_path):
     from dataclasses import replace
 
     from pipeline.dicom_out import write_seg
@@ -131,7 +131,7 @@ def test_seg_needs_single_frame_source_headers(tmp_path):
     series = tmp_path / "s"
     write_tiny(series, ellipsoid_volume())
     _, geom = read_series(series)
-    with pytest.raises(PipelineError, match="need single-frame source images"):
+    with pytest.raises(PipelineError, match="needs the source series' headers"):
         write_seg(tmp_path / "x.seg.dcm", np.zeros(geom.shape, np.uint8), replace(geom, headers=[]),
                   case="s", run_name="run")
 

@@ -130,3 +130,59 @@ def test_real_series_as_multiframe_reads_the_same_and_matches_dcm2niix(tmp_path,
     ref = nib.load(nii)
     np.testing.assert_allclose(g2.affine, ref.affine, atol=1e-3)
     np.testing.assert_array_equal(v2, ref.get_fdata(dtype=np.float32))
+
+
+def _frame_plane(mf: pydicom.Dataset, frame: int):
+    """(IPP, IOP, dr, dc) of a frame, straight from the file's functional groups (not the pipeline's)."""
+    item, shared = mf.PerFrameFunctionalGroupsSequence[frame - 1], mf.SharedFunctionalGroupsSequence[0]
+
+    def group(seq, key):
+        return (item if seq in item else shared)[seq][0][key]
+    ipp = np.array([float(v) for v in group("PlanePositionSequence", "ImagePositionPatient")])
+    iop = np.array([float(v) for v in group("PlaneOrientationSequence", "ImageOrientationPatient")])
+    dr, dc = (float(v) for v in group("PixelMeasuresSequence", "PixelSpacing"))
+    return ipp, iop, dr, dc
+
+
+@pytest.mark.realdata
+def test_seg_and_rtstruct_of_a_real_multiframe_series_reference_its_frames(tmp_path, real_chaos):
+    from skimage.draw import polygon2mask
+
+    from pipeline.chaos import png_stack_liver
+    from pipeline.dicom_out import source_frames, write_rtstruct, write_seg
+    from tests.test_dicom_out import dciodvfy_errors
+
+    patient = real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR"
+    _, single = read_series(patient / "DICOM_anon", pixels=False)
+    mask = png_stack_liver({Path(f): patient / "Ground" / f"{Path(f).stem}.png" for f in single.files},
+                           single).astype(np.uint8)
+    mf_path = legacy_convert(patient / "DICOM_anon", tmp_path / "multi" / "mf.dcm")
+    _, geom = read_series(tmp_path / "multi", pixels=False)
+    mf = pydicom.dcmread(mf_path, stop_before_pixels=True)
+    planes = source_frames(mask, geom) > 0
+
+    seg_path = write_seg(tmp_path / "mf.seg.dcm", mask, geom, case="mf", run_name="run")
+    assert dciodvfy_errors(seg_path) == []
+    seg = hd.seg.segread(seg_path)
+    present = sorted(int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+                     for item in seg.PerFrameFunctionalGroupsSequence)
+    got = seg.get_pixels_by_source_frame(str(mf.SOPInstanceUID), present, segment_numbers=[1])[..., 0]
+    by_frame = dict(zip(geom.frame_numbers, planes))
+    for frame, plane in zip(present, got):
+        np.testing.assert_array_equal(plane > 0, by_frame[frame])
+    assert sum(p.any() for p in planes) == len(present)
+
+    rt_path = write_rtstruct(tmp_path / "mf.rtstruct.dcm", mask, geom, case="mf", run_name="run")
+    assert dciodvfy_errors(rt_path) == []
+    rt = pydicom.dcmread(rt_path)
+    back = {f: np.zeros((geom.rows, geom.cols), bool) for f in geom.frame_numbers}
+    for item in rt.ROIContourSequence[0].ContourSequence:
+        ref = item.ContourImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        ipp, iop, dr, dc = _frame_plane(mf, int(ref.ReferencedFrameNumber))
+        d = np.array([float(v) for v in item.ContourData]).reshape(-1, 3) - ipp
+        assert np.abs(d @ np.cross(iop[:3], iop[3:])).max() < 1e-3  # on that frame's plane
+        rc = np.stack([d @ iop[3:] / dr, d @ iop[:3] / dc], axis=1)
+        back[int(ref.ReferencedFrameNumber)] ^= polygon2mask((geom.rows, geom.cols), rc)
+    for frame, plane in zip(geom.frame_numbers, planes):
+        np.testing.assert_array_equal(back[frame], plane)
