@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -138,3 +139,31 @@ def test_real_series_mixed_in_one_tree_are_found_and_read_as_from_their_folders(
         np.testing.assert_array_equal(vol2, vol)
         np.testing.assert_array_equal(geom2.affine, geom.affine)
         assert found.modality == geom.modality
+
+
+@pytest.mark.realdata
+def test_real_export_gets_nifti_seg_and_rtstruct_per_series_all_valid(tmp_path, real_chaos):
+    """The issue's end point: a PACS-style export of real series in, NIfTI + SEG + RTSTRUCT out for
+    each image series, every DICOM object dciodvfy-clean and holding the NIfTI mask's voxels."""
+    from tests.test_dicom_out import check_rtstruct_against_source, check_seg_against_source
+
+    folders = {p: real_chaos / "Train_Sets" / p / "DICOM_anon" for p in ("CT/3", "MR/1/T2SPIR")}
+    for k, folder in enumerate(folders.values()):
+        for j, f in enumerate(sorted(folder.iterdir())):
+            target = tmp_path / "export" / "PATIENT" / f"part{j % 2}" / f"s{k}_{f.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+    (tmp_path / "export" / "DICOMDIR").write_bytes(b"\0" * 132)
+    run_dir = make_run(tmp_path / "run")
+    res = _cli("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
+               "--format", "nifti,dicom-seg,rtstruct", "--set", "infer.montage=false")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "out" / "inference.json").read_text())
+    assert len(summary["cases"]) == 2 and [s["input"] for s in summary["skipped"]] == ["DICOMDIR"]
+    for row in summary["cases"]:
+        mask = np.asarray(nib.load(str(tmp_path / "out" / row["mask"])).dataobj)
+        case = row["case"]
+        # which real series this case is: the one whose geometry has the mask's shape
+        folder = next(f for f in folders.values() if read_series(f, pixels=False)[1].shape == mask.shape)
+        check_seg_against_source(tmp_path / "out" / f"{case}_liver.seg.dcm", mask, folder)
+        check_rtstruct_against_source(tmp_path / "out" / f"{case}_liver.rtstruct.dcm", mask, folder, min_dice=0.98)
