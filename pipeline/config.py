@@ -113,6 +113,7 @@ class TrainConfig:
     lowres_prob: float = 0.0  # low-resolution simulation: down-sampled by 0.5-1, up-sampled again
     elastic_prob: float = 0.0  # elastic deformation
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
+    organ_intensity_prob: float = 0.0  # each labelled organ moved to a random brightness of its own
 
 
 @dataclass
@@ -281,7 +282,7 @@ def validate(cfg: Config) -> Config:
         ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
         ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),
         *[(f"train.{k}", 0.0 <= getattr(t, k) <= 1.0, f"expected a probability in [0, 1], got {getattr(t, k)}")
-          for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "affine_prob", "flip_prob", "rotate90_prob",
+          for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "organ_intensity_prob", "affine_prob", "flip_prob", "rotate90_prob",
                     "bias_field_prob", "histogram_shift_prob")],
         ("train.device", bool(_DEVICE.match(t.device)), f"expected auto | cpu | cuda | cuda:N, got {t.device!r}"),
         ("infer.device", bool(_DEVICE.match(i.device)), f"expected auto | cpu | cuda | cuda:N, got {i.device!r}"),

@@ -341,7 +341,8 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
-    train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices)
+    train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
+                                               keep_organs=t.organ_intensity_prob > 0)
                        + random_transforms(t, modality_channel=cfg.model.modality_channel))
     # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,

@@ -114,7 +114,7 @@ class SliceIndicesd(MapTransform):
         d = dict(data)
         label = d[self.label_key]  # (1, H, W, D)
         spatial = tuple(label.shape[1:])
-        has_liver = np.asarray((label[0] > 0).reshape(-1, spatial[-1]).any(0))
+        has_liver = np.asarray((label[0] == LIVER).reshape(-1, spatial[-1]).any(0))  # organ maps too
         z = np.arange(spatial[-1])
         # voxel (0, 0, z) names slice z; the cropper then centres the whole-slice crop in-plane
         flat = np.ravel_multi_index((np.zeros_like(z), np.zeros_like(z), z), spatial)
@@ -246,6 +246,49 @@ class RandGreyCurved(RandomizableTransform, MapTransform):
         return d
 
 
+class RandOrganIntensityd(RandomizableTransform, MapTransform):
+    """Each labelled organ of the slice (liver, kidneys, spleen; CT labels hold the liver alone) moved
+    to a brightness of its own: contrast-agnostic training where a global curve cannot help.
+
+    With probability `prob` per slice, every organ present gets its mean intensity moved to a level
+    drawn uniformly in [0, 1] (the slice's scaled range), its texture around the mean kept
+    (scaled by a factor in [0.5, 1.5]). A liver and spleen darkened together (iron overload), a liver
+    brighter or darker than its neighbours, organs alike: the model must use the organ's shape and
+    place, not its grey level. MONAI has no label-wise intensity transform.
+    """
+
+    def __init__(self, image_key: str, label_key: str, prob: float) -> None:
+        MapTransform.__init__(self, [image_key])
+        RandomizableTransform.__init__(self, prob)
+        self.label_key = label_key
+        self.draws = np.zeros((0, 2), np.float32)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        # one (level, contrast) pair per possible organ label, drawn every time: same stream length
+        self.draws = np.stack([self.R.uniform(0.0, 1.0, 8), self.R.uniform(0.5, 1.5, 8)], axis=1).astype(np.float32)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        label = torch.as_tensor(d[self.label_key])[0]
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key]).clone()
+            for value in torch.unique(label).tolist():
+                value = int(value)
+                if value <= 0 or value >= len(self.draws):
+                    continue
+                inside = label == value
+                level, contrast = (float(v) for v in self.draws[value])
+                region = img[:, inside]
+                mean = region.mean(dim=1, keepdim=True)
+                img[:, inside] = (region - mean) * contrast + level
+            d[key] = img
+        return d
+
+
 def grey_curve(img, values: np.ndarray):
     """`img` in [0, 1] (clamped) through the piecewise-linear curve through (i / (n-1), values[i])."""
     x = torch.as_tensor(img)
@@ -311,8 +354,12 @@ def flips_only(affine: np.ndarray) -> bool:
 
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
                              with_indices: bool = False, load: bool = True, context: int = 0,
-                             modality_channel: bool = False, orient_last: bool = False) -> list[Transform]:
+                             modality_channel: bool = False, orient_last: bool = False,
+                             keep_organs: bool = False) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
+
+    `keep_organs`: leave the label's organ map (1 liver, 2 / 3 kidneys, 4 spleen) for the random chain's
+    organ intensity augmentation, which extracts the liver after it (train.organ_intensity_prob).
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
     appends the liver / non-liver slice indices used by the slice sampler, cached with the volume.
@@ -337,7 +384,7 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         *([] if orient_last else [orient]),
         NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
     ]
-    if has_label:
+    if has_label and not keep_organs:
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER]))
@@ -426,6 +473,9 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
     if cfg.elastic_prob > 0:
         chain.append(Rand2DElasticd(keys, spacing=(20, 20), magnitude_range=(1, 2), prob=cfg.elastic_prob,
                                     mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
+        chain += [RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob),
+                  LabelFilterd("label", applied_labels=[LIVER])]
     if cfg.grey_curve_prob > 0:  # last of the intensity changes: it decides the slice's contrast
         chain.append(RandGreyCurved("image", prob=cfg.grey_curve_prob))
     if modality_channel:  # after every intensity transform, so it stays exactly 0 or 1

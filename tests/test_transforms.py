@@ -442,3 +442,50 @@ def test_grey_curve_is_a_seeded_piecewise_linear_curve_spanning_zero_to_one_on_e
     assert never({"image": image})["image"] is image
     with pytest.raises(ValueError):
         RandGreyCurved("image", prob=1.0, points=(1, 3))
+
+
+def test_organ_intensity_moves_each_organ_to_its_own_level_and_training_labels_stay_liver_only(prepared):
+    from pipeline.transforms import RandOrganIntensityd
+
+    image = torch.rand(1, 12, 12) * 0.1 + 0.5
+    label = torch.zeros(1, 12, 12, dtype=torch.uint8)
+    label[0, 1:5, 1:5], label[0, 6:9, 6:9] = 1, 4  # liver, spleen
+    t = RandOrganIntensityd("image", "label", prob=1.0)
+    t.set_random_state(seed=5)
+    out = t({"image": image.clone(), "label": label})
+    levels, contrasts = t.draws[:, 0], t.draws[:, 1]
+    for value in (1, 4):
+        inside = label[0] == value
+        assert torch.isclose(out["image"][0][inside].mean(), torch.tensor(float(levels[value])), atol=1e-5)
+        centred_in, centred_out = image[0][inside] - image[0][inside].mean(), out["image"][0][inside] - levels[value]
+        assert torch.allclose(centred_out, centred_in * float(contrasts[value]), atol=1e-5)  # texture kept
+    assert torch.equal(out["image"][0][label[0] == 0], image[0][label[0] == 0])  # the rest untouched
+    again = RandOrganIntensityd("image", "label", prob=1.0)
+    again.set_random_state(seed=5)
+    assert torch.equal(again({"image": image.clone(), "label": label})["image"], out["image"])  # seeded
+
+    # in the training chain: organ maps cached, the liver extracted after the augmentation
+    cfg = cfg_with("train.organ_intensity_prob=1.0")
+    det = deterministic_transforms(cfg, with_indices=True, keep_organs=True)
+    assert "LabelFilterd" not in [type(x).__name__ for x in det]
+    names = [type(x).__name__ for x in random_transforms(cfg)]
+    assert names[-2:] == ["RandOrganIntensityd", "LabelFilterd"]
+    volume = Compose(det)(dict(prepared[0]))
+    assert set(np.unique(np.asarray(volume["label"]))) > {0, 1}  # the organs are there
+    chain = Compose(random_transforms(cfg))
+    chain.set_random_state(seed=1)
+    with without_metadata():
+        slices = chain(dict(volume))
+    assert all(set(np.unique(np.asarray(s["label"]))) <= {0, 1} for s in slices)
+
+
+def test_slice_indices_count_liver_slices_only_in_organ_maps():
+    from pipeline.transforms import SliceIndicesd
+
+    label = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
+    label[0, 1, 1, 0] = 1  # liver on slice 0
+    label[0, 2, 2, 1] = 2  # a kidney alone on slice 1
+    d = SliceIndicesd("label")({"label": label})
+    fg = sorted(np.unravel_index(d["label_fg_indices"], (4, 4, 3))[2].tolist())
+    bg = sorted(np.unravel_index(d["label_bg_indices"], (4, 4, 3))[2].tolist())
+    assert fg == [0] and bg == [1, 2]
