@@ -86,11 +86,12 @@ def _study_cases(root: Path, series_uid: str | None) -> tuple[list[InferCase], l
 
     scan = scan_study(root)
     found = scan.series
-    if series_uid is not None:
-        found = [s for s in found if s.series_uid == series_uid]
+    if series_uid is not None:  # a SeriesInstanceUID (all its stacks) or the name of one found series
+        found = [s for s in found if series_uid in (s.series_uid, s.name)]
         if not found:
             listing = "; ".join(f"{s.name} {s.series_uid}" for s in scan.series) or "none"
-            raise PipelineError(f"{root}: no image series with SeriesInstanceUID {series_uid} (found: {listing})")
+            raise PipelineError(f"{root}: no image series with SeriesInstanceUID or name {series_uid} "
+                                f"(found: {listing})")
     if not found:
         why = "; ".join(f"{what}: {reason}" for what, reason in scan.skipped[:3])
         raise PipelineError(f"{root}: no CT or MR image series found in this folder tree"
@@ -123,11 +124,12 @@ def collect_inputs(input_path: Path, patients: Iterable[str] | None = None, sequ
         sources = find_cases(input_path, sequences=sorted(sset) if sset else None,
                              patients=sorted(pset) if pset else None)
         return [_chaos_case(s) for s in sources], []
-    if is_study_tree(input_path):  # a PACS export or study folder: every image series under it
-        return _study_cases(input_path, series_uid)
-    # A flat folder is one series folder; the reader names the folder when it is empty, holds no
-    # DICOM, or holds several series (listing them for --series).
-    return [_dicom_case(safe_name(input_path.name, "folder name"), input_path, "", series_uid)], []
+    # A PACS export or study folder: every image series (every stack of a multi-frame file) under it.
+    cases, skipped = _study_cases(input_path, series_uid)
+    if len(cases) == 1 and not is_study_tree(input_path):
+        # a plain series folder: the case keeps the folder's name, and its errors stop the run
+        cases[0].case, cases[0].skip_on_error = safe_name(input_path.name, "folder name"), False
+    return cases, skipped
 
 
 # --------------------------------------------------------------------------- the run folder

@@ -174,7 +174,7 @@ def read_multiframe(files: list[Path], stack: int | None = None, **kwargs) -> tu
     stacks = group_stacks(frames)
     if stack is None and len(stacks) > 1:
         raise PipelineError(f"{files[0]}: holds {len(stacks)} stacks (e.g. magnitude and phase, or echoes); "
-                            f"pass the folder inside a study folder to segment each")
+                            f"pick one (read_series(..., stack=K); infer segments each, --series NAME picks one)")
     chosen = stacks[stack or 0] if (stack or 0) < len(stacks) else None
     if chosen is None:
         raise PipelineError(f"{files[0]}: no stack {stack} (it holds {len(stacks)})")

@@ -116,8 +116,9 @@ def test_series_option_picks_one_series_of_a_study(tmp_path):
     cases = collect_cases(tmp_path, series_uid=STUDY + ".20")
     assert [c.case for c in cases] == ["2_abdomen"]
     assert cases[0].load().array.shape == (10, 12, 5)
-    with pytest.raises(PipelineError, match="no image series with SeriesInstanceUID 9.9"):
+    with pytest.raises(PipelineError, match="no image series with SeriesInstanceUID or name 9.9"):
         collect_cases(tmp_path, series_uid="9.9")
+    assert [c.case for c in collect_cases(tmp_path, series_uid="3_T2_SPIR_ax")] == ["3_T2_SPIR_ax"]  # by name
 
 
 @pytest.mark.realdata
