@@ -113,7 +113,7 @@ class TrainConfig:
     lowres_prob: float = 0.0  # low-resolution simulation: down-sampled by 0.5-1, up-sampled again
     elastic_prob: float = 0.0  # elastic deformation
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
-    organ_intensity_prob: float = 0.0  # each labelled organ moved to a random brightness of its own
+    organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
 
 
 @dataclass
