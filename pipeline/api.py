@@ -1,0 +1,85 @@
+"""The Python entry point: segment a scan with a trained run in three lines.
+
+    from pipeline.api import segment
+    mask = segment("scans/patient7/DICOM", run="runs/exp")      # a nibabel image on the scan's grid
+    mask.to_filename("patient7_liver.nii.gz")
+
+`segment` takes a DICOM series folder, a NIfTI file, or a numpy array with its affine; the run's
+models are loaded on the first call and kept for the next ones (`Segmenter` holds them explicitly).
+The mask is what `run.py infer` writes for the same input: the same transforms, fold ensemble,
+inversion to the source grid and post-processing (pipeline.infer).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.volume import Volume, is_nifti, read_dicom_series, read_nifti
+
+
+class Segmenter:
+    """A run's fold models, loaded once; call it on each scan."""
+
+    def __init__(self, run: str | Path, fold: str | int | None = None, overrides: Iterable[str] = ()) -> None:
+        from pipeline.infer import load_run
+
+        self.run = load_run(Path(run), None if fold is None else str(fold), list(overrides))
+
+    def __call__(self, scan: str | Path | np.ndarray, affine: np.ndarray | None = None,
+                 modality: str | None = None) -> nib.Nifti1Image:
+        """Liver mask (uint8, 1 = liver) as a NIfTI image on the grid of `scan`.
+
+        scan: a DICOM series folder (modality from its header), a NIfTI file, or an (X, Y, Z) array in
+        NIfTI voxel order with its 4x4 `affine` (voxel -> RAS mm). `modality` ("CT" or "MR") is
+        required for NIfTI and arrays, which do not carry it.
+        """
+        import torch
+
+        from pipeline.infer import liver_mask_on_source_grid, network_probs, preprocess_case, Stages
+        from pipeline.postprocess import postprocess
+
+        volume = _volume(scan, affine)
+        modality = modality or volume.modality
+        if modality not in ("CT", "MR"):
+            raise PipelineError(f"{volume.source}: give modality='CT' or 'MR' (the input does not say which)")
+        stages = Stages()
+        with torch.inference_mode():
+            transform, image = preprocess_case(self.run, volume.array, volume.affine, modality)
+            probs = network_probs(self.run, image, stages)
+            raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
+        mask = postprocess(raw, self.run.cfg.infer.largest_component, self.run.cfg.infer.fill_holes)
+        out = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
+        out.set_sform(volume.affine, code=1)
+        out.set_qform(volume.affine, code=1)
+        return out
+
+
+def _volume(scan, affine) -> Volume:
+    if isinstance(scan, np.ndarray):
+        if affine is None or np.asarray(affine).shape != (4, 4):
+            raise PipelineError("an array needs its 4x4 affine (voxel -> RAS mm)")
+        if scan.ndim != 3:
+            raise PipelineError(f"an array scan must be 3-D (X, Y, Z), got shape {scan.shape}")
+        return Volume(np.asarray(scan, dtype=np.float32), np.asarray(affine, dtype=np.float64), Path("<array>"))
+    path = Path(scan)
+    if not path.exists():
+        raise PipelineError(f"{path}: not found")
+    if is_nifti(path):
+        return read_nifti(path)
+    return read_dicom_series(path)
+
+
+_CACHE: dict[tuple, Segmenter] = {}
+
+
+def segment(scan: str | Path | np.ndarray, run: str | Path, affine: np.ndarray | None = None,
+            modality: str | None = None, fold: str | int | None = None) -> nib.Nifti1Image:
+    """`Segmenter(run, fold)(scan, affine, modality)`, the models loaded once per (run, fold) and reused."""
+    key = (str(Path(run).resolve()), None if fold is None else str(fold))
+    if key not in _CACHE:
+        _CACHE[key] = Segmenter(run, fold)
+    return _CACHE[key](scan, affine, modality)
