@@ -7,6 +7,7 @@
     python run.py infer    --run-dir RUN_DIR --input PATH --out DIR [--format nifti,chaos-png,dicom-seg,rtstruct]
     python run.py evaluate --pred PATH --ref PATH [--dicom DIR] --out DIR
     python run.py report   --run-dir RUN_DIR
+    python run.py export   --run-dir RUN_DIR --out RUN.zip [--fold K] [--checkpoint best|last]
     python run.py demo     [--out DIR]     synth -> prepare -> train -> infer -> evaluate
 
 Every command takes --config FILE and --set section.key=value. Each subcommand is a thin
@@ -123,6 +124,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pipeline.runs import export_zip
+
+    path = export_zip(args.run, args.out, folds=args.fold, which=args.checkpoint)
+    _show(args, f"run exported to {path} (infer takes it as --run-dir)")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pipeline.compare import leaderboard_table, run_comparison
 
@@ -203,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=Path, default=None, help="`run.py compare` output folder to include")
     _common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a run as one zip holding what inference needs (infer --run-dir takes it)")
+    _run_dir(p, "run folder")
+    p.add_argument("--out", type=Path, required=True, help="zip file to write")
+    p.add_argument("--fold", default="all", help="all (default) or one fold number")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint per fold")
+    p.add_argument("--format", choices=["zip"], default="zip", help="zip (MONAI bundle and ONNX: not yet)")
+    _common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train several configurations on the same folds and rank them")
     p.add_argument("--data", type=Path, required=True, help="prepared folder (holding datalist.json)")

@@ -150,7 +150,8 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     from pipeline.runtime import freeze_long_lived_objects, keep_freed_memory
 
     keep_freed_memory()  # page faults on fresh mappings were a large part of inference (pipeline/runtime.py)
-    run_dir = Path(run_dir)
+    original = run_dir
+    run_dir = runs.open_run(run_dir)  # a run folder, or a zip of one (run.py export)
     cfg = runs.read_config(run_dir)
     if config_path is not None:
         # A user's config may only tune inference; the model and its preprocessing stay the run's.
@@ -166,8 +167,8 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
         models.append(model.eval().to(device))
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
     freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)
-    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device,
-                     name=run_dir.resolve().name)
+    name = Path(original).name.removesuffix(".zip") if str(original).endswith(".zip") else run_dir.resolve().name
+    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device, name=name)
 
 
 # --------------------------------------------------------------------------- prediction

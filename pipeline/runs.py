@@ -135,3 +135,63 @@ def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict],
     write_json(folder / LABELS, {"labels": labels, "liver": liver,
                                  "model_output": {str(k): v for k, v in model_output.items()}})
     write_json(folder / NORMALISATION, normalisation)
+
+
+# --------------------------------------------------------------------------- a run as one file
+ZIP_FILES = (CONFIG, LABELS, NORMALISATION, SPLIT)  # per fold, beside the checkpoints; the run's config.yaml too
+_ZIP_MEMBER = re.compile(r"^(config\.yaml|fold_\d+/(config\.yaml|labels\.json|normalisation\.json|split\.json|"
+                         r"best\.pt|last\.pt))$")
+_OPENED: dict[str, Path] = {}  # zip path -> folder it was unpacked into (for this process)
+
+
+def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: str = "best") -> Path:
+    """The run as one zip holding only what inference needs: the run's config.yaml and, per chosen
+    fold, its metadata (config, labels, normalisation, split) and its `which` checkpoint."""
+    import zipfile
+
+    run_dir, out = Path(run_dir), Path(out)
+    read_config(run_dir)  # a run folder, or a one-line error
+    checkpoints = select_checkpoints(run_dir, folds, which)
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.write(run_dir / CONFIG, CONFIG)
+        for ck in checkpoints:
+            for name in ZIP_FILES:
+                if (ck.parent / name).is_file():
+                    z.write(ck.parent / name, f"{ck.parent.name}/{name}")
+            z.write(ck, f"{ck.parent.name}/{ck.name}")
+    return out
+
+
+def open_run(path: str | Path) -> Path:
+    """A run folder as it is, or a zip of one (export_zip) unpacked once per process into a temporary
+    folder. Members are checked before anything is written: only the run layout's own file names
+    (no absolute paths, no '..', no links), so a crafted zip cannot write elsewhere."""
+    import atexit
+    import shutil
+    import tempfile
+    import zipfile
+
+    path = Path(path)
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return path
+    key = str(path.resolve())
+    if key in _OPENED:
+        return _OPENED[key]
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            bad = [m.filename for m in members if not _ZIP_MEMBER.match(m.filename) or m.is_dir()
+                   or (m.external_attr >> 16) & 0o170000 == 0o120000]
+            if bad:
+                raise PipelineError(f"{path}: not a run zip (unexpected member {bad[0]!r})")
+            folder = Path(tempfile.mkdtemp(prefix="run-zip-"))
+            atexit.register(shutil.rmtree, folder, True)
+            for m in members:
+                target = folder / m.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PipelineError(f"{path}: unreadable run zip ({exc})") from None
+    _OPENED[key] = folder
+    return folder

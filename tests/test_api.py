@@ -53,3 +53,31 @@ def test_segment_an_array_or_a_nifti_file_with_its_modality(case, tmp_path):
         segmenter(volume.array)
     with pytest.raises(PipelineError, match="not found"):
         segmenter(tmp_path / "missing")
+
+
+def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    from tests.test_infer import ROOT, _assert_one_line_error, _cli
+
+    root, series, run_dir, expected = case
+    res = subprocess.run([sys.executable, str(ROOT / "run.py"), "export", "--run-dir", str(run_dir), "--out",
+                          str(tmp_path / "model.zip")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    names = sorted(zipfile.ZipFile(tmp_path / "model.zip").namelist())
+    assert "config.yaml" in names and "fold_0/best.pt" in names and "fold_1/best.pt" in names
+    assert not any(n.endswith(("last.pt", "train.log", "metrics.csv")) for n in names)  # inference only
+    res = _cli("--run-dir", str(tmp_path / "model.zip"), "--input", str(series), "--out", str(tmp_path / "out"),
+               "--set", "infer.montage=false", "-q")
+    assert res.returncode == 0, res.stderr
+    got = nib.load(str(tmp_path / "out" / "s_liver.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj))
+    # a zip with a member outside the run layout is refused before anything is unpacked
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as z:
+        z.writestr("config.yaml", "{}")
+        z.writestr("../escape.txt", "x")
+    res = _cli("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
+    _assert_one_line_error(res, "not a run zip", "../escape.txt")
+    assert not (tmp_path.parent / "escape.txt").exists()
