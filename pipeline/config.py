@@ -53,6 +53,7 @@ class PrepareConfig:
     fold_seed: int = 0  # seed of the patient -> fold assignment
     spacing_tolerance: float = 0.01  # max relative deviation of a slice step from the median
     orientation_tolerance: float = 1e-4  # max difference between slice direction cosines
+    liver_labels: list[int] = field(default_factory=list)  # MSD/nnU-Net data sets: liver label values ([] = from the names)
 
 
 ModelName = Literal["unet", "dynunet", "segresnet", "attentionunet", "basicunet"]

@@ -1,4 +1,5 @@
-"""CHAOS DICOM + Ground PNG -> imagesTr/labelsTr NIfTI, datalist.json with folds, summary.csv.
+"""CHAOS DICOM + Ground PNG (or an MSD / nnU-Net NIfTI data set, pipeline.msd) -> imagesTr/labelsTr
+NIfTI, datalist.json with folds, summary.csv.
 
 Outputs under DIR:
     imagesTr/<case>.nii.gz   image, int16 when lossless (CT HU, integer MR), else float32
@@ -42,32 +43,58 @@ def image_dtype(volume: np.ndarray) -> type:
 
 
 def prepare_case(case: CaseSource, out_dir: Path, cfg: Config, fold: int) -> tuple[dict, dict]:
-    """Read, check and write one case; return (datalist entry, summary row)."""
+    """Read, check and write one CHAOS case; return (datalist entry, summary row)."""
     series = read_dicom_series(case.dicom_dir, orientation_tolerance=cfg.prepare.orientation_tolerance,
                                spacing_tolerance=cfg.prepare.spacing_tolerance)
     volume, geometry = series.array, series.geometry
     labels = read_ground(case, geometry)
     if not np.all(np.isfinite(volume)):
         raise PipelineError(f"{case.dicom_dir}: image holds NaN or infinite values")
-    image_rel = f"imagesTr/{case.case}.nii.gz"
-    label_rel = f"labelsTr/{case.case}.nii.gz"
-    write_nifti(out_dir / image_rel, volume, geometry.affine, image_dtype(volume))
-    write_nifti(out_dir / label_rel, labels, geometry.affine, np.uint8)
+    return _write_case(out_dir, case.case, case.patient, case.modality, case.sequence, fold, volume,
+                       geometry.affine, labels, geometry.spacing)
 
+
+def _write_case(out_dir: Path, case: str, patient: str, modality: str, sequence: str, fold: int,
+                volume: np.ndarray, affine: np.ndarray, labels: np.ndarray, spacing) -> tuple[dict, dict]:
+    """Write one checked case (image, labels on its grid); return (datalist entry, summary row)."""
+    image_rel = f"imagesTr/{case}.nii.gz"
+    label_rel = f"labelsTr/{case}.nii.gz"
+    write_nifti(out_dir / image_rel, volume, affine, image_dtype(volume))
+    write_nifti(out_dir / label_rel, labels, affine, np.uint8)
     liver = labels == LIVER
-    voxel_ml = series.voxel_ml
-    entry = {
-        "image": image_rel, "label": label_rel, "case": case.case, "patient": case.patient,
-        "modality": case.modality, "sequence": case.sequence, "fold": fold,
-    }
+    voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    entry = {"image": image_rel, "label": label_rel, "case": case, "patient": patient, "modality": modality,
+             "sequence": sequence, "fold": fold}
     row = {
-        "case": case.case, "patient": case.patient, "sequence": case.sequence, "fold": fold,
+        "case": case, "patient": patient, "sequence": sequence, "fold": fold,
         "shape": "x".join(str(s) for s in volume.shape), "slices": volume.shape[2],
-        "spacing_mm": "x".join(f"{s:.3g}" for s in geometry.spacing),
+        "spacing_mm": "x".join(f"{s:.3g}" for s in spacing),
         "liver_ml": round(float(liver.sum()) * voxel_ml, 1),
         "liver_slices": int(liver.any(axis=(0, 1)).sum()),
     }
     return entry, row
+
+
+def _msd_cases(data_root: Path, cfg: Config):
+    """(cases, name, labels) of a Medical Segmentation Decathlon / nnU-Net NIfTI data set, each case a
+    callable writing it (pipeline.msd)."""
+    from pipeline.msd import DATASET_JSON, declared_labels, find_msd_cases, liver_values, read_pair
+
+    cases, meta = find_msd_cases(data_root)
+    declared = declared_labels(meta, data_root / DATASET_JSON)
+    liver = liver_values(declared, cfg.prepare.liver_labels, data_root / DATASET_JSON)
+    log.info("%s: liver = label value(s) %s of %s", data_root / DATASET_JSON, liver, declared)
+
+    def writer(c):
+        def write(out_dir: Path, fold: int) -> tuple[dict, dict]:
+            image, labels = read_pair(c, liver, declared)
+            spacing = tuple(float(v) for v in np.linalg.norm(image.affine[:3, :3], axis=0))
+            return _write_case(out_dir, c.case, c.patient, c.modality, c.modality, fold, image.array, image.affine,
+                               labels, spacing)
+        return write
+
+    name = str(meta.get("name") or data_root.name)
+    return [(c.case, c.patient, writer(c)) for c in cases], name, {"0": "background", "1": "liver"}
 
 
 def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> dict:
@@ -78,22 +105,31 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> 
     an interrupted run leaves only complete files and a rerun needs no resume logic.
     Raises PipelineError naming the file at the first case that fails its checks.
     """
+    from pipeline.msd import is_msd_root
+
     out_dir = Path(out_dir)
-    cases = find_cases(data_root, sequences=cfg.prepare.sequences)
-    folds = assign_folds([c.patient for c in cases], cfg.prepare.folds, cfg.prepare.fold_seed)
+    if is_msd_root(Path(data_root)):
+        cases, name, labels = _msd_cases(Path(data_root), cfg)
+        description = f"{name}, a Medical Segmentation Decathlon style data set, prepared by pipeline.prepare"
+    else:
+        chaos = find_cases(data_root, sequences=cfg.prepare.sequences)
+        cases = [(c.case, c.patient, lambda out, fold, c=c: prepare_case(c, out, cfg, fold)) for c in chaos]
+        name, labels = "CHAOS", {str(k): v for k, v in ORGANS.items()}
+        description = "CHAOS CT and MR abdominal organs, prepared by pipeline.prepare"
+    folds = assign_folds([patient for _, patient, _ in cases], cfg.prepare.folds, cfg.prepare.fold_seed)
     log.info("preparing %d cases of %d patients into %s", len(cases), len(folds), out_dir)
     entries, rows = [], []
-    for case in progress(cases, desc="prepare", unit="case"):
-        entry, row = prepare_case(case, out_dir, cfg, folds[case.patient])
+    for case, patient, write in progress(cases, desc="prepare", unit="case"):
+        entry, row = write(out_dir, folds[patient])
         entries.append(entry)
         rows.append(row)
-        log.debug("%s: %s, liver %.1f ml", case.case, row["shape"], row["liver_ml"])
+        log.debug("%s: %s, liver %.1f ml", case, row["shape"], row["liver_ml"])
 
     _warn_stale(out_dir, entries)
     datalist = {
-        "name": "CHAOS",
-        "description": "CHAOS CT and MR abdominal organs, prepared by pipeline.prepare",
-        "labels": {str(k): v for k, v in ORGANS.items()},
+        "name": name,
+        "description": description,
+        "labels": labels,
         "numFolds": cfg.prepare.folds,
         "numTraining": len(entries),
         "training": entries,
