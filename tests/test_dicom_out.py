@@ -112,15 +112,18 @@ def test_anonymised_source_without_type2_attributes_gives_a_valid_seg_with_them_
     assert [sorted(ds.keys()) for ds in geom.headers] == before  # the geometry's headers untouched
 
 
-def test_empty_mask_still_writes_a_valid_seg(tmp_path):
-    from pipeline.dicom_out import write_seg
+def test_empty_mask_still_writes_a_valid_seg_and_rtstruct(tmp_path):
+    from pipeline.dicom_out import write_rtstruct, write_seg
 
     series = tmp_path / "s"
     write_tiny(series, ellipsoid_volume())
     _, geom = read_series(series)
-    out = write_seg(tmp_path / "empty.seg.dcm", np.zeros(geom.shape, np.uint8), geom, case="s", run_name="run")
-    assert dciodvfy_errors(out) == []
-    assert not seg_planes(out, geom).any()
+    empty = np.zeros(geom.shape, np.uint8)
+    seg = write_seg(tmp_path / "empty.seg.dcm", empty, geom, case="s", run_name="run")
+    rt = write_rtstruct(tmp_path / "e.rtstruct.dcm", empty, geom, case="s", run_name="r")
+    assert dciodvfy_errors(seg) == [] and dciodvfy_errors(rt) == []
+    assert not seg_planes(seg, geom).any()
+    assert "ContourSequence" not in pydicom.dcmread(rt).ROIContourSequence[0]  # an ROI without contours
 
 
 def test_seg_needs_the_source_headers(tmp_path):
@@ -134,18 +137,6 @@ def test_seg_needs_the_source_headers(tmp_path):
     with pytest.raises(PipelineError, match="needs the source series' headers"):
         write_seg(tmp_path / "x.seg.dcm", np.zeros(geom.shape, np.uint8), replace(geom, headers=[]),
                   case="s", run_name="run")
-
-
-def test_infer_writes_seg_beside_the_nifti_with_the_same_voxels(tmp_path):
-    series = tmp_path / "s"
-    write_tiny(series, ellipsoid_volume(), spacing=(0.8, 0.7, -2.5))
-    run_dir = make_run(tmp_path / "run")
-    res = _cli("--run-dir", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"),
-               "--format", "nifti,dicom-seg", "-q")
-    assert res.returncode == 0, res.stderr
-    mask = np.asarray(nib.load(str(tmp_path / "out" / "s_liver.nii.gz")).dataobj)
-    check_seg_against_source(tmp_path / "out" / "s_liver.seg.dcm", mask, series)
-    assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
 def test_unknown_format_and_seg_of_nifti_input_fail_with_one_line(tmp_path):
@@ -247,17 +238,6 @@ def test_rtstruct_contours_rasterise_back_to_the_mask_with_holes_and_islands(tmp
     assert sorted(per_image.values()) == [1, 1, 2, 3]  # plain, plain, hole, hole + island
 
 
-def test_empty_mask_gives_a_valid_rtstruct_without_contours(tmp_path):
-    from pipeline.dicom_out import write_rtstruct
-
-    series = tmp_path / "s"
-    write_tiny(series, ellipsoid_volume())
-    _, geom = read_series(series)
-    out = write_rtstruct(tmp_path / "e.rtstruct.dcm", np.zeros(geom.shape, np.uint8), geom, case="s", run_name="r")
-    assert dciodvfy_errors(out) == []
-    assert "ContourSequence" not in pydicom.dcmread(out).ROIContourSequence[0]
-
-
 def test_infer_writes_all_formats_together(tmp_path):
     series = tmp_path / "s"
     write_tiny(series, ellipsoid_volume(), spacing=(0.8, 0.7, -2.5))
@@ -270,6 +250,7 @@ def test_infer_writes_all_formats_together(tmp_path):
     mask = np.asarray(nib.load(str(out / "s_liver.nii.gz")).dataobj)
     check_seg_against_source(out / "s_liver.seg.dcm", mask, series)
     check_rtstruct_against_source(out / "s_liver.rtstruct.dcm", mask, series, min_dice=1.0)
+    assert not list(out.glob(".partial-*"))  # only finished files (io.atomic_path)
 
 
 @pytest.mark.realdata
