@@ -86,6 +86,8 @@ def scan_study(root: Path) -> StudyScan:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
                 for keyword in _TAGS:  # converted now, under the lenient checks
                     ds.get(keyword)
+                for keyword in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
+                    getattr(getattr(ds, "file_meta", None), keyword, None)
         except InvalidDicomError:
             skipped.append((rel, "not a DICOM file"))
             continue

@@ -463,6 +463,9 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
         RandGaussianNoised("image", prob=0.2, std=0.03),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
+    if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
+        chain += [RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob),
+                  LabelFilterd("label", applied_labels=[LIVER])]
     # nnU-Net's further augmentations, only when asked for: a transform in the chain takes the next
     # random seed (monai.data.utils.set_rnd), so adding them at the end leaves the others' draws as they were
     if cfg.blur_prob > 0:
@@ -473,9 +476,6 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
     if cfg.elastic_prob > 0:
         chain.append(Rand2DElasticd(keys, spacing=(20, 20), magnitude_range=(1, 2), prob=cfg.elastic_prob,
                                     mode=("bilinear", "nearest"), padding_mode="zeros"))
-    if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
-        chain += [RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob),
-                  LabelFilterd("label", applied_labels=[LIVER])]
     if cfg.grey_curve_prob > 0:  # last of the intensity changes: it decides the slice's contrast
         chain.append(RandGreyCurved("image", prob=cfg.grey_curve_prob))
     if modality_channel:  # after every intensity transform, so it stays exactly 0 or 1
