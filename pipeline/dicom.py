@@ -207,7 +207,7 @@ def write_series(
 #   normal = cross(IOP[:3], IOP[3:]) whatever the file names, InstanceNumbers or PatientPosition.
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-_NOT_IMAGES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+_NOT_IMAGES = {"DICOMDIR", "Thumbs.db", "desktop.ini", ".DS_Store"}  # also pipeline.study
 _DIRECTORY_SOP = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (a DICOMDIR)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.dicom import lenient_values, natural_key
+from pipeline.dicom import _DIRECTORY_SOP, _NOT_IMAGES as _SKIP_NAMES, lenient_values, natural_key
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name
 from pipeline.multiframe import frames_of, group_stacks
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 # What the scan needs from each header (reading only these is several times faster than whole headers)
 _TAGS = ["SOPClassUID", "Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "ImageType",
          "Rows", "Columns", "NumberOfFrames", "ImageOrientationPatient", "ImagePositionPatient"]
-_DIRECTORY_SOP = "1.2.840.10008.1.3.10"  # a DICOMDIR
-_SKIP_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini", ".DS_Store"}
 MODALITIES = ("CT", "MR")
 
 
