@@ -20,7 +20,13 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 SOFTWARE = "chaos-liver"  # setup.cfg's name: Manufacturer and algorithm name of what we write
-SEG_SERIES_OFFSET = 1000  # SEG series number = the source's + this (viewers list it next to the source)
+SEG_SERIES_OFFSET = 1000  # SEG series number = the source's + this, RTSTRUCT's + 1 (listed next to the source)
+
+
+def _series_number(source, offset: int) -> int:
+    """The source's SeriesNumber (0 when it has none) + offset."""
+    number = source.get("SeriesNumber")
+    return (int(number) if number not in (None, "") else 0) + offset
 
 
 def source_frames(mask: np.ndarray, geometry: SeriesGeometry) -> np.ndarray:
@@ -94,7 +100,6 @@ def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: s
         segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=codes.SCT.Liver,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
         tracking_id="liver", tracking_uid=hd.UID())
-    source_number = headers[0].get("SeriesNumber")
     # highdicom checks the person names it copies; a source's single-word PatientName (common in
     # anonymised exports) is valid DICOM and nothing the user can change
     quiet = warnings.catch_warnings()
@@ -106,7 +111,7 @@ def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: s
                 source_images=headers, pixel_array=frames,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[liver],
                 series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(), instance_number=1,
-                series_number=(int(source_number) if source_number not in (None, "") else 0) + SEG_SERIES_OFFSET,
+                series_number=_series_number(headers[0], SEG_SERIES_OFFSET),
                 series_description="Liver segmentation", content_label="LIVER",
                 content_description=f"Liver mask from {SOFTWARE} run {run_name}"[:64],
                 manufacturer=SOFTWARE, manufacturer_model_name="liver segmentation",
@@ -201,8 +206,7 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
         setattr(ds, keyword, first.get(keyword, ""))
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
-    source_number = first.get("SeriesNumber")
-    ds.SeriesNumber = (int(source_number) if source_number not in (None, "") else 0) + SEG_SERIES_OFFSET + 1
+    ds.SeriesNumber = _series_number(first, SEG_SERIES_OFFSET + 1)
     ds.SeriesDescription = "Liver contours"
     ds.OperatorsName = ""
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = SOFTWARE, "liver segmentation", __version__
@@ -223,9 +227,7 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
     frame_numbers = geometry.frame_numbers or [None] * len(headers)
     series_ref = pydicom.Dataset()
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = DicomSequence(
-        [image_ref(h, f) for h, f in zip(headers, frame_numbers)] if geometry.frame_numbers
-        else [image_ref(h) for h in headers])
+    series_ref.ContourImageSequence = DicomSequence([image_ref(h, f) for h, f in zip(headers, frame_numbers)])
     study_ref = pydicom.Dataset()
     study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = STUDY_COMPONENT_SOP_CLASS, ds.StudyInstanceUID
     study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])

@@ -46,19 +46,14 @@ class InferCase:
     skip_on_error: bool = False  # one series of a study folder: a bad one is skipped with a warning
 
 
-def _dicom_case(case: str, folder: Path, modality: str, series_uid: str | None = None,
-                truth: Callable[[Volume], np.ndarray] | None = None) -> InferCase:
-    return InferCase(case=case, modality=modality, load=lambda: read_dicom_series(folder, series_uid), truth=truth)
-
-
 def _chaos_case(source) -> InferCase:
     from pipeline.chaos import read_ground
 
     def truth(volume: Volume) -> np.ndarray:
         return read_ground(source, volume.geometry) == LIVER
 
-    return _dicom_case(source.case, source.dicom_dir, source.modality,
-                       truth=truth if source.ground_dir is not None else None)
+    return InferCase(case=source.case, modality=source.modality, load=lambda: read_dicom_series(source.dicom_dir),
+                     truth=truth if source.ground_dir is not None else None)
 
 
 def _prepared_cases(datalist: Path, patients: set[str] | None, sequences: set[str] | None) -> list[InferCase]:
@@ -375,16 +370,16 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         formats = parse_formats(fmt)
         if "chaos-png" in formats:
             write_chaos_png(out_dir, case.case, mask, geom)
-    for name, suffix, writer in (("dicom-seg", "seg", "write_seg"), ("rtstruct", "rtstruct", "write_rtstruct")):
+    for name, suffix in (("dicom-seg", "seg"), ("rtstruct", "rtstruct")):
         if name not in formats:
             continue
         with stage(name):
             if geom is None:
                 raise PipelineError(f"{case.case}: --format {name} needs DICOM input (NIfTI input has no DICOM files)")
-            from pipeline import dicom_out
+            from pipeline.dicom_out import write_rtstruct, write_seg
 
-            getattr(dicom_out, writer)(out_dir / f"{case.case}_liver.{suffix}.dcm", mask, geom, case=case.case,
-                                       run_name=run.name)
+            writer = write_seg if name == "dicom-seg" else write_rtstruct
+            writer(out_dir / f"{case.case}_liver.{suffix}.dcm", mask, geom, case=case.case, run_name=run.name)
     mask_seconds = time.perf_counter() - prepared.started  # DICOM read -> mask NIfTI written
     with stage("truth"):  # scoring and figures, not part of producing the mask
         truth = case.truth(prepared.volume) if case.truth is not None else None
