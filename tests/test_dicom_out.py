@@ -45,9 +45,14 @@ def seg_planes(seg_path: Path, geometry) -> np.ndarray:
     return out
 
 
-def check_seg_against_source(seg_path: Path, mask: np.ndarray, series_folder: Path) -> None:
-    from pipeline.dicom_out import source_frames
+def file_planes(mask: np.ndarray, geometry) -> np.ndarray:
+    """The mask as each source file stores its pixels, in geometry order, through SeriesGeometry.unstack
+    (the path chaos-png output uses, tested against the Ground PNGs): independent of dicom_out."""
+    planes = geometry.unstack(mask)
+    return np.stack([planes[Path(f)] for f in geometry.files]) > 0
 
+
+def check_seg_against_source(seg_path: Path, mask: np.ndarray, series_folder: Path) -> None:
     assert dciodvfy_errors(seg_path) == []
     _, geom = read_series(series_folder)
     seg = pydicom.dcmread(seg_path)
@@ -68,7 +73,7 @@ def check_seg_against_source(seg_path: Path, mask: np.ndarray, series_folder: Pa
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == LIVER_SNOMED
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == ANATOMICAL_STRUCTURE_SNOMED
     # the same voxels as the mask, frame by frame on the source images
-    np.testing.assert_array_equal(seg_planes(seg_path, geom), source_frames(mask, geom) > 0)
+    np.testing.assert_array_equal(seg_planes(seg_path, geom), file_planes(mask, geom))
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -192,7 +197,6 @@ def rasterise_rtstruct(rt_path: Path, geometry) -> np.ndarray:
 
 
 def check_rtstruct_against_source(rt_path: Path, mask: np.ndarray, series_folder: Path, min_dice: float = 1.0):
-    from pipeline.dicom_out import source_frames
     from pipeline.metrics import dice
 
     assert dciodvfy_errors(rt_path) == []
@@ -210,7 +214,7 @@ def check_rtstruct_against_source(rt_path: Path, mask: np.ndarray, series_folder
     assert rt.RTROIObservationsSequence[0].RTROIInterpretedType == "ORGAN"
     for item in rt.ROIContourSequence[0].get("ContourSequence", []):
         assert max(len(str(v)) for v in item.ContourData) <= 16  # DS values fit
-    back, truth = rasterise_rtstruct(rt_path, geom), source_frames(mask, geom) > 0
+    back, truth = rasterise_rtstruct(rt_path, geom), file_planes(mask, geom)
     score = dice(back, truth) if truth.any() else float(not back.any())
     assert score >= min_dice, score
     return back, truth

@@ -149,8 +149,8 @@ def test_seg_and_rtstruct_of_a_real_multiframe_series_reference_its_frames(tmp_p
     from skimage.draw import polygon2mask
 
     from pipeline.chaos import png_stack_liver
-    from pipeline.dicom_out import source_frames, write_rtstruct, write_seg
-    from tests.test_dicom_out import dciodvfy_errors
+    from pipeline.dicom_out import write_rtstruct, write_seg
+    from tests.test_dicom_out import dciodvfy_errors, file_planes
 
     patient = real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR"
     _, single = read_series(patient / "DICOM_anon", pixels=False)
@@ -159,7 +159,12 @@ def test_seg_and_rtstruct_of_a_real_multiframe_series_reference_its_frames(tmp_p
     mf_path = legacy_convert(patient / "DICOM_anon", tmp_path / "multi" / "mf.dcm")
     _, geom = read_series(tmp_path / "multi", pixels=False)
     mf = pydicom.dcmread(mf_path, stop_before_pixels=True)
-    planes = source_frames(mask, geom) > 0
+    # the expected plane of each frame, independently of the pipeline's frame order: the frame's
+    # source image (highdicom's Conversion Source Attributes) and that file's plane of the mask
+    by_file = dict(zip((str(h.SOPInstanceUID) for h in single.headers), file_planes(mask, single)))
+    by_frame = {i + 1: by_file[str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID)]
+                for i, item in enumerate(mf.PerFrameFunctionalGroupsSequence)}
+    planes = [by_frame[f] for f in geom.frame_numbers]
 
     seg_path = write_seg(tmp_path / "mf.seg.dcm", mask, geom, case="mf", run_name="run")
     assert dciodvfy_errors(seg_path) == []
@@ -167,7 +172,6 @@ def test_seg_and_rtstruct_of_a_real_multiframe_series_reference_its_frames(tmp_p
     present = sorted(int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
                      for item in seg.PerFrameFunctionalGroupsSequence)
     got = seg.get_pixels_by_source_frame(str(mf.SOPInstanceUID), present, segment_numbers=[1])[..., 0]
-    by_frame = dict(zip(geom.frame_numbers, planes))
     for frame, plane in zip(present, got):
         np.testing.assert_array_equal(plane > 0, by_frame[frame])
     assert sum(p.any() for p in planes) == len(present)
