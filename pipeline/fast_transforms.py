@@ -58,7 +58,15 @@ class ScaleIntensityRangePercentilesOnePass(ScaleIntensityRangePercentiles):
 
         if self.relative:
             return super()._normalize(img)
-        a_min, a_max = percentile(img, [self.lower, self.upper])
+        if isinstance(img, torch.Tensor) and img.numel() > 1_000_000 and not img.is_contiguous():
+            # MONAI's numpy branch (its threshold) makes a C-ordered copy of a volume in NIfTI's
+            # (Fortran) layout first; a percentile does not depend on the order of the values, so
+            # the volume's memory is read as it lies (np.percentile partitions its own copy).
+            flat = img.as_tensor() if hasattr(img, "as_tensor") else img
+            flat = flat.detach().cpu().numpy().ravel(order="K")
+            a_min, a_max = (float(v) for v in np.percentile(flat, [self.lower, self.upper]))
+        else:
+            a_min, a_max = percentile(img, [self.lower, self.upper])
         scaler = ScaleIntensityRangeOneBuffer(a_min=a_min, a_max=a_max, b_min=self.b_min, b_max=self.b_max,
                                               clip=self.clip, dtype=self.dtype)
         return convert_to_tensor(scaler(img), track_meta=False)
