@@ -125,10 +125,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.runs import export_zip
+    from pipeline.errors import PipelineError
+    from pipeline.export import export_run
 
-    path = export_zip(args.run, args.out, folds=args.fold, which=args.checkpoint)
-    _show(args, f"run exported to {path} (infer takes it as --run-dir)")
+    fmt = args.format or ("zip" if args.out.suffix == ".zip" else None)
+    if fmt is None:
+        raise PipelineError(f"--out {args.out}: say what to write with --format zip|bundle|onnx|torchscript")
+    path = export_run(args.run, args.out, fmt, fold=args.fold, which=args.checkpoint, modality=args.modality)
+    what = {"zip": "infer --run-dir takes it", "bundle": "python -m monai.bundle run --config_file "
+            f"{path / 'configs' / 'inference.json'} --dataset_dir IMAGES --output_dir MASKS",
+            "onnx": "preprocessing.json beside the networks", "torchscript": "preprocessing.json beside the networks"}
+    _show(args, f"run exported to {path} ({what[fmt]})")
     return 0
 
 
@@ -213,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="a run as one zip holding what inference needs (infer --run-dir takes it)")
-    _run_dir(p, "run folder")
-    p.add_argument("--out", type=Path, required=True, help="zip file to write")
-    p.add_argument("--fold", default="all", help="all (default) or one fold number")
+    p = sub.add_parser("export", help="a run as one zip, a MONAI bundle, or ONNX / TorchScript networks")
+    _run_dir(p, "run folder (or its zip)")
+    p.add_argument("--out", type=Path, required=True, help="zip file (zip) or folder (bundle, onnx, torchscript)")
+    p.add_argument("--format", choices=["zip", "bundle", "onnx", "torchscript"], default=None,
+                   help="zip: what infer needs, one file; bundle: a MONAI bundle of one fold; onnx / torchscript: "
+                        "the networks with preprocessing.json (default: zip when --out ends in .zip)")
+    p.add_argument("--fold", default="all", help="all (default) or one fold number (a bundle needs one)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint per fold")
-    p.add_argument("--format", choices=["zip"], default="zip", help="zip (MONAI bundle and ONNX: not yet)")
+    p.add_argument("--modality", choices=["CT", "MR"], default=None,
+                   help="bundle: the images it is for (default: what the fold was trained on, if one modality)")
     _common(p)
     p.set_defaults(func=cmd_export)
 

@@ -25,43 +25,44 @@ def in_channels(cfg: ModelConfig) -> int:
     return 1 + 2 * cfg.context_slices + int(cfg.modality_channel)
 
 
-def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> nn.Module:
-    """The network `cfg.name` shaped by `cfg` (checked when the config was loaded: config.validate).
-    `roi` (train.roi_size) is the input size, from which dynunet derives its strides."""
-    from monai.networks.nets import UNet
-
+def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> tuple[str, dict]:
+    """(MONAI class name in monai.networks.nets, constructor keyword arguments) of the network
+    `cfg.name`, shaped by `cfg` (checked when the config was loaded: config.validate). `roi`
+    (train.roi_size) is the input size, from which dynunet derives its strides. Plain Python values
+    (lists, not tuples), so that a MONAI bundle's config can hold them as they are."""
     c_in, norm = in_channels(cfg), NORMS[cfg.norm]
+    common = {"spatial_dims": 2, "in_channels": c_in, "out_channels": NUM_CLASSES}
     if cfg.name == "unet":
-        return UNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, channels=tuple(cfg.channels),
-                    strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=norm)
+        return "UNet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),
+                        "num_res_units": cfg.num_res_units, "dropout": cfg.dropout, "norm": norm}
     if cfg.name == "dynunet":
-        from monai.networks.nets import DynUNet
-
-        strides = plan_dynunet(roi, len(cfg.channels))
-        return DynUNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, kernel_size=[3] * len(strides),
-                       strides=strides, upsample_kernel_size=strides[1:], filters=cfg.channels[:len(strides)],
-                       dropout=cfg.dropout or None, norm_name=(norm, {"affine": True}),
-                       deep_supervision=cfg.deep_supervision, deep_supr_num=cfg.deep_supervision_levels,
-                       res_block=cfg.num_res_units > 0)
+        strides = [list(s) if isinstance(s, (list, tuple)) else s for s in plan_dynunet(roi, len(cfg.channels))]
+        return "DynUNet", {**common, "kernel_size": [3] * len(strides), "strides": strides,
+                           "upsample_kernel_size": strides[1:], "filters": list(cfg.channels[:len(strides)]),
+                           "dropout": cfg.dropout or None, "norm_name": [norm, {"affine": True}],
+                           "deep_supervision": cfg.deep_supervision, "deep_supr_num": cfg.deep_supervision_levels,
+                           "res_block": cfg.num_res_units > 0}
     if cfg.name == "segresnet":
-        from monai.networks.nets import SegResNet
-
         levels = len(cfg.channels)  # SegResNet doubles its filters per level from init_filters
-        return SegResNet(spatial_dims=2, init_filters=cfg.channels[0], in_channels=c_in, out_channels=NUM_CLASSES,
-                         dropout_prob=cfg.dropout or None, norm=(norm, {"affine": True}),
-                         blocks_down=(1, *[2] * (levels - 2), 4), blocks_up=(1,) * (levels - 1))
+        return "SegResNet", {**common, "init_filters": cfg.channels[0], "dropout_prob": cfg.dropout or None,
+                             "norm": [norm, {"affine": True}], "blocks_down": [1, *[2] * (levels - 2), 4],
+                             "blocks_up": [1] * (levels - 1)}
     if cfg.name == "attentionunet":
-        from monai.networks.nets import AttentionUnet
-
         # MONAI's AttentionUnet has batch normalisation built in (model.norm does not apply)
-        return AttentionUnet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES, channels=cfg.channels,
-                             strides=cfg.strides, dropout=cfg.dropout)
+        return "AttentionUnet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),
+                                 "dropout": cfg.dropout}
     if cfg.name == "basicunet":
-        from monai.networks.nets import BasicUNet
-
-        return BasicUNet(spatial_dims=2, in_channels=c_in, out_channels=NUM_CLASSES,
-                         features=(*cfg.channels, cfg.channels[0]), norm=(norm, {"affine": True}), dropout=cfg.dropout)
+        return "BasicUNet", {**common, "features": [*cfg.channels, cfg.channels[0]], "norm": [norm, {"affine": True}],
+                             "dropout": cfg.dropout}
     raise ValueError(f"model {cfg.name!r} is not one of unet | dynunet | segresnet | attentionunet | basicunet")
+
+
+def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> nn.Module:
+    """The network of `network_spec(cfg, roi)`."""
+    from monai.networks import nets
+
+    name, kwargs = network_spec(cfg, roi)
+    return getattr(nets, name)(**kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -130,6 +130,7 @@ def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict],
         "fold": fold,
         "train": {"patients": sorted({e["patient"] for e in train}), "cases": sorted(e["case"] for e in train)},
         "val": {"patients": sorted({e["patient"] for e in val}), "cases": sorted(e["case"] for e in val)},
+        "modalities": sorted({e["modality"] for e in train}),  # what the model was trained on (export reads it)
     })
     liver = next(int(k) for k, v in model_output.items() if v == "liver")
     write_json(folder / LABELS, {"labels": labels, "liver": liver,
