@@ -8,6 +8,14 @@
 models are loaded on the first call and kept for the next ones (`Segmenter` holds them explicitly).
 The mask is what `run.py infer` writes for the same input: the same transforms, fold ensemble,
 inversion to the source grid and post-processing (pipeline.infer).
+
+The other stages as typed functions with keyword arguments (what `run.py` calls; the config is
+`configs/default.yaml` unless `config` names another, with `overrides` as `--set` takes them):
+
+    from pipeline import api
+    api.prepare("Train_Sets", "prepared", sequences=["T2SPIR"])
+    api.train("prepared", "runs/exp", fold="all", overrides=["train.budget_minutes=10"])
+    api.evaluate("infer_out", "prepared/labelsTr", "eval_out")
 """
 from __future__ import annotations
 
@@ -83,3 +91,42 @@ def segment(scan: str | Path | np.ndarray, run: str | Path, affine: np.ndarray |
     if key not in _CACHE:
         _CACHE[key] = Segmenter(run, fold)
     return _CACHE[key](scan, affine, modality)
+
+
+# --------------------------------------------------------------------------- the other stages
+def _config(config: str | Path | None, overrides: Iterable[str]):
+    from pipeline.config import load_config
+
+    return load_config(None if config is None else Path(config), list(overrides))
+
+
+def prepare(data: str | Path, out: str | Path, *, sequences: Iterable[str] | None = None,
+            folds: int | None = None, config: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """`run.py prepare`: a CHAOS root or an MSD / nnU-Net data set -> out/imagesTr, labelsTr,
+    datalist.json (patient-level folds). Returns the datalist as written, with "table" (the summary)."""
+    from pipeline.prepare import prepare_dataset
+
+    extra = [*(([f"prepare.sequences=[{','.join(sequences)}]"]) if sequences else []),
+             *([f"prepare.folds={int(folds)}"] if folds is not None else [])]
+    return prepare_dataset(Path(data), Path(out), _config(config, [*extra, *overrides]))
+
+
+def train(data: str | Path, run: str | Path, *, fold: int | str = "all", resume: bool = False,
+          config: str | Path | None = None, overrides: Iterable[str] = ()) -> list:
+    """`run.py train`: fold `fold` (or "all") of the prepared data set `data` into the run folder
+    `run`. Returns one pipeline.train.FoldResult per fold (best epoch, Dice per validation patient
+    with the best and the last checkpoint, minutes)."""
+    from pipeline.train import run_training
+
+    return run_training(Path(data), Path(run), str(fold), _config(config, overrides), resume=resume)
+
+
+def evaluate(pred: str | Path, ref: str | Path, out: str | Path, *, dicom: str | Path | None = None,
+             config: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """`run.py evaluate`: the CHAOS metrics of the masks in `pred` against the reference `ref` (a
+    folder of masks such as prepare's labelsTr, or a CHAOS root). Returns metrics.json's content: per case
+    ("cases": dice, ravd_pct, assd_mm, mssd_mm, hd95_mm, the CHAOS points) and "summary"."""
+    from pipeline.evaluate import run_evaluation
+
+    return run_evaluation(Path(pred), Path(ref), Path(out), dicom=None if dicom is None else Path(dicom),
+                          cfg=_config(config, overrides))

@@ -81,3 +81,32 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     res = _cli("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
     _assert_one_line_error(res, "not a run zip", "../escape.txt")
     assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_prepare_train_infer_evaluate_as_typed_functions(tmp_path):
+    """The stages from Python: an MSD-style set prepared, one fold trained, its validation patients
+    segmented and scored; evaluate's Dice is infer's Dice for the same masks."""
+    import json
+
+    from pipeline import api
+    from tests.conftest import TINY_TRAIN
+    from tests.test_msd import make_msd
+
+    data = make_msd(tmp_path / "Task03_Liver", n=4)
+    datalist = api.prepare(data, tmp_path / "prepared", folds=2)
+    assert len(datalist["training"]) == 4 and "table" in datalist
+    assert {int(e["fold"]) for e in datalist["training"]} == {0, 1}
+    results = api.train(tmp_path / "prepared", tmp_path / "run", fold=0, overrides=TINY_TRAIN)
+    assert [r.fold for r in results] == [0]
+    val = json.loads((tmp_path / "run" / "fold_0" / "split.json").read_text())["val"]["patients"]
+    assert sorted(results[0].dice_last) == sorted(val)
+    rows = run_inference(tmp_path / "run", tmp_path / "prepared", tmp_path / "infer",
+                         ["infer.montage=false"], patients=",".join(val))
+    metrics = api.evaluate(tmp_path / "infer", tmp_path / "prepared" / "labelsTr", tmp_path / "eval",
+                           overrides=["evaluate.missing=skip"])  # the training patients were not segmented
+    scored = {r["case"]: r["dice"] for r in metrics["cases"]}
+    assert sorted(scored) == sorted(r["case"] for r in rows)
+    for row in rows:
+        assert scored[row["case"]] == pytest.approx(row["dice"], abs=1e-6)
+    with pytest.raises(PipelineError, match="not found"):
+        api.prepare(tmp_path / "missing", tmp_path / "p2")
