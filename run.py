@@ -75,7 +75,8 @@ def cmd_prepare(args) -> int:
 
     extra = [f"prepare.sequences=[{args.sequences}]"] if args.sequences else []
     cfg = _config(args, extra)
-    _show(args, prepare_dataset(args.data, args.out, cfg)["table"])
+    data = args.data[0] if len(args.data) == 1 else args.data
+    _show(args, prepare_dataset(data, args.out, cfg)["table"])
     return 0
 
 
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="CHAOS DICOM + Ground PNG -> NIfTI images/labels + datalist with folds")
-    p.add_argument("--data", type=Path, required=True, help="CHAOS root (the folder holding Train_Sets/, or Train_Sets itself)")
+    p.add_argument("--data", type=Path, required=True, action="append",
+                   help="CHAOS root (the folder holding Train_Sets/, or Train_Sets itself), MSD / nnU-Net data set, "
+                        "pairs CSV or folder of images/ + labels/; repeat to prepare several into one folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (imagesTr/, labelsTr/, datalist.json)")
     p.add_argument("--sequences", default=None,
                    help="comma-separated subset of CT,T1DUAL_InPhase,T1DUAL_OutPhase,T2SPIR")

@@ -100,15 +100,17 @@ def _config(config: str | Path | None, overrides: Iterable[str]):
     return load_config(None if config is None else Path(config), list(overrides))
 
 
-def prepare(data: str | Path, out: str | Path, *, sequences: Iterable[str] | None = None,
+def prepare(data: str | Path | list, out: str | Path, *, sequences: Iterable[str] | None = None,
             folds: int | None = None, config: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """`run.py prepare`: a CHAOS root or an MSD / nnU-Net data set -> out/imagesTr, labelsTr,
-    datalist.json (patient-level folds). Returns the datalist as written, with "table" (the summary)."""
+    """`run.py prepare`: a CHAOS root, an MSD / nnU-Net data set, a pairs CSV or a folder of images/
+    and labels/ (or a list of several: ids get their source's name in front) -> out/imagesTr,
+    labelsTr, datalist.json (patient-level folds). Returns the datalist as written, with "table"."""
     from pipeline.prepare import prepare_dataset
 
     extra = [*(([f"prepare.sequences=[{','.join(sequences)}]"]) if sequences else []),
              *([f"prepare.folds={int(folds)}"] if folds is not None else [])]
-    return prepare_dataset(Path(data), Path(out), _config(config, [*extra, *overrides]))
+    data = [Path(d) for d in data] if isinstance(data, (list, tuple)) else Path(data)
+    return prepare_dataset(data, Path(out), _config(config, [*extra, *overrides]))
 
 
 def train(data: str | Path, run: str | Path, *, fold: int | str = "all", resume: bool = False,

@@ -20,12 +20,11 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name
-from pipeline.volume import is_nifti, nifti_stem, read_nifti
+from pipeline.volume import is_nifti, nifti_stem, on_image_grid, read_nifti
 
 DATASET_JSON = "dataset.json"
 _TUMOUR = re.compile(r"tumou?r|cancer|lesion|metasta", re.IGNORECASE)
 _MR = re.compile(r"\b(mri?|t1|t2|flair|dwi|adc|spir|dixon)", re.IGNORECASE)
-_AFFINE_TOLERANCE_MM = 1e-3
 
 
 def is_msd_root(path: Path) -> bool:
@@ -134,13 +133,12 @@ def read_pair(case: MsdCase, liver: list[int], declared: dict[int, str]) -> tupl
         raise PipelineError(f"{case.image}: a 3-D single-channel image expected, got shape {image.array.shape}")
     if image.array.size == 0 or not np.all(np.isfinite(image.array)):
         raise PipelineError(f"{case.image}: image is empty or holds NaN / infinite values")
-    if label.array.shape != image.array.shape:
-        raise PipelineError(f"{case.label}: label shape {label.array.shape} differs from image {case.image} "
-                            f"{image.array.shape} (labels are never resampled)")
-    if np.max(np.abs(label.affine - image.affine)) > _AFFINE_TOLERANCE_MM:
-        raise PipelineError(f"{case.label}: label affine differs from image {case.image} "
-                            f"(max {np.max(np.abs(label.affine - image.affine)):.3g} mm; labels are never resampled)")
-    values = np.unique(np.asarray(label.array))
+    return image, liver_mask(on_image_grid(label, image), liver, declared, case.label)
+
+
+def liver_mask(labels: np.ndarray, liver: list[int], declared, where: Path) -> np.ndarray:
+    """uint8 (1 = liver) from a label map whose values must all be declared (integers)."""
+    values = np.unique(np.asarray(labels))
     if not np.all(np.equal(np.mod(values, 1), 0)) or not set(values.astype(int).tolist()) <= set(declared):
-        raise PipelineError(f"{case.label}: label values {values.tolist()} outside the declared {sorted(declared)}")
-    return image, np.isin(np.asarray(label.array).astype(np.int64), liver).astype(np.uint8)
+        raise PipelineError(f"{where}: label values {values.tolist()} outside the declared {sorted(declared)}")
+    return np.isin(np.asarray(labels).astype(np.int64), liver).astype(np.uint8)

@@ -22,7 +22,7 @@ from pipeline.config import Config, save_config
 from pipeline.console import progress
 from pipeline.datalist import FILE_NAME as DATALIST
 from pipeline.errors import PipelineError
-from pipeline.io import write_json, write_text
+from pipeline.io import safe_name, write_json, write_text
 from pipeline.labels import LIVER, ORGANS
 from pipeline.splits import assign_folds
 from pipeline.volume import read_dicom_series, write_nifti
@@ -42,16 +42,18 @@ def image_dtype(volume: np.ndarray) -> type:
     return np.float32
 
 
-def prepare_case(case: CaseSource, out_dir: Path, cfg: Config, fold: int) -> tuple[dict, dict]:
-    """Read, check and write one CHAOS case; return (datalist entry, summary row)."""
+def prepare_case(case: CaseSource, out_dir: Path, cfg: Config, fold: int, name: str | None = None,
+                 patient: str | None = None) -> tuple[dict, dict]:
+    """Read, check and write one CHAOS case (as case `name` of `patient`, by default its own);
+    return (datalist entry, summary row)."""
     series = read_dicom_series(case.dicom_dir, orientation_tolerance=cfg.prepare.orientation_tolerance,
                                spacing_tolerance=cfg.prepare.spacing_tolerance)
     volume, geometry = series.array, series.geometry
     labels = read_ground(case, geometry)
     if not np.all(np.isfinite(volume)):
         raise PipelineError(f"{case.dicom_dir}: image holds NaN or infinite values")
-    return _write_case(out_dir, case.case, case.patient, case.modality, case.sequence, fold, volume,
-                       geometry.affine, labels, geometry.spacing)
+    return _write_case(out_dir, name or case.case, patient or case.patient, case.modality, case.sequence, fold,
+                       volume, geometry.affine, labels, geometry.spacing)
 
 
 def _write_case(out_dir: Path, case: str, patient: str, modality: str, sequence: str, fold: int,
@@ -75,9 +77,24 @@ def _write_case(out_dir: Path, case: str, patient: str, modality: str, sequence:
     return entry, row
 
 
+def _chaos_cases(data_root: Path, cfg: Config):
+    """(cases, name, labels, description) of a CHAOS root; each case (case, patient, write) where
+    write(out_dir, fold, case, patient) writes it under those names."""
+    chaos = find_cases(data_root, sequences=cfg.prepare.sequences)
+
+    def writer(c: CaseSource):
+        return lambda out_dir, fold, case, patient: prepare_case(c, out_dir, cfg, fold, case, patient)
+
+    return ([(c.case, c.patient, writer(c)) for c in chaos], "CHAOS", {str(k): v for k, v in ORGANS.items()},
+            "CHAOS CT and MR abdominal organs")
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
 def _msd_cases(data_root: Path, cfg: Config):
-    """(cases, name, labels) of a Medical Segmentation Decathlon / nnU-Net NIfTI data set, each case a
-    callable writing it (pipeline.msd)."""
+    """The same for a Medical Segmentation Decathlon / nnU-Net NIfTI data set (pipeline.msd)."""
     from pipeline.msd import DATASET_JSON, declared_labels, find_msd_cases, liver_values, read_pair
 
     cases, meta = find_msd_cases(data_root)
@@ -86,41 +103,88 @@ def _msd_cases(data_root: Path, cfg: Config):
     log.info("%s: liver = label value(s) %s of %s", data_root / DATASET_JSON, liver, declared)
 
     def writer(c):
-        def write(out_dir: Path, fold: int) -> tuple[dict, dict]:
+        def write(out_dir: Path, fold: int, case: str, patient: str) -> tuple[dict, dict]:
             image, labels = read_pair(c, liver, declared)
-            spacing = tuple(float(v) for v in np.linalg.norm(image.affine[:3, :3], axis=0))
-            return _write_case(out_dir, c.case, c.patient, c.modality, c.modality, fold, image.array, image.affine,
-                               labels, spacing)
+            return _write_case(out_dir, case, patient, c.modality, c.modality, fold, image.array, image.affine,
+                               labels, _spacing(image.affine))
         return write
 
     name = str(meta.get("name") or data_root.name)
-    return [(c.case, c.patient, writer(c)) for c in cases], name, {"0": "background", "1": "liver"}
+    return ([(c.case, c.patient, writer(c)) for c in cases], name, {"0": "background", "1": "liver"},
+            f"{name}, a Medical Segmentation Decathlon style data set")
 
 
-def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> dict:
-    """Prepare every case under the CHAOS root `data_root` into `out_dir`; return the datalist
-    (as written to datalist.json) with "table", the per-case summary as text.
+def _paired_cases(source: Path, cfg: Config):
+    """The same for images paired with their masks by a CSV or by name (pipeline.pairs)."""
+    from pipeline.pairs import find_pairs, read_pair
 
+    def writer(c):
+        def write(out_dir: Path, fold: int, case: str, patient: str) -> tuple[dict, dict]:
+            image, liver, modality = read_pair(c, cfg.prepare.liver_labels)
+            return _write_case(out_dir, case, patient, modality, modality, fold, image.array, image.affine,
+                               liver, _spacing(image.affine))
+        return write
+
+    name = source.stem if source.is_file() else source.name
+    return ([(c.case, c.patient, writer(c)) for c in find_pairs(source)], name, {"0": "background", "1": "liver"},
+            f"{name}, images paired with liver masks")
+
+
+def _source_cases(root: Path, cfg: Config):
+    from pipeline.msd import is_msd_root
+    from pipeline.pairs import is_pairs_source
+
+    if not root.exists():
+        raise PipelineError(f"{root}: data not found")
+    if is_msd_root(root):
+        return _msd_cases(root, cfg)
+    if is_pairs_source(root):
+        return _paired_cases(root, cfg)
+    return _chaos_cases(root, cfg)
+
+
+def prepare_dataset(data_root: str | Path | list, out_dir: str | Path, cfg: Config) -> dict:
+    """Prepare every case of `data_root` into `out_dir`; return the datalist (as written to
+    datalist.json) with "table", the per-case summary as text.
+
+    `data_root`: a CHAOS root, an MSD / nnU-Net data set (pipeline.msd), a pairs CSV or a folder of
+    images/ and labels/ (pipeline.pairs), or a list of several of them prepared into one folder:
+    then every case and patient id gets its source's name in front (`<source>_<id>`, the names made
+    unique), so that ids never collide, and the folds are drawn over all patients together.
     Every output is rewritten atomically on each run (same inputs -> byte-identical files), so
     an interrupted run leaves only complete files and a rerun needs no resume logic.
     Raises PipelineError naming the file at the first case that fails its checks.
     """
-    from pipeline.msd import is_msd_root
-
     out_dir = Path(out_dir)
-    if is_msd_root(Path(data_root)):
-        cases, name, labels = _msd_cases(Path(data_root), cfg)
-        description = f"{name}, a Medical Segmentation Decathlon style data set, prepared by pipeline.prepare"
+    roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else [Path(data_root)]
+    if not roots:
+        raise PipelineError("no data to prepare")
+    sources = [_source_cases(r, cfg) for r in roots]
+    if len(sources) == 1:
+        cases, name, labels, description = sources[0]
+        sources_meta = None
     else:
-        chaos = find_cases(data_root, sequences=cfg.prepare.sequences)
-        cases = [(c.case, c.patient, lambda out, fold, c=c: prepare_case(c, out, cfg, fold)) for c in chaos]
-        name, labels = "CHAOS", {str(k): v for k, v in ORGANS.items()}
-        description = "CHAOS CT and MR abdominal organs, prepared by pipeline.prepare"
+        tags: list[str] = []
+        for root, (_, name, _, _) in zip(roots, sources):
+            tag = safe_name(name, "data set name")
+            while tag in tags:
+                tag += "x"
+            tags.append(tag)
+        cases = [(f"{tag}_{case}", f"{tag}_{patient}", write)
+                 for tag, (source_cases, *_rest) in zip(tags, sources) for case, patient, write in source_cases]
+        name = "+".join(tags)
+        labels = {}
+        for _, _, source_labels, _ in sources:
+            labels.update(source_labels)
+        labels = dict(sorted(labels.items(), key=lambda kv: int(kv[0])))
+        description = "; ".join(s[3] for s in sources)
+        sources_meta = [{"prefix": f"{tag}_", "data": str(root), "cases": len(s[0])}
+                        for tag, root, s in zip(tags, roots, sources)]
     folds = assign_folds([patient for _, patient, _ in cases], cfg.prepare.folds, cfg.prepare.fold_seed)
     log.info("preparing %d cases of %d patients into %s", len(cases), len(folds), out_dir)
     entries, rows = [], []
     for case, patient, write in progress(cases, desc="prepare", unit="case"):
-        entry, row = write(out_dir, folds[patient])
+        entry, row = write(out_dir, folds[patient], case, patient)
         entries.append(entry)
         rows.append(row)
         log.debug("%s: %s, liver %.1f ml", case, row["shape"], row["liver_ml"])
@@ -128,10 +192,11 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, cfg: Config) -> 
     _warn_stale(out_dir, entries)
     datalist = {
         "name": name,
-        "description": description,
+        "description": f"{description}, prepared by pipeline.prepare",
         "labels": labels,
         "numFolds": cfg.prepare.folds,
         "numTraining": len(entries),
+        **({"sources": sources_meta} if sources_meta else {}),
         "training": entries,
     }
     write_json(out_dir / DATALIST, datalist)

@@ -115,3 +115,30 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: 
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path
+
+
+AFFINE_TOLERANCE_MM = 1e-3  # a label's affine may differ this much from its image's (float32 storage)
+
+
+def on_image_grid(label: Volume, image: Volume) -> np.ndarray:
+    """`label`'s array on `image`'s voxel grid, or a PipelineError naming both files.
+
+    Two grids are the same when their affines agree within AFFINE_TOLERANCE_MM; a label stored with
+    its axes in another order or direction (a mask saved by a viewer that keeps the DICOM row order,
+    for instance) is the same grid and is reordered exactly, voxel for voxel. Anything else would
+    need resampling, which labels never get here.
+    """
+    arr = np.asarray(label.array)
+    if arr.ndim != 3 or image.array is None or np.asarray(image.array).ndim != 3:
+        raise PipelineError(f"{label.source}: a 3-D label expected, got shape {arr.shape}")
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(label.affine),
+                                           nib.orientations.io_orientation(image.affine))
+    moved = nib.orientations.apply_orientation(arr, ornt)
+    affine = label.affine @ nib.orientations.inv_ornt_aff(ornt, arr.shape)
+    shape = tuple(np.asarray(image.array).shape)
+    if moved.shape != shape or np.max(np.abs(affine - image.affine)) > AFFINE_TOLERANCE_MM:
+        why = (f"shape {arr.shape} vs {shape}" if moved.shape != shape
+               else f"affines differ by up to {np.max(np.abs(affine - image.affine)):.3g} mm")
+        raise PipelineError(f"{label.source}: label is not on the grid of its image {image.source} ({why}; "
+                            f"labels are never resampled)")
+    return moved

@@ -69,8 +69,8 @@ def test_liver_labels_from_the_config_and_mr_channels(tmp_path):
 
 
 @pytest.mark.parametrize("damage,words", [
-    ("grid", ["liver_1.nii.gz", "label affine differs", "never resampled"]),
-    ("shape", ["liver_1.nii.gz", "label shape"]),
+    ("grid", ["labelsTr/liver_1.nii.gz", "imagesTr/liver_1.nii.gz", "not on the grid", "5 mm", "never resampled"]),
+    ("shape", ["labelsTr/liver_1.nii.gz", "not on the grid", "shape (23, 20, 6) vs (24, 20, 6)"]),
     ("value", ["liver_1.nii.gz", "outside the declared"]),
     ("nan", ["liver_1.nii.gz", "NaN"]),
     ("names", ["no label named liver", "prepare.liver_labels"]),
@@ -112,3 +112,25 @@ def test_a_prepared_msd_set_trains(tmp_path, tiny_train_overrides):
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "run" / "fold_0" / "last.pt").is_file()
+
+
+def test_a_label_stored_with_flipped_and_swapped_axes_is_reordered_exactly(tmp_path):
+    """The same voxel grid in another axis order (a viewer keeping DICOM's row order, say) is not a
+    resampling: the label is reordered voxel for voxel onto the image's grid."""
+    data = make_msd(tmp_path / "data")
+    label_path = data / "labelsTr" / "liver_1.nii.gz"
+    label = nib.load(str(label_path))
+    arr = np.asarray(label.dataobj)
+    # the same voxels with axis 1 reversed and axes 0 / 1 swapped; the affine follows
+    flipped = arr[:, ::-1, :]
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1.0, arr.shape[1] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    stored = np.ascontiguousarray(flipped.transpose(1, 0, 2))
+    nib.save(nib.Nifti1Image(stored, AFFINE @ flip @ swap), str(label_path))
+    prepare_dataset(data, tmp_path / "prep", load_config(None, ["prepare.folds=2"]))
+    entry = next(e for e in json.loads((tmp_path / "prep" / "datalist.json").read_text())["training"]
+                 if e["case"].endswith("liver_1"))
+    prepared = nib.load(str(tmp_path / "prep" / entry["label"]))
+    np.testing.assert_array_equal(np.asarray(prepared.dataobj), (arr == 1) | (arr == 2))
+    np.testing.assert_allclose(prepared.affine, AFFINE, atol=1e-5)
