@@ -63,7 +63,7 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
         import multiprocessing
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+                                 initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             futures = [pool.submit(_fold_task, *task) for task in tasks]
             for future in progress(as_completed(futures), total=len(futures), desc="compare", unit="fold"):
                 results.append(future.result())
@@ -74,10 +74,26 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
     return rows
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    # a fresh interpreter: the pipeline logger's INFO lines reach each fold's train.log (console: warnings only)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Stop this worker when the comparison that started it is gone (killed, or stopped with Ctrl-C):
+    a worker would otherwise train on, unseen, beside the rerun. Checkpoints are written atomically,
+    so the rerun resumes the fold from its last epoch."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: int, out_dir: str) -> dict:

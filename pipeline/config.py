@@ -115,6 +115,7 @@ class TrainConfig:
     elastic_prob: float = 0.0  # elastic deformation
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
     organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
+    tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from pipeline.labels import LIVER, MODEL_OUTPUT
 from pipeline.model import build_loss, build_model
 from pipeline.postprocess import postprocess
 from pipeline.predict import plain, slice_logits, source_grid_inverter, to_source_grid
+from pipeline.tracking import EventLog
 from pipeline.transforms import ORIENTATION, deterministic_transforms, random_transforms, without_metadata
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
 
 
 def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss_fn, cfg: Config,
-             device) -> tuple[float, dict[str, float], dict[str, float]]:
+             device, overlays: dict | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
     """(mean val loss, Dice per patient, raw Dice per patient) on whole held-out volumes.
 
     Every slice is predicted (slices batched, as SliceInferer would), the liver probability is mapped
@@ -254,8 +255,11 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     computed in 3D there against the untouched label; a patient's Dice is the mean over its cases.
     The Dice that counts (best checkpoint, CV summary) is that of the mask `infer` would write, i.e.
     after the post-processing of the config's infer section; the raw mask's Dice is kept beside it.
+    With a dict `overlays`, the first tracking.OVERLAY_PATIENTS patients' overlay images are put in it.
     """
     from monai.metrics import compute_dice
+
+    from pipeline.tracking import OVERLAY_PATIENTS, overlay
 
     model.eval()  # the bare network (FoldState.eval_model): no DDP wrapper on the validating rank
     losses, dice_by_patient, raw_by_patient = [], {}, {}
@@ -266,6 +270,13 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
         # argmax, and the same rule as infer's
         liver = torch.softmax(logits, 0)[LIVER:LIVER + 1]
+        if overlays is not None and item["patient"] not in overlays and len(overlays) < OVERLAY_PATIENTS:
+            truth_grid = np.asarray(plain(item["label"])[0]) > 0  # (H, W, D) on the model's grid
+            z = int(np.argmax(truth_grid.sum(axis=(0, 1)))) if truth_grid.any() else truth_grid.shape[2] // 2
+            centre = np.asarray(plain(item["image"])[cfg.model.context_slices, :, :, z])  # the slice itself
+            # RAS model grid shown radiologically: the patient's right on the left, anterior at the top
+            view = [a[:, ::-1].T for a in (centre, truth_grid[:, :, z], np.asarray(liver[0, :, :, z]) >= 0.5)]
+            overlays[item["patient"]] = overlay(*view)
         raw = np.asarray(to_source_grid(liver, item["image"], inverter)[0]) >= 0.5
         cleaned = postprocess(raw, cfg.infer.largest_component, cfg.infer.fill_holes)
         truth = ref[None].float()
@@ -428,6 +439,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
         inverter = source_grid_inverter(val_tf)
+        events = EventLog(fold_dir, enabled=dd.main and cfg.train.tensorboard)
         t_start = time.perf_counter()
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch + 1
@@ -441,7 +453,10 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                 epoch >= max(1, cfg.train.warmup_epochs)
             if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or calibrate):
                 t_val = time.perf_counter()
-                val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device)
+                images = {} if events.writer is not None else None
+                val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device,
+                                               overlays=images)
+                events.overlays(images or {}, epoch)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
                         "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6)}
                 row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}
@@ -460,7 +475,9 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                     save_config(cfg, fold_dir / runs.CONFIG)
             if dd.main:
                 finish_epoch(fold_dir, state, row, cfg, patients)
+                events.epoch(row, patients)
         minutes = (time.perf_counter() - t_start) / 60
+        events.close()
         if dd.main:
             from pipeline.plots import plot_curves
 

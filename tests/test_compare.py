@@ -64,3 +64,49 @@ def test_the_report_shows_the_leaderboard(setup):
     data, configs, out = setup
     page = write_report(out / "plain_unet", compare_dir=out).read_text()
     assert 'id="compare"' in page and "nnunet_like" in page and "data:image/png;base64," in page
+
+
+def test_workers_stop_when_the_comparison_is_killed(tmp_path):
+    """A killed `compare --jobs 2` leaves no worker training on beside the rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, TINY_TRAIN
+
+    data = make_prepared_dataset(tmp_path / "prepared", n_mr=2, n_ct=2, folds=2)
+    (tmp_path / "long.yaml").write_text("train: {epochs: 500}\n")  # would run for minutes
+    sets = [a for s in TINY_TRAIN if not s.startswith("train.epochs") for a in ("--set", s)]
+    parent = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "compare", "--data", str(data), "--configs",
+                               str(tmp_path / "long.yaml"), "--out", str(tmp_path / "cmp"), "--jobs", "2", "-q", *sets],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and open(f"/proc/{pid}/stat").read().split(") ")[1].split()[1] == str(parent.pid):
+                    if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read():
+                        found.append(int(pid))
+            except (OSError, IndexError):
+                continue
+        return found
+
+    deadline = time.time() + 60
+    while len(workers()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    started = workers()
+    assert len(started) == 2, "the comparison should have started two workers"
+    while not list((tmp_path / "cmp").rglob("last.pt")) and time.time() < deadline:  # training is under way
+        time.sleep(0.5)
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    deadline = time.time() + 20
+    alive = started
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in started if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().split(") ")[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} still running after the comparison was killed"

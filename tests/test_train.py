@@ -271,3 +271,55 @@ def test_sgd_is_nnunets_nesterov_momentum_and_is_resumed_with_its_state(data_dir
     ckpt = torch.load(tmp_path / "fold_0" / "last.pt", weights_only=True)
     assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
     assert ckpt["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # poly ends at zero
+
+
+def test_tensorboard_events_hold_the_metrics_and_overlays(straight_run):
+    """`tensorboard --logdir RUN` reads what metrics.csv holds, plus overlay images of validation patients."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = straight_run
+    fold_dir = run / "fold_0"
+    assert list(fold_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(fold_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    rows = read_metrics(fold_dir)
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [int(r["epoch"]) for r in rows]
+    assert [e.value for e in losses] == pytest.approx([float(r["train_loss"]) for r in rows], rel=1e-6)
+    dice = events.Scalars("val_dice/MR_1")
+    assert [e.value for e in dice] == pytest.approx([float(r["val_dice_MR_1"]) for r in rows if r["val_dice_MR_1"]],
+                                                    rel=1e-6)
+    overlays = [t for t in events.Tags()["images"] if t.startswith("overlay/")]
+    assert sorted(overlays) == ["overlay/CT_2", "overlay/MR_1", "overlay/MR_3"]
+    image = events.Images("overlay/MR_1")[-1]
+    assert (image.width, image.height) == (32, 32)  # the tiny config's roi
+
+
+def test_overlay_marks_the_prediction_red_and_the_reference_outline_green():
+    import numpy as np
+
+    from pipeline.tracking import overlay
+
+    image = np.full((9, 9), 0.5, np.float32)
+    truth = np.zeros((9, 9), bool)
+    truth[2:7, 2:7] = True
+    pred = np.zeros((9, 9), bool)
+    pred[0, 0] = True
+    rgb = overlay(image, truth, pred)
+    assert rgb.shape == (9, 9, 3)
+    assert rgb[0, 0, 0] > rgb[0, 0, 1]  # predicted: reddish
+    assert rgb[2, 2, 1] == pytest.approx(1.0) and rgb[4, 4].tolist() == pytest.approx([0.5, 0.5, 0.5])  # outline only
+    assert rgb[8, 8].tolist() == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_without_tensorboard_the_run_says_so_once_and_writes_no_events(data_dir, tmp_path, monkeypatch, caplog,
+                                                                       tiny_config):
+    import pipeline.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_summary_writer", lambda: None)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_training(data_dir, tmp_path / "run", "0", tiny_config("train.epochs=1"))
+    assert sum("pip install tensorboard" in r.getMessage() for r in caplog.records) == 1
+    assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    run_training(data_dir, tmp_path / "off", "0", tiny_config("train.epochs=1", "train.tensorboard=false"))
+    assert not list((tmp_path / "off").rglob("events.out.tfevents.*"))
