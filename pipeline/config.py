@@ -79,6 +79,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     roi_size: list[int] = field(default_factory=lambda: [160, 160])  # in-plane model input size
+    # in-plane pixel spacing in mm that slices are resampled to before being padded / cropped to
+    # roi_size (0 = off: every slice resized to roi_size whatever its field of view)
+    pixel_spacing: float = 0.0
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
     liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
@@ -282,6 +285,7 @@ def validate(cfg: Config) -> Config:
         ("train.val_every", t.val_every >= 1, f"expected >= 1, got {t.val_every}"),
         ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, f"expected a value in [0, 1), got {t.ema_decay}"),
         ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
+        ("train.pixel_spacing", t.pixel_spacing >= 0, f"expected mm >= 0 (0 = off), got {t.pixel_spacing}"),
         ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),
         *[(f"train.{k}", 0.0 <= getattr(t, k) <= 1.0, f"expected a probability in [0, 1], got {getattr(t, k)}")
           for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "organ_intensity_prob", "affine_prob", "flip_prob", "rotate90_prob",

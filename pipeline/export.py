@@ -151,17 +151,22 @@ def preprocessing_description(cfg: Config) -> dict:
             "MR": {"rule": "percentiles of the whole volume", "percentiles": list(cfg.train.mr_percentiles),
                    "to": [0.0, 1.0], "clip": True},
         },
-        "in_plane_resize": {"size": [h, w], "mode": "bilinear, align_corners false",
-                            "anti_aliasing": "Gaussian pre-smoothing when shrinking, sigma (scale - 1) / 2 per axis "
-                                             "(MONAI's Resize(anti_aliasing=True))",
-                            "slices": "each axial slice keeps its place; the slice count is unchanged"},
+        **({"in_plane_resample": {"pixel_spacing_mm": float(cfg.train.pixel_spacing), "mode": "bilinear",
+                                  "then": f"padded (zeros) or cropped about the centre to {h}x{w}",
+                                  "as": "MONAI's Spacingd(pixdim=(s, s, -1)) and ResizeWithPadOrCropd",
+                                  "slices": "each axial slice keeps its place; the slice count is unchanged"}}
+           if cfg.train.pixel_spacing > 0 else
+           {"in_plane_resize": {"size": [h, w], "mode": "bilinear, align_corners false",
+                                "anti_aliasing": "Gaussian pre-smoothing when shrinking, sigma (scale - 1) / 2 per "
+                                                 "axis (MONAI's Resize(anti_aliasing=True))",
+                                "slices": "each axial slice keeps its place; the slice count is unchanged"}}),
         "input": {"name": "image", "shape": ["slices", len(input_channels(cfg)), h, w], "dtype": "float32",
                   "channels": input_channels(cfg)},
         "output": {"name": "logits", "shape": ["slices", len(MODEL_OUTPUT), h, w], "dtype": "float32",
                    "channels": {str(k): v for k, v in MODEL_OUTPUT.items()}},
         "combine": "softmax over the output channels per model; the liver channel averaged over the models",
-        "to_source_grid": "the averaged liver probability resized back to the source in-plane size (bilinear, "
-                          "no smoothing) and reoriented to the source axes",
+        "to_source_grid": "the averaged liver probability taken back through those steps to the source grid "
+                          "(bilinear, no smoothing; as MONAI's Invertd does) and reoriented to the source axes",
         "threshold": f"liver (label {LIVER}) where the probability on the source grid is >= 0.5",
         "postprocessing": {"largest_component": bool(cfg.infer.largest_component), "connectivity": 26,
                            "fill_holes": bool(cfg.infer.fill_holes)},
@@ -279,9 +284,14 @@ def bundle_inference_config(cfg: Config, modality: str) -> dict:
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
         "$@normalise[@modality]",
-        {"_target_": "Resized", "keys": "image", "spatial_size": [h, w, -1], "mode": "bilinear",
-         "anti_aliasing": True},
     ]
+    if cfg.train.pixel_spacing > 0:
+        spacing = float(cfg.train.pixel_spacing)
+        pre += [{"_target_": "Spacingd", "keys": "image", "pixdim": [spacing, spacing, -1.0], "mode": "bilinear"},
+                {"_target_": "ResizeWithPadOrCropd", "keys": "image", "spatial_size": [h, w, -1]}]
+    else:
+        pre.append({"_target_": "Resized", "keys": "image", "spatial_size": [h, w, -1], "mode": "bilinear",
+                    "anti_aliasing": True})
     if k:
         pre.append({"_target_": "Lambdad", "keys": "image", "func":
                     f"$lambda x: torch.cat([x[..., torch.clamp(torch.arange(x.shape[-1]) + o, 0, x.shape[-1] - 1)] "
@@ -417,7 +427,7 @@ The images must be {modality} volumes with axial slices (`--modality` is CT or M
 
 ## What it does
 
-Reorient to RAS, {norm}, resize each axial slice to {h}x{w} (bilinear with anti-aliasing), run the
+Reorient to RAS, {norm}, bring each axial slice to {h}x{w} ({resize}), run the
 network slice by slice (SliceInferer), softmax, resize and reorient the probabilities back (Invertd),
 argmax{post}.
 
@@ -457,7 +467,9 @@ def _export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | N
         write_text(tmp / "docs" / "README.md", BUNDLE_README.format(
             name=BUNDLE_NAME, modality=modality, model=cfg.model.name, run=run_dir.resolve().name,
             fold=checkpoint.parent.name, which=checkpoint.stem, norm=norm, h=cfg.train.roi_size[0],
-            w=cfg.train.roi_size[1], post=post))
+            w=cfg.train.roi_size[1], post=post,
+            resize=(f"resampled to {cfg.train.pixel_spacing:g} mm pixels, then padded or cropped about the centre"
+                    if cfg.train.pixel_spacing > 0 else "bilinear resize with anti-aliasing")))
         write_text(tmp / "configs" / "logging.conf", LOGGING_CONF)
         write_text(tmp / "docs" / "data_license.txt", DATA_LICENCE)
         if out.exists():

@@ -207,7 +207,7 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
                                    modality_channel=run.cfg.model.modality_channel,
-                                   orient_last=flips_only(affine)))
+                                   orient_last=run.cfg.train.pixel_spacing <= 0 and flips_only(affine)))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 

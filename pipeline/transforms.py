@@ -46,8 +46,10 @@ from monai.transforms import (
     RandomizableTransform,
     RandSimulateLowResolutiond,
     Resized,
+    ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
+    Spacingd,
     SqueezeDimd,
     Transform,
 )
@@ -388,10 +390,18 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER]))
-    # anti-aliased bilinear for the image; nearest-exact for the label (smoothing would blur it)
-    chain.append(InPlaneResized("image", roi))
-    if has_label:
-        chain.append(Resized("label", spatial_size=(*roi, -1), mode="nearest-exact"))
+    if cfg.pixel_spacing > 0:
+        # nnU-Net's way: every slice resampled to one pixel spacing (the liver the same size in pixels
+        # whatever the field of view), then padded or cropped about the centre to roi_size. Slices
+        # keep their spacing (pixdim <= 0: unchanged). Both steps are MONAI's and Invertd undoes them.
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        chain += [Spacingd(keys, pixdim=(cfg.pixel_spacing, cfg.pixel_spacing, -1.0), mode=modes),
+                  ResizeWithPadOrCropd(keys, spatial_size=(*roi, -1))]
+    else:
+        # anti-aliased bilinear for the image; nearest-exact for the label (smoothing would blur it)
+        chain.append(InPlaneResized("image", roi))
+        if has_label:
+            chain.append(Resized("label", spatial_size=(*roi, -1), mode="nearest-exact"))
     if orient_last:
         chain.append(orient)
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0

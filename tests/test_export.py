@@ -47,8 +47,20 @@ def _monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, tmp_path):
-    root, data, run_dir = trained
+@pytest.fixture(scope="module")
+def spaced(tmp_path_factory):
+    """A run whose slices are resampled to 2 mm pixels (the data's are 1.5 mm) and padded / cropped
+    to the roi: 36 x 30 pixels at 2 mm, so one axis is cropped and the other padded."""
+    root = tmp_path_factory.mktemp("export_spacing")
+    data = make_prepared_dataset(root / "prepared", n_mr=2, n_ct=2, shape=(48, 40, 12), folds=2)
+    run_dir = root / "run"
+    run_training(data, run_dir, "0", load_config(None, [*RUN, "train.pixel_spacing=2.0"]))
+    return root, data, run_dir
+
+
+@pytest.mark.parametrize("which", ["resized", "pixel_spacing"])
+def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, spaced, tmp_path, which):
+    root, data, run_dir = trained if which == "resized" else spaced
     bundle = export_run(run_dir, tmp_path / "bundle", "bundle", fold="0", modality="MR")
     for part in ("configs/inference.json", "configs/metadata.json", "configs/logging.conf", "models/model.pt",
                  "docs/README.md", "docs/data_license.txt"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.transforms import Compose, Invertd
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.errors import PipelineError
 from pipeline.transforms import deterministic_transforms, image_transforms, random_transforms, without_metadata
 
@@ -495,3 +495,32 @@ def test_slice_indices_count_liver_slices_only_in_organ_maps():
     fg = sorted(np.unravel_index(d["label_fg_indices"], (4, 4, 3))[2].tolist())
     bg = sorted(np.unravel_index(d["label_bg_indices"], (4, 4, 3))[2].tolist())
     assert fg == [0] and bg == [1, 2]
+
+
+def test_pixel_spacing_resamples_slices_then_pads_or_crops_and_inverts_back(prepared):
+    """train.pixel_spacing: every slice at that spacing (the liver keeps its size in mm), padded or
+    cropped to the roi; Invertd brings an image-shaped result back onto the source grid."""
+    from monai.transforms import Invertd
+
+    mr, _ = prepared
+    cfg = cfg_with("train.pixel_spacing=2.0")  # the data's pixels are 1.5 mm: 40 x 36 -> 30 x 27, padded to 40 x 36
+    chain = Compose(deterministic_transforms(cfg))
+    out = chain(dict(mr))
+    image, label = out["image"], out["label"]
+    assert tuple(image.shape) == (1, 40, 36, SHAPE[2]) and tuple(label.shape) == tuple(image.shape)
+    spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, [2.0, 2.0, 4.0], atol=1e-5)
+    source = np.asarray(nib.load(mr["label"]).dataobj) == 1
+    # the liver's area in mm² per volume is kept (nearest resampling: within a few pixels' worth)
+    assert float(label.sum()) * 4.0 == pytest.approx(float(source.sum()) * 1.5 * 1.5, rel=0.1)
+    assert float(image[0, 0, 0].max()) == 0.0  # the padding (outside the 30 x 27 resampled slice)
+    back = Invertd("pred", transform=chain, orig_keys="label", nearest_interp=True)(
+        {"pred": label.clone(), "label": label})["pred"]
+    assert tuple(back.shape[1:]) == source.shape
+    inter = float(((np.asarray(back[0]) > 0.5) & source).sum())
+    assert 2 * inter / (float((np.asarray(back[0]) > 0.5).sum()) + float(source.sum())) > 0.9
+
+
+def test_pixel_spacing_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.pixel_spacing"):
+        load_config(None, ["train.pixel_spacing=-1"])
