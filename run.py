@@ -140,6 +140,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from pipeline.viewer import serve
+
+    serve(args.run, args.results, args.root or [Path.cwd()], host=args.host, port=args.port,
+          max_upload_mb=args.max_upload_mb,
+          ready=lambda url: _show(args, f"liver viewer at {url} (Ctrl-C stops it)"))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pipeline.compare import leaderboard_table, run_comparison
 
@@ -235,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle: the images it is for (default: what the fold was trained on, if one modality)")
     _common(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("view", help="a local web viewer: segment a series and look at the liver in the browser")
+    _run_dir(p, "run folder (or its zip) whose models segment")
+    p.add_argument("--results", type=Path, default=None, help="a `run.py infer` output folder to browse")
+    p.add_argument("--root", type=Path, action="append", default=None,
+                   help="a folder the page may browse and segment from (repeatable; default: the current folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024 MB)")
+    _common(p)
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("compare", help="train several configurations on the same folds and rank them")
     p.add_argument("--data", type=Path, required=True, help="prepared folder (holding datalist.json)")

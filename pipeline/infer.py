@@ -411,6 +411,45 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
     return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs))
 
 
+def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti", desc: str = "infer",
+                  shared_files: bool = True, on_case: Callable[[int, InferCase], None] | None = None
+                  ) -> tuple[list[dict], list[dict]]:
+    """segment_case for each case in turn (run_inference's loop, and the viewer's): (rows, skipped).
+
+    A case marked skip_on_error (one series of a study folder) that fails its checks is skipped with
+    its one-line reason; any other error stops. `shared_files`: write config.yaml and the label
+    descriptions with the first mask. `on_case(i, case)` is called before each case (progress).
+    """
+    import torch
+
+    from pipeline.config import save_config
+
+    rows, skipped = [], []
+    # One case after the other on purpose: reading the next case and writing the previous one in
+    # threads while the network ran was no faster on a small CPU. The serial run already keeps the
+    # cores busy (torch's OpenMP threads spin between kernels) and the threads slowed the network;
+    # OMP_WAIT_POLICY=PASSIVE lost more.
+    with torch.inference_mode():
+        for i, case in enumerate(progress(cases, desc=desc, unit="case")):
+            if on_case is not None:
+                on_case(i, case)
+            try:
+                row = segment_case(run, case, out_dir, fmt)
+            except PipelineError as exc:
+                if not case.skip_on_error:
+                    raise
+                log.warning("%s: skipped, %s", case.case, exc)  # one bad series of a study does not stop the rest
+                skipped.append({"input": case.case, "reason": str(exc)})
+                continue
+            if not rows and shared_files:  # the folder's shared files, once there is a first mask to describe
+                save_config(run.cfg, out_dir / "config.yaml")
+                write_label_descriptions(out_dir)
+            rows.append(row)
+            log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
+                     f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
+    return rows, skipped
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'K/N' (0 <= K < N) -> (K, N); PipelineError otherwise."""
     try:
@@ -442,10 +481,6 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     out_dir/shards/; whoever finishes last (rank 0 under torchrun) merges them into inference.json.
     Returns this process's rows.
     """
-    import torch
-
-    from pipeline.config import save_config
-
     out_dir = Path(out_dir)
     parse_formats(fmt)  # a typo fails before any case is read
     under_torchrun = shard is None and _torchrun_shard() is not None
@@ -460,28 +495,10 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
             log.warning("%s: skipped, %s", what, why)
         skipped = [{"input": what, "reason": why} for what, why in skipped_inputs]
     run = load_run(run_dir, fold, overrides, config_path)
-    rows = []
-    # One case after the other on purpose: reading the next case and writing the previous one in
-    # threads while the network ran was no faster on a small CPU. The serial run already keeps the
-    # cores busy (torch's OpenMP threads spin between kernels) and the threads slowed the network;
-    # OMP_WAIT_POLICY=PASSIVE lost more.
-    with torch.inference_mode():
-        for case in progress(cases, desc="infer" if n == 1 else f"infer {k}/{n}", unit="case"):
-            try:
-                row = segment_case(run, case, out_dir, fmt)
-            except PipelineError as exc:
-                if not case.skip_on_error:
-                    raise
-                log.warning("%s: skipped, %s", case.case, exc)  # one bad series of a study does not stop the rest
-                skipped.append({"input": case.case, "reason": str(exc)})
-                continue
-            if not rows and k == 0:  # the folder's shared files, once there is a first mask to describe
-                save_config(run.cfg, out_dir / "config.yaml")
-                write_label_descriptions(out_dir)
-            rows.append(row)
-            log.info("%s: %d slices, liver %.0f ml%s, %.1f s", case.case, row["slices"], row["liver_ml"],
-                     f", Dice {row['dice']:.4f}" if "dice" in row else "", row["seconds"])
-    head = {"run": str(run_dir), "folds": run.folds}
+    rows, failed = segment_cases(run, cases, out_dir, fmt, desc="infer" if n == 1 else f"infer {k}/{n}",
+                                 shared_files=k == 0)
+    skipped += failed
+    head = {"run": str(run_dir), "input": str(Path(input_path).resolve()), "folds": run.folds}
     if n == 1:
         if not rows:
             raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")
@@ -520,7 +537,8 @@ def _merge_shards(out_dir: Path, n: int, order: list[str], run: LoadedRun) -> No
     if not (out_dir / "config.yaml").exists():  # shard 0 had no case to write it with
         save_config(run.cfg, out_dir / "config.yaml")
         write_label_descriptions(out_dir)
-    write_json(out_dir / "inference.json", {**{k: parts[0][k] for k in ("run", "folds")}, "cases": rows,
+    write_json(out_dir / "inference.json", {**{k: parts[0][k] for k in ("run", "input", "folds") if k in parts[0]},
+                                             "cases": rows,
                                              "skipped": skipped, "shards": n})
 
 

@@ -2,7 +2,6 @@
 import csv
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -228,33 +227,6 @@ def test_cli_report_writes_the_page_and_says_where_unless_quiet(run_dir):
 
 
 # --------------------------------------------------------------------------- rendering
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.fixture()
-def browser(tmp_path, monkeypatch):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e .[test])")
-    from selenium.webdriver.chrome.service import Service
-
-    for exe in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(exe, os.X_OK):
-            pytest.skip(f"{exe} missing (apt-get install chromium chromium-driver)")
-    # Selenium Manager must never try to download a browser or driver: both are given explicitly.
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1280,2000", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
 
 def test_report_renders_in_headless_chromium_with_every_image_decoded(run_dir, browser, tmp_path):
     path = write_report(run_dir, eval_dir=run_dir.parent.parent / "eval")

@@ -1,0 +1,237 @@
+"""run.py view: the slices as radiologists read them, the API's limits, and the page in headless Chromium."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import threading
+import time
+import urllib.request
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.infer import run_inference
+from pipeline.labels import LIVER_RGB
+from pipeline.train import run_training
+from pipeline.viewer import CaseView, create_app, start, Viewer
+from tests.conftest import TINY_TRAIN
+from tests.dicom_fixtures import write_tiny
+from tests.nifti_fixtures import make_prepared_dataset
+
+
+# --------------------------------------------------------------------------- display geometry
+def test_slices_are_shown_radiologically_with_true_aspect_ratios():
+    """A marker on the patient's right, anterior and superior shows at the left / top of the axial and
+    coronal pictures and at the left / top of the sagittal one, whatever the stored axis order."""
+    shape = (20, 16, 6)
+    image = np.zeros(shape, np.float32)
+    # stored LPS-like: i runs to the patient's left, j posterior, k superior
+    affine = np.diag([-0.8, -0.8, 4.0, 1.0])
+    image[1, 1, 5] = 100.0  # i = 1: near the right; j = 1: near the front; k = 5: top slice
+    view = CaseView.from_arrays("m", image, affine, np.zeros(shape, bool), "CT")
+    x, y, z = np.argwhere(view.image == 100.0)[0]
+    axial, _, _, pixel = view.plane("axial", z)
+    rows, cols = np.argwhere(axial == 100.0)[0]
+    assert rows < 3 and cols < 3 and pixel == (0.8, 0.8)  # anterior at the top, right on the left
+    coronal, _, _, pixel = view.plane("coronal", y)
+    rows, cols = np.argwhere(coronal == 100.0)[0]
+    assert rows == 0 and cols < 3 and pixel == (0.8, 4.0)  # superior at the top
+    sagittal, _, _, _ = view.plane("sagittal", x)
+    rows, cols = np.argwhere(sagittal == 100.0)[0]
+    assert rows == 0 and cols < 3  # anterior on the left
+    png = Image.open(io.BytesIO(view.render("coronal", y, 200.0, 50.0)))
+    width, height = png.size
+    assert height / width == pytest.approx((6 * 4.0) / (20 * 0.8), rel=0.02)  # thick slices drawn tall
+    voxel = view.voxel(x, y, z)
+    assert voxel["source_index"] == [1, 1, 5] and voxel["value"] == 100.0
+    np.testing.assert_allclose(voxel["mm"], (affine @ [1, 1, 5, 1])[:3], atol=0.05)
+
+
+def test_the_liver_is_drawn_in_its_colour_and_the_reference_outlined():
+    shape = (12, 12, 3)
+    image = np.full(shape, 50.0, np.float32)
+    mask = np.zeros(shape, bool)
+    mask[2:6, 2:6, 1] = True
+    view = CaseView.from_arrays("m", image, np.eye(4), mask, "CT", reference=mask)
+    rgb = np.asarray(Image.open(io.BytesIO(view.render("axial", 1, 100.0, 50.0, opacity=1.0, reference=False))))
+    tinted = np.all(rgb == np.asarray(LIVER_RGB, np.uint8), axis=-1)
+    assert tinted.sum() == pytest.approx(16 / 144 * tinted.size, rel=0.05)
+    outlined = np.asarray(Image.open(io.BytesIO(view.render("axial", 1, 100.0, 50.0, overlay=False))))
+    assert np.all(outlined == [40, 220, 60], axis=-1).sum() > 0
+    assert view.dice() == 1.0 and view.liver_ml() == pytest.approx(16 / 1000)
+
+
+# --------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny trained run (it finds some liver), a DICOM series to segment under an allowed root,
+    and `run.py infer`'s mask of that series for comparison."""
+    root = tmp_path_factory.mktemp("viewer")
+    data = make_prepared_dataset(root / "prepared", n_mr=2, n_ct=1, shape=(48, 40, 12), folds=2)
+    run_dir = root / "run"
+    run_training(data, run_dir, "0", load_config(None, [*TINY_TRAIN, "train.epochs=6", "infer.montage=false"]))
+    scans = root / "scans"
+    image = nib.load(str(data / "imagesTr" / "MR_1_T2SPIR.nii.gz"))
+    volume = np.asarray(image.dataobj, dtype=np.float64)
+    # the NIfTI volume back into DICOM (rows = the volume's second axis reversed, as dcm2niix reads it)
+    write_tiny(scans / "patient" / "series", np.transpose(volume, (2, 1, 0))[:, ::-1, :], spacing=(1.5, 1.5, 4.0))
+    (scans / "notes").mkdir()
+    (scans / "notes" / "readme.txt").write_text("not a scan")
+    (root / "secret").mkdir()
+    (root / "secret" / "data.txt").write_text("outside")
+    (scans / "escape").symlink_to(root / "secret")
+    run_inference(run_dir, scans / "patient" / "series", root / "infer", ["infer.montage=false"])
+    return root, run_dir, scans
+
+
+def _wait(client, timeout=120):
+    deadline = time.time() + timeout
+    job = client.get("/api/job").get_json()
+    while job["state"] == "running" and time.time() < deadline:
+        time.sleep(0.2)
+        job = client.get("/api/job").get_json()
+    return job
+
+
+def test_the_api_segments_a_folder_as_infer_does_and_keeps_to_its_roots(setup):
+    root, run_dir, scans = setup
+    viewer = Viewer(run_dir, [scans])
+    try:
+        client = create_app(viewer).test_client()
+        listing = client.get("/api/browse", query_string={"path": str(scans)}).get_json()
+        assert [f["name"] for f in listing["folders"]] == ["notes", "patient"]  # the link out is not listed
+        for path in (str(root / "secret"), str(scans / "escape"), str(scans / ".." / "secret"), "/"):
+            answer = client.get("/api/browse", query_string={"path": path})
+            assert answer.status_code == 400 and "outside the folders" in answer.get_json()["error"]
+            answer = client.post("/api/segment", json={"path": path})
+            assert answer.status_code == 400
+        # a folder without DICOM: the command line's one-line error, and the server goes on
+        assert client.post("/api/segment", json={"path": str(scans / "notes")}).status_code == 200
+        job = _wait(client)
+        assert job["state"] == "error" and "no CT or MR image series" in job["message"]
+        assert len(job["message"].splitlines()) == 1
+        assert client.post("/api/segment", json={"path": str(scans / "patient" / "series")}).status_code == 200
+        busy = client.post("/api/segment", json={"path": str(scans / "patient" / "series")})
+        assert busy.status_code == 400 and "wait" in busy.get_json()["error"]  # one segmentation at a time
+        job = _wait(client)
+        assert job["state"] == "done", job
+        case = job["cases"][0]
+        downloaded = client.get(f"/api/case/{case}/download/mask.nii.gz")
+        ours = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded.data))
+        expected = nib.load(str(root / "infer" / "series_liver.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(expected.dataobj))
+        np.testing.assert_allclose(ours.affine, expected.affine, atol=1e-5)
+        assert np.asarray(expected.dataobj).sum() > 0
+        info = client.get(f"/api/case/{case}").get_json()
+        assert info["liver_ml"] == pytest.approx(json.loads((root / "infer" / "inference.json").read_text())
+                                                 ["cases"][0]["liver_ml"], abs=0.051)  # shown to 0.1 ml
+    finally:
+        viewer.close()
+    assert not viewer.work.exists()  # uploads and masks go when the server stops
+
+
+def test_uploads_are_checked_and_a_bad_one_leaves_the_server_running(setup):
+    root, run_dir, scans = setup
+    viewer = Viewer(run_dir, [scans], max_upload_mb=1)
+    try:
+        client = create_app(viewer).test_client()
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("../../evil.dcm", b"x")
+        answer = client.post("/api/upload", data={"files": (io.BytesIO(buf.getvalue()), "series.zip")})
+        assert answer.status_code == 400 and "outside the archive" in answer.get_json()["error"]
+        answer = client.post("/api/upload", data={"files": (io.BytesIO(b"hello"), "notes.txt")})
+        job = _wait(client)
+        assert answer.status_code == 200 and job["state"] == "error"
+        assert "no CT or MR image series" in job["message"]
+        big = client.post("/api/upload", data={"files": (io.BytesIO(b"0" * (2 << 20)), "big.dcm")})
+        assert big.status_code == 413 and "limit" in big.get_json()["error"]
+        files = [(io.BytesIO(p.read_bytes()), p.name) for p in sorted((scans / "patient" / "series").iterdir())]
+        assert client.post("/api/upload", data={"files": files}).status_code == 200
+        assert _wait(client)["state"] == "done"
+        assert client.get("/api/cases").status_code == 200
+    finally:
+        viewer.close()
+
+
+def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_path):
+    root, run_dir, _ = setup
+    prepared = root / "prepared"
+    run_inference(run_dir, prepared, tmp_path / "infer", ["infer.montage=false"], patients="MR_1")
+    viewer = Viewer(run_dir, [root], results=tmp_path / "infer")
+    try:
+        client = create_app(viewer).test_client()
+        cases = client.get("/api/cases").get_json()["cases"]
+        assert [c["name"] for c in cases] == ["MR_1_T2SPIR"]
+        info = client.get(f"/api/case/{cases[0]['id']}").get_json()
+        row = json.loads((tmp_path / "infer" / "inference.json").read_text())["cases"][0]
+        assert info["has_reference"] and info["dice"] == pytest.approx(row["dice"], abs=1e-6)
+    finally:
+        viewer.close()
+
+
+# --------------------------------------------------------------------------- the page
+def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, run_dir, scans = setup
+    server, viewer, url = start(run_dir, None, [scans], port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#folders li"))
+        for name in (str(scans), "patient", "series"):  # the folder browser, root first
+            wait.until(lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "#folders li") if li.text == name])
+            next(li for li in browser.find_elements(By.CSS_SELECTOR, "#folders li") if li.text == name).click()
+        wait.until(lambda d: d.find_element(By.ID, "where").text.startswith(str(scans / "patient" / "series")))
+        browser.find_element(By.ID, "segment").click()
+        wait.until(lambda d: d.find_elements(By.ID, "liver-ml"))
+        for plane in ("axial", "coronal", "sagittal"):
+            wait.until(lambda d: d.execute_script(
+                f"const i = document.getElementById('{plane}-img'); return i.complete && i.naturalWidth > 0"))
+        browser.save_screenshot(str(tmp_path / "viewer.png"))
+        assert (tmp_path / "viewer.png").stat().st_size > 10_000
+        # the axial picture the page shows: the liver colour exactly where this slice's mask is
+        src = browser.find_element(By.ID, "axial-img").get_attribute("src")
+        z = int(browser.find_element(By.ID, "axial-slider").get_attribute("value"))
+        _, mask, _, _ = viewer.view("c1").plane("axial", z)
+        assert mask.any(), "the middle slice of this series holds liver"
+        shown = Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB")
+        small = np.asarray(shown.resize(mask.shape[::-1], Image.NEAREST)).astype(int)
+        grey = (small[..., 0] == small[..., 1]) & (small[..., 1] == small[..., 2])
+        assert not grey[mask].any() and grey[~mask].all()
+        tint = small[mask].mean(axis=0)
+        assert tint[0] > tint[1] > tint[2]  # towards the liver colour (221, 130, 101)
+        info = json.loads(urllib.request.urlopen(url + "api/case/c1").read())
+        assert info["liver_ml"] > 0
+        assert browser.find_element(By.ID, "liver-ml").text == f"{info['liver_ml']:.1f}"
+        # moving the axial slider shows another slice
+        slider = browser.find_element(By.ID, "axial-slider")
+        browser.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'));", slider)
+        wait.until(lambda d: d.find_element(By.ID, "axial-img").get_attribute("src") != src)
+        assert "index=0" in browser.find_element(By.ID, "axial-img").get_attribute("src")
+        # clicking on the axial picture moves the coronal and sagittal slices (linked crosshair)
+        before = browser.find_element(By.ID, "coronal-img").get_attribute("src")
+        axial = browser.find_element(By.ID, "axial-img")
+        browser.execute_script("""
+            const img = arguments[0], r = img.getBoundingClientRect();
+            img.dispatchEvent(new MouseEvent('click', {clientX: r.left + 3, clientY: r.top + 3, bubbles: true}));""",
+                               axial)
+        wait.until(lambda d: d.find_element(By.ID, "coronal-img").get_attribute("src") != before)
+        # a path outside the roots is refused through the page's own API, and the server stays up
+        answer = browser.execute_script(
+            "return fetch('/api/browse?path=' + encodeURIComponent('/')).then(r => r.status)")
+        assert answer == 400
+        assert json.loads(urllib.request.urlopen(url + "api/cases").read())["cases"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        viewer.close()
