@@ -62,5 +62,6 @@ def run_demo(out: str | Path, cfg: Config) -> dict:
         "", "demo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         f"held-out patients (fold {DEMO_FOLD}): {', '.join(held_out)}",
         f"masks: {infer_dir}   metrics: {out / 'evaluate'}   report: {report}",
+        f"look at them in the browser: python run.py view --run {run_dir} --results {infer_dir}",
     ])
     return {"timings": timings, "held_out": held_out, "evaluation": result, "report": report, "table": summary}

@@ -137,20 +137,26 @@ class CaseView:
         from scipy import ndimage
 
         image, mask, ref, (pw, ph) = self.plane(plane, index)
-        grey = np.clip((image - (level - window / 2.0)) / max(window, 1e-6), 0.0, 1.0)
-        rgb = np.repeat((grey * 255.0)[..., None], 3, axis=-1)
-        if overlay and mask.any():
-            alpha = float(np.clip(opacity, 0.0, 1.0))
-            rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(LIVER_RGB, np.float64)
-        if reference and ref is not None and ref.any():
-            rgb[ref & ~ndimage.binary_erosion(ref)] = REFERENCE_RGB
-        rows, cols = grey.shape
+        rows, cols = image.shape
         scale = min(pw, ph)
         width, height = cols * pw / scale, rows * ph / scale
         longest = max(width, height)
         fit = min(MAX_SIDE / longest, max(1.0, 384.0 / longest))  # small slices enlarged, big ones capped
         size = (max(1, int(round(width * fit))), max(1, int(round(height * fit))))
-        picture = Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.NEAREST)
+
+        def shown(a):  # a slice at its displayed size (nearest: every screen pixel is one voxel's)
+            return np.asarray(Image.fromarray(a).resize(size, Image.NEAREST))
+
+        grey = np.clip((image - (level - window / 2.0)) / max(window, 1e-6), 0.0, 1.0)
+        rgb = np.repeat(shown((grey * 255.0).astype(np.float32))[..., None], 3, axis=-1).astype(np.float64)
+        if overlay and mask.any():
+            alpha = float(np.clip(opacity, 0.0, 1.0))
+            big = shown(mask.astype(np.uint8)) > 0
+            rgb[big] = (1.0 - alpha) * rgb[big] + alpha * np.asarray(LIVER_RGB, np.float64)
+        if reference and ref is not None and ref.any():
+            big = shown(ref.astype(np.uint8)) > 0
+            rgb[big & ~ndimage.binary_erosion(big)] = REFERENCE_RGB  # a one-pixel outline on screen
+        picture = Image.fromarray(np.round(rgb).astype(np.uint8))
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
         return buf.getvalue()

@@ -115,9 +115,10 @@ def test_the_api_segments_a_folder_as_infer_does_and_keeps_to_its_roots(setup):
         job = _wait(client)
         assert job["state"] == "error" and "no CT or MR image series" in job["message"]
         assert len(job["message"].splitlines()) == 1
-        assert client.post("/api/segment", json={"path": str(scans / "patient" / "series")}).status_code == 200
-        busy = client.post("/api/segment", json={"path": str(scans / "patient" / "series")})
+        with viewer._lock:  # a segmentation under way: the next request is told to wait
+            busy = client.post("/api/segment", json={"path": str(scans / "patient" / "series")})
         assert busy.status_code == 400 and "wait" in busy.get_json()["error"]  # one segmentation at a time
+        assert client.post("/api/segment", json={"path": str(scans / "patient" / "series")}).status_code == 200
         job = _wait(client)
         assert job["state"] == "done", job
         case = job["cases"][0]
@@ -163,6 +164,10 @@ def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_pa
     root, run_dir, _ = setup
     prepared = root / "prepared"
     run_inference(run_dir, prepared, tmp_path / "infer", ["infer.montage=false"], patients="MR_1")
+    from pipeline.evaluate import run_evaluation
+
+    scored = run_evaluation(tmp_path / "infer", prepared / "labelsTr", tmp_path / "evaluate",
+                            cfg=load_config(None, ["evaluate.missing=skip"]))
     viewer = Viewer(run_dir, [root], results=tmp_path / "infer")
     try:
         client = create_app(viewer).test_client()
@@ -171,6 +176,8 @@ def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_pa
         info = client.get(f"/api/case/{cases[0]['id']}").get_json()
         row = json.loads((tmp_path / "infer" / "inference.json").read_text())["cases"][0]
         assert info["has_reference"] and info["dice"] == pytest.approx(row["dice"], abs=1e-6)
+        assert cases[0]["metrics"]["dice"] == pytest.approx(scored["cases"][0]["dice"])  # evaluate's, beside it
+        assert cases[0]["metrics"]["score"] == pytest.approx(scored["cases"][0]["score"])
     finally:
         viewer.close()
 
