@@ -242,3 +242,15 @@ def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, brows
         server.shutdown()
         server.server_close()
         viewer.close()
+
+
+def test_view_command_line_errors_are_one_line(setup, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _, run_dir, _ = setup
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "view", "--run-dir", str(run_dir), "--root",
+                           str(tmp_path / "missing"), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: --root {tmp_path / 'missing'}: not a folder"]
