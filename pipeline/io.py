@@ -68,3 +68,8 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def is_zip_link(member) -> bool:
+    """A zipfile.ZipInfo that stores a symbolic link (Unix mode in its external attributes): never unpacked."""
+    return (member.external_attr >> 16) & 0o170000 == 0o120000

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, config_from_dict, save_config
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, is_zip_link, write_json
 
 CONFIG = "config.yaml"
 CV_SUMMARY = "cv_summary.csv"
@@ -182,7 +182,7 @@ def open_run(path: str | Path) -> Path:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
             bad = [m.filename for m in members if not _ZIP_MEMBER.match(m.filename) or m.is_dir()
-                   or (m.external_attr >> 16) & 0o170000 == 0o120000]
+                   or is_zip_link(m)]
             if bad:
                 raise PipelineError(f"{path}: not a run zip (unexpected member {bad[0]!r})")
             folder = Path(tempfile.mkdtemp(prefix="run-zip-"))

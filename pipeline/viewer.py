@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import safe_name
+from pipeline.io import is_zip_link, safe_name
 from pipeline.labels import LIVER, LIVER_RGB
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,9 @@ class CaseView:
         return float(self.mask.sum()) * float(np.prod(self.spacing)) / 1000.0
 
     def dice(self) -> float | None:
-        if self.reference is None:
-            return None
-        total = int(self.mask.sum()) + int(self.reference.sum())
-        return 1.0 if total == 0 else 2.0 * int((self.mask & self.reference).sum()) / total
+        from pipeline.metrics import dice
+
+        return None if self.reference is None else dice(self.mask, self.reference)
 
     def presets(self) -> dict[str, list[float]]:
         if self.modality == "CT":
@@ -338,7 +337,7 @@ def _unzip(data: bytes, folder: Path, limit: int, name: str) -> None:
     if sum(m.file_size for m in members) > limit:
         raise PipelineError(f"{name}: unpacks to more than the upload limit ({limit // 2 ** 20} MB)")
     for i, m in enumerate(members):
-        if m.is_dir() or (m.external_attr >> 16) & 0o170000 == 0o120000:
+        if m.is_dir() or is_zip_link(m):
             continue  # folders are implied; links are never written
         parts = Path(m.filename.replace("\\", "/")).parts
         if m.filename.startswith("/") or ".." in parts:
