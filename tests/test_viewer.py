@@ -195,9 +195,14 @@ def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, brows
         browser.get(url)
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#folders li"))
-        for name in (str(scans), "patient", "series"):  # the folder browser, root first
-            wait.until(lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "#folders li") if li.text == name])
-            next(li for li in browser.find_elements(By.CSS_SELECTOR, "#folders li") if li.text == name).click()
+        # the folder browser, root first; the list is rebuilt after every click, so the entry is found and
+        # clicked in one script (a Python-side element could go stale between finding and clicking it)
+        click_folder = """
+            const li = [...document.querySelectorAll('#folders li')].find(e => e.textContent.trim() === arguments[0]);
+            if (li) li.click();
+            return !!li;"""
+        for name in (str(scans), "patient", "series"):
+            wait.until(lambda d: d.execute_script(click_folder, name))
         wait.until(lambda d: d.find_element(By.ID, "where").text.startswith(str(scans / "patient" / "series")))
         browser.find_element(By.ID, "segment").click()
         wait.until(lambda d: d.find_elements(By.ID, "liver-ml"))
