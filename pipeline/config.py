@@ -30,7 +30,7 @@ class ConfigError(PipelineError):
     """A config file or override is invalid; the message names the key."""
 
 
-AmpMode = Literal["auto", "bf16", "fp16", "off"]
+AmpMode = Literal["auto", "native_bf16", "bf16", "fp16", "off"]
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TrainConfig:
     schedule: Literal["cosine", "poly"] = "cosine"  # decay after warm-up
     loss: Literal["dice_ce", "dice_focal", "bce"] = "dice_ce"
     val_every: int = 4  # validate every N epochs
-    amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, float32 on CPU
+    amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, float32 on CPU; native_bf16: bf16 on CPUs with AVX512-BF16/AMX
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader workers
     cache_rate: float = 1.0  # fraction of volumes whose deterministic transforms are cached

@@ -39,21 +39,25 @@ def inference_amp(amp: str, device: torch.device) -> str:
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The autocast dtype for `amp` (auto | bf16 | fp16 | off) on `device`, or None for float32.
+    """The autocast dtype for `amp` (auto | native_bf16 | bf16 | fp16 | off) on `device`, or None for float32.
 
     "auto" is fp16 CUDA AMP on GPU and float32 on CPU (inference resolves it with `inference_amp`
     first). bf16 training on CPU is opt-in (train.amp=bf16): faster, with a cross-validated Dice
-    within noise of float32's (README), but not yet the default.
+    within noise of float32's (README), but not yet the default. "native_bf16" is bf16 on CPUs with
+    AVX512-BF16/AMX and "auto" elsewhere: emulated bf16 is several times slower than float32 (measured on
+    an AVX2-only AMD EPYC: 2.6 s against 0.21 s per UNet training step of 16 slices at 128 x 128).
     """
     if amp == "off":
         return None
+    if amp == "native_bf16":  # bf16 only where the CPU computes it natively; elsewhere as "auto"
+        amp = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "auto"
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    raise ValueError(f"amp mode {amp!r} is not one of auto | bf16 | fp16 | off")
+    raise ValueError(f"amp mode {amp!r} is not one of auto | native_bf16 | bf16 | fp16 | off")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from pipeline import runs
 from pipeline.config import Config, config_to_dict, save_config
 from pipeline.console import progress, quiet_known_library_noise
 from pipeline.datalist import Datalist, read_datalist
-from pipeline.device import autocast_context, cpu_has_native_bf16, resolve_device
+from pipeline.device import amp_dtype, autocast_context, cpu_has_native_bf16, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name, write_text
 from pipeline.labels import LIVER, MODEL_OUTPUT
@@ -326,7 +326,8 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"data {data_dir} -> {fold_dir}",
         f"fold {fold}: {len(train)} training cases ({len({e['patient'] for e in train})} patients), "
         f"{len(val)} validation cases ({', '.join(sorted({e['patient'] for e in val}))})",
-        f"device {device}, amp {t.amp}, processes {dd.world}, seed {t.seed}",
+        f"device {device}, amp {t.amp} ({str(amp_dtype(device, t.amp) or 'float32').removeprefix('torch.')}), "
+        f"processes {dd.world}, seed {t.seed}",
         f"model {m.name} channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
         f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
         f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
@@ -437,7 +438,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                 "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
             log_settings(cfg, fold, train, val, device, dd, steps, datalist.folder, fold_dir)
         loss_fn = build_loss(cfg.train)
-        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.train.amp in ("auto", "fp16"))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
         inverter = source_grid_inverter(val_tf)
         events = EventLog(fold_dir, enabled=dd.main and cfg.train.tensorboard)
         t_start = time.perf_counter()

@@ -323,3 +323,20 @@ def test_without_tensorboard_the_run_says_so_once_and_writes_no_events(data_dir,
     assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))
     run_training(data_dir, tmp_path / "off", "0", tiny_config("train.epochs=1", "train.tensorboard=false"))
     assert not list((tmp_path / "off").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_native_bf16_is_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, tmp_path, native, tiny_config):
+    from types import SimpleNamespace
+
+    import pipeline.device
+
+    monkeypatch.setattr(pipeline.device, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert pipeline.device.amp_dtype(cpu, "native_bf16") == (torch.bfloat16 if native else None)
+    assert pipeline.device.amp_dtype(torch.device("cuda"), "native_bf16") == torch.float16  # as "auto" on a GPU
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        train_mod.log_settings(tiny_config("train.amp=native_bf16"), 0, [], [], cpu, SimpleNamespace(world=1), 1,
+                               tmp_path, tmp_path)
+    assert any(f"amp native_bf16 ({'bfloat16' if native else 'float32'})" in r.getMessage() for r in caplog.records)
+    assert not any("emulated" in r.getMessage() for r in caplog.records)
