@@ -92,12 +92,11 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "zip", fold: str
 # --------------------------------------------------------------------------- shared pieces
 def _fold_model(checkpoint: Path):
     """(the fold's config, its network in eval mode with the checkpoint's weights, the checkpoint dict)."""
-    from pipeline.model import build_model
+    from pipeline.model import load_trained_model
 
     cfg = runs.read_config(checkpoint.parent)
     ckpt = runs.load_checkpoint(checkpoint)
-    model = runs.load_weights(build_model(cfg.model, cfg.train.roi_size), checkpoint, ckpt["model"])
-    return cfg, model.eval(), ckpt
+    return cfg, load_trained_model(cfg, checkpoint, ckpt), ckpt
 
 
 def _fold_modalities(fold_dir: Path) -> list[str]:

@@ -141,7 +141,7 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
              config_path: Path | None = None) -> LoadedRun:
     """Read config and checkpoints (infer.checkpoint: best or last) of a run folder; one fold or all."""
     from pipeline.device import inference_amp, resolve_device
-    from pipeline.model import build_model
+    from pipeline.model import load_trained_model
     from pipeline.runtime import freeze_long_lived_objects, keep_freed_memory
 
     keep_freed_memory()  # page faults on fresh mappings were a large part of inference (pipeline/runtime.py)
@@ -156,10 +156,7 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     cfg.infer.amp = inference_amp(cfg.infer.amp, device)
     chosen = str(fold) if fold is not None else cfg.infer.folds  # --fold wins over infer.folds
     ckpts = runs.select_checkpoints(run_dir, chosen, cfg.infer.checkpoint)
-    models = []
-    for ck in ckpts:
-        model = runs.load_weights(build_model(cfg.model, cfg.train.roi_size), ck, runs.load_checkpoint(ck)["model"])
-        models.append(model.eval().to(device))
+    models = [load_trained_model(cfg, ck).to(device) for ck in ckpts]
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
     freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)
     name = Path(original).name.removesuffix(".zip") if str(original).endswith(".zip") else run_dir.resolve().name

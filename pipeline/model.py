@@ -10,11 +10,12 @@ full-resolution logits only. Every loss below takes either and a (B, 1, H, W) la
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from torch import nn
 
-from pipeline.config import ModelConfig, TrainConfig, plan_dynunet
+from pipeline.config import Config, ModelConfig, TrainConfig, plan_dynunet
 from pipeline.labels import MODEL_OUTPUT
 
 NUM_CLASSES = len(MODEL_OUTPUT)  # background, liver
@@ -63,6 +64,15 @@ def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> nn.Module:
 
     name, kwargs = network_spec(cfg, roi)
     return getattr(nets, name)(**kwargs)
+
+
+def load_trained_model(cfg: Config, checkpoint: Path, state: dict | None = None) -> nn.Module:
+    """The network `cfg` describes with the weights of `checkpoint` (its loaded dict, when the caller
+    already has it), in eval mode: what infer and export both load."""
+    from pipeline import runs
+
+    state = runs.load_checkpoint(checkpoint) if state is None else state
+    return runs.load_weights(build_model(cfg.model, cfg.train.roi_size), checkpoint, state["model"]).eval()
 
 
 def count_parameters(model: nn.Module) -> int:
