@@ -16,7 +16,10 @@ The remappings (MR intensities have no unit, so each works on the volume's 1-99 
   strong bias field        a smooth multiplicative ramp from 0.4 to 1.6 across the body
   inverted                 brightest and darkest exchanged
 Per remapping: mean and minimum Dice, patients below 0.5, and how many of those infer's QC flags
-(empty mask or liver volume outside infer.qc_liver_ml: a single fold's model has no fold agreement).
+(empty mask, liver volume outside infer.qc_liver_ml, or predict.mask_confidence below
+infer.qc_min_confidence: a single fold's model has no fold agreement), and how many of the patients
+at or above 0.8 it flags as well (false alarms). `--set infer.qc_min_confidence=X` tries a threshold;
+the JSON line at the end holds every case's Dice and confidence, to choose one from.
 Target (issue #12): mean within 0.03 of the unperturbed score and no patient below 0.5 unflagged.
 """
 from __future__ import annotations
@@ -34,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import runs  # noqa: E402
 from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.infer import load_run, predict_case, quality_flags  # noqa: E402
+from pipeline.infer import (Stages, liver_on_source_grid, load_run, network_probs, preprocess_case,  # noqa: E402
+                            quality_flags)
+from pipeline.predict import mask_confidence  # noqa: E402
 from pipeline.labels import LIVER  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.postprocess import postprocess  # noqa: E402
@@ -92,30 +97,36 @@ def main() -> int:
     ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="prepared folder the run was trained on")
     ap.add_argument("--checkpoint", default="last", choices=["best", "last"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="infer.KEY=VALUE")
     args = ap.parse_args()
     datalist = read_datalist(args.data)
-    scores: dict[str, list[tuple[str, float, list[str]]]] = {name: [] for name in REMAPS}
+    scores: dict[str, list[tuple[str, float, list[str], float | None]]] = {name: [] for name in REMAPS}
     for fold, _ in runs.fold_dirs(args.run):
-        run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off"])
+        run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off", *args.overrides])
         _, val = datalist.split(fold)
         for entry in val:
             image, label = read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array
             truth = label == LIVER
             for name, remap in REMAPS.items():
                 volume = remap(image.array, label).astype(np.float32)
-                with torch.inference_mode():
-                    probs = predict_case(run, volume, image.affine, entry["modality"])
+                with torch.inference_mode():  # infer's own steps, the confidence on the model's grid as there
+                    pre, model_input = preprocess_case(run, volume, image.affine, entry["modality"])
+                    model_probs = network_probs(run, model_input, Stages())
+                    probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
+                confidence = mask_confidence(model_probs)
                 mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
-                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer)
-                scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags))
-    base = statistics.mean(d for _, d, _ in scores["none"])
-    print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}")
+                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer, confidence)
+                scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags, confidence))
+    base = statistics.mean(r[1] for r in scores["none"])
+    print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}"
+          f"{'>= 0.8':>8}{'flagged':>9}")
     for name, rows in scores.items():
-        values = [d for _, d, _ in rows]
-        low = [r for r in rows if r[1] < 0.5]
+        values = [r[1] for r in rows]
+        low, good = [r for r in rows if r[1] < 0.5], [r for r in rows if r[1] >= 0.8]
         print(f"{name:<24}{statistics.mean(values):>10.4f}{statistics.mean(values) - base:>+9.4f}{min(values):>8.4f}"
-              f"{len(low):>7}{sum(1 for r in low if r[2]):>9}")
-    print(json.dumps({name: {case: round(d, 4) for case, d, _ in rows} for name, rows in scores.items()}))
+              f"{len(low):>7}{sum(1 for r in low if r[2]):>9}{len(good):>8}{sum(1 for r in good if r[2]):>9}")
+    print(json.dumps({name: {case: [round(d, 4), None if c is None else round(c, 4)] for case, d, _, c in rows}
+                      for name, rows in scores.items()}))
     return 0
 
 

@@ -138,6 +138,7 @@ class InferConfig:
     # quality control: a mask outside this liver volume range (ml) is flagged (warning, "qc" in inference.json)
     qc_liver_ml: list[float] = field(default_factory=lambda: [200.0, 5000.0])
     qc_min_agreement: float = 0.8  # flag a mask when a fold model's own mask agrees less (Dice) with the ensemble's
+    qc_min_confidence: float = 0.0  # flag a mask whose predict.mask_confidence is below this
     montage: bool = True  # write a PNG montage per case
 
 
@@ -297,6 +298,8 @@ def validate(cfg: Config) -> Config:
         ("infer.qc_liver_ml", len(i.qc_liver_ml) == 2 and 0 <= i.qc_liver_ml[0] < i.qc_liver_ml[1],
          f"expected [low, high] in ml with 0 <= low < high, got {i.qc_liver_ml}"),
         ("infer.qc_min_agreement", 0.0 <= i.qc_min_agreement <= 1.0, f"expected a Dice in [0, 1], got {i.qc_min_agreement}"),
+        ("infer.qc_min_confidence", 0.0 <= i.qc_min_confidence <= 1.0,
+         f"expected a value in [0, 1], got {i.qc_min_confidence}"),
     ]
     for key, ok, problem in rules:
         if not ok:

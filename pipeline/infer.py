@@ -232,9 +232,10 @@ def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | Non
                               amp=run.cfg.infer.amp, model_masks=model_masks)
 
 
-def quality_flags(liver_ml: float, agreement: float | None, cfg) -> list[str]:
+def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None) -> list[str]:
     """Why a mask should not be trusted without a look (empty when nothing is wrong): no liver, a
-    liver volume outside infer.qc_liver_ml, or fold models that disagree (infer.qc_min_agreement)."""
+    liver volume outside infer.qc_liver_ml, fold models that disagree (infer.qc_min_agreement), or a
+    network unsure of its own mask (predict.mask_confidence below infer.qc_min_confidence)."""
     flags = []
     low, high = cfg.qc_liver_ml
     if liver_ml == 0:
@@ -243,6 +244,8 @@ def quality_flags(liver_ml: float, agreement: float | None, cfg) -> list[str]:
         flags.append(f"liver volume {liver_ml:.0f} ml outside {low:g}-{high:g} ml")
     if agreement is not None and agreement < cfg.qc_min_agreement:
         flags.append(f"fold models disagree (lowest Dice with the ensemble {agreement:.2f} < {cfg.qc_min_agreement:g})")
+    if liver_ml > 0 and confidence is not None and confidence < cfg.qc_min_confidence:
+        flags.append(f"low confidence ({confidence:.2f} < {cfg.qc_min_confidence:g})")
     return flags
 
 
@@ -351,8 +354,10 @@ def parse_formats(text: str) -> tuple[str, ...]:
 def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti",
                agreement: float | None = None) -> dict:
     """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row, with
-    "qc" (quality_flags; `agreement` from predict.fold_agreement)."""
+    "qc" (quality_flags; `agreement` from predict.fold_agreement, the confidence from
+    predict.mask_confidence on the model's grid)."""
     from pipeline.metrics import dice
+    from pipeline.predict import mask_confidence
     from pipeline.visualize import montage
 
     case, stage = prepared.case, prepared.stages
@@ -389,7 +394,9 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["fold_agreement"] = None if agreement is None else round(agreement, 4)
-    row["qc"] = quality_flags(row["liver_ml"], agreement, run.cfg.infer)
+    confidence = mask_confidence(probs)
+    row["confidence"] = None if confidence is None else round(confidence, 4)
+    row["qc"] = quality_flags(row["liver_ml"], agreement, run.cfg.infer, confidence)
     if row["qc"]:
         log.warning("%s: check this mask before using it: %s", case.case, "; ".join(row["qc"]))
     row["seconds"] = round(mask_seconds, 3)

@@ -119,3 +119,15 @@ def fold_agreement(model_masks: Sequence[torch.Tensor], probs: torch.Tensor) -> 
         total = size + int(own.sum())
         scores.append(1.0 if total == 0 else 2.0 * int((own & ensemble).sum()) / total)
     return min(scores)
+
+
+def mask_confidence(probs) -> float | None:
+    """How sure the network is of its own mask: the soft Dice between the liver probability and its
+    threshold at 0.5, 2 sum(p m) / (sum p + sum m) with m = p >= 0.5, over any array or tensor of
+    probabilities. Near 1 when the probabilities sit near 0 and 1, lower when much of the mask, or of
+    the probability outside it, is uncertain; it needs one model only, where the fold agreement needs
+    two. None when there is no probability mass at all (nothing to be sure of)."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    mask = p >= 0.5
+    total = float(p.sum()) + int(mask.sum())
+    return None if total == 0 else 2.0 * float(p[mask].sum()) / total

@@ -354,6 +354,24 @@ def test_quality_flags_name_what_is_wrong_with_a_mask():
     assert quality_flags(120.0, 0.9, cfg) == ["liver volume 120 ml outside 500-3000 ml"]
     assert quality_flags(3500.0, 0.5, cfg) == ["liver volume 3500 ml outside 500-3000 ml",
                                                "fold models disagree (lowest Dice with the ensemble 0.50 < 0.85)"]
+    cfg.qc_min_confidence = 0.9
+    assert quality_flags(1500.0, None, cfg, 0.95) == []
+    assert quality_flags(1500.0, None, cfg, 0.62) == ["low confidence (0.62 < 0.9)"]
+    assert quality_flags(0.0, None, cfg, None) == ["empty: no liver found"]  # said once, not twice
+
+
+def test_mask_confidence_is_the_soft_dice_of_the_probabilities_with_their_own_mask():
+    from pipeline.predict import mask_confidence
+
+    sure = torch.zeros(1, 8, 8, 4)
+    sure[:, 2:6, 2:6] = 1.0
+    assert mask_confidence(sure) == pytest.approx(1.0)
+    unsure = sure * 0.6  # the same mask, every voxel of it at 0.6
+    assert mask_confidence(unsure) == pytest.approx(2 * 0.6 * 64 / (0.6 * 64 + 64))
+    haze = sure.clone()
+    haze[:, 6:8] = 0.4  # probability outside the mask lowers it too
+    assert mask_confidence(haze) == pytest.approx(2 * 64 / (64 + 0.4 * 64 + 64))
+    assert mask_confidence(np.zeros((4, 4, 2), np.float32)) is None
 
 
 def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
@@ -380,6 +398,7 @@ def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, c
                              overrides=["infer.qc_min_agreement=1.0", "infer.qc_liver_ml=[1000,2000]"])
     saved = json.loads((tmp_path / "out" / "inference.json").read_text())["cases"][0]
     assert saved["qc"] == rows[0]["qc"] and 0.0 <= saved["fold_agreement"] < 1.0
+    assert 0.0 < saved["confidence"] <= 1.0  # random weights: probabilities about 0.5, far from sure
     assert any(flag.startswith("fold models disagree") for flag in saved["qc"])
     assert any(flag.startswith("liver volume") or flag.startswith("empty") for flag in saved["qc"])
     assert "check this mask before using it" in caplog.text and "s:" in caplog.text
