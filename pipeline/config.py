@@ -138,7 +138,7 @@ class InferConfig:
     # quality control: a mask outside this liver volume range (ml) is flagged (warning, "qc" in inference.json)
     qc_liver_ml: list[float] = field(default_factory=lambda: [200.0, 5000.0])
     qc_min_agreement: float = 0.8  # flag a mask when a fold model's own mask agrees less (Dice) with the ensemble's
-    qc_min_confidence: float = 0.0  # flag a mask whose predict.mask_confidence is below this
+    qc_min_confidence: float = 0.85  # flag a mask whose fold models' mean predict.mask_confidence is below this
     montage: bool = True  # write a PNG montage per case
 
 

@@ -222,14 +222,16 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
     return PreparedCase(case, volume, pre, image, stage, started)
 
 
-def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | None = None):
+def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | None = None,
+                  model_confidences: list | None = None):
     """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid (each model's own
-    mask appended to `model_masks` when given, for the fold agreement)."""
+    mask appended to `model_masks` when given, for the fold agreement, and its confidence to
+    `model_confidences`)."""
     from pipeline.predict import predict_volume
 
     with stages("network"):
         return predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
-                              amp=run.cfg.infer.amp, model_masks=model_masks)
+                              amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences)
 
 
 def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None) -> list[str]:
@@ -352,12 +354,11 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt: str = "nifti",
-               agreement: float | None = None) -> dict:
+               agreement: float | None = None, confidence: float | None = None) -> dict:
     """Stage 3 of a case: invert, post-process, write its outputs; returns its summary row, with
-    "qc" (quality_flags; `agreement` from predict.fold_agreement, the confidence from
-    predict.mask_confidence on the model's grid)."""
+    "qc" (quality_flags; `agreement` from predict.fold_agreement, `confidence` the fold models' mean
+    predict.mask_confidence)."""
     from pipeline.metrics import dice
-    from pipeline.predict import mask_confidence
     from pipeline.visualize import montage
 
     case, stage = prepared.case, prepared.stages
@@ -394,7 +395,6 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
     if truth is not None:
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["fold_agreement"] = None if agreement is None else round(agreement, 4)
-    confidence = mask_confidence(probs)
     row["confidence"] = None if confidence is None else round(confidence, 4)
     row["qc"] = quality_flags(row["liver_ml"], agreement, run.cfg.infer, confidence)
     if row["qc"]:
@@ -411,8 +411,11 @@ def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nif
 
     prepared = read_case(run, case)
     masks: list = []
-    probs = network_probs(run, prepared.image, prepared.stages, masks)
-    return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs))
+    confidences: list = []
+    probs = network_probs(run, prepared.image, prepared.stages, masks, confidences)
+    known = [c for c in confidences if c is not None]
+    return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs),
+                      sum(known) / len(known) if known else None)
 
 
 def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti", desc: str = "infer",

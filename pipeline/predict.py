@@ -51,10 +51,13 @@ def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, devic
 
 
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
-                   device: torch.device, amp: str = "off", model_masks: list | None = None) -> torch.Tensor:
+                   device: torch.device, amp: str = "off", model_masks: list | None = None,
+                   model_confidences: list | None = None) -> torch.Tensor:
     """Liver probability (softmax channel LIVER) averaged over `models`: image (C, H, W, D) -> float32
     (1, H, W, D). Models are put in eval mode and restored afterwards. With a list `model_masks`,
-    each model's own liver mask (probability >= 0.5, bool (D, H, W)) is appended to it.
+    each model's own liver mask (probability >= 0.5, bool (D, H, W)) is appended to it; with a list
+    `model_confidences`, each model's `mask_confidence` of its own probabilities (one model's, not
+    the average's: averaging folds softens the probabilities whether or not they are right).
     """
     if not models:
         raise ValueError("predict: no model to predict with")
@@ -70,19 +73,25 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
         was_training = model.training
         model.eval()
         own = torch.zeros(total.shape, dtype=torch.bool) if model_masks is not None else None
+        sums = torch.zeros(3, dtype=torch.float64)
         try:
             for start, logits in _batch_logits(model, slices, batch_size, device, amp):
                 if logits.shape[1] != 2:
                     raise ValueError(f"predict: expected a background/liver model with 2 outputs, "
                                      f"got {logits.shape[1]}")
                 diff = logits[:, LIVER] - logits[:, 0]
-                total[start:start + logits.shape[0]] += torch.sigmoid(diff).cpu()
+                probs = torch.sigmoid(diff).cpu()
+                total[start:start + logits.shape[0]] += probs
+                if model_confidences is not None:
+                    sums += confidence_sums(probs)
                 if own is not None:  # sigmoid(d) >= 0.5 exactly where d >= 0: no second sigmoid
                     own[start:start + logits.shape[0]] = (diff >= 0).cpu()
         finally:
             model.train(was_training)
         if own is not None:
             model_masks.append(own)
+        if model_confidences is not None:
+            model_confidences.append(confidence_from_sums(sums))
     return total.div_(len(models))[None].permute(0, 2, 3, 1)
 
 
@@ -127,7 +136,17 @@ def mask_confidence(probs) -> float | None:
     probabilities. Near 1 when the probabilities sit near 0 and 1, lower when much of the mask, or of
     the probability outside it, is uncertain; it needs one model only, where the fold agreement needs
     two. None when there is no probability mass at all (nothing to be sure of)."""
-    p = torch.as_tensor(probs, dtype=torch.float32)
+    return confidence_from_sums(confidence_sums(torch.as_tensor(probs, dtype=torch.float32)))
+
+
+def confidence_sums(p: torch.Tensor) -> torch.Tensor:
+    """mask_confidence's three terms of probabilities p (sum of p inside its mask, sum of p, voxels
+    of the mask), float64: they add up over batches of slices."""
     mask = p >= 0.5
-    total = float(p.sum()) + int(mask.sum())
-    return None if total == 0 else 2.0 * float(p[mask].sum()) / total
+    return torch.stack([p[mask].sum(dtype=torch.float64), p.sum(dtype=torch.float64),
+                        mask.sum().to(torch.float64)])
+
+
+def confidence_from_sums(sums: torch.Tensor) -> float | None:
+    total = float(sums[1] + sums[2])
+    return None if total == 0 else 2.0 * float(sums[0]) / total

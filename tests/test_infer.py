@@ -387,6 +387,21 @@ def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
     assert fold_agreement([a, b], probs) == pytest.approx(2 * 8 / (16 + 8))
 
 
+def test_each_model_s_confidence_is_that_of_its_own_probabilities_summed_over_batches():
+    from torch import nn
+
+    from pipeline.predict import mask_confidence, predict_volume
+
+    torch.manual_seed(0)
+    image = torch.randn(1, 6, 5, 7)  # (C, H, W, D): 7 slices, predicted 3 at a time
+    models = [nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1)]
+    confidences: list = []
+    mean = predict_volume(models, image, batch_size=3, device=torch.device("cpu"), model_confidences=confidences)
+    own = [predict_volume([m], image, batch_size=7, device=torch.device("cpu")) for m in models]
+    assert confidences == [pytest.approx(mask_confidence(p), abs=1e-6) for p in own]
+    assert torch.allclose(mean, (own[0] + own[1]) / 2, atol=1e-6)
+
+
 def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, caplog):
     import json
 
