@@ -450,8 +450,9 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                                                  f"fold {fold} epoch {epoch}/{cfg.train.epochs}", dd.main))
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": state.scheduler.get_last_lr()[0]}
             dd.barrier()
-            calibrate = cfg.train.budget_minutes > 0 and state.budget_epochs is None and \
-                epoch >= max(1, cfg.train.warmup_epochs)
+            calibrate = budget_calibrates_now(cfg, state, epoch, time.perf_counter() - t_start)
+            if dd.world > 1 and cfg.train.budget_minutes > 0 and state.budget_epochs is None:
+                calibrate = dd.from_main(float(calibrate)) > 0.5  # a time, so every rank follows rank 0
             if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or calibrate):
                 t_val = time.perf_counter()
                 images = {} if events.writer is not None else None
@@ -485,6 +486,20 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
             write_metrics(fold_dir / runs.METRICS, state.history, patients)
             plot_curves(state.history, patients, fold_dir / runs.CURVES, title=f"fold {fold}")
     return fold_result(fold, state, patients, minutes)
+
+
+CALIBRATION_SHARE = 0.05  # of train.budget_minutes measured before the epochs are fixed
+
+
+def budget_calibrates_now(cfg: Config, state: FoldState, epoch: int, elapsed_s: float) -> bool:
+    """Whether this epoch fixes the budget's epoch count: after the warm-up, once 5% of the budget has
+    passed (or one epoch before train.epochs would end the run). Measured over the warm-up alone (two
+    epochs, seconds), a moment's load from another process had moved the count by 15% between the
+    folds of one run (132-170 epochs at 10 minutes, session 10); the median of the epochs in the first
+    30 s of ten minutes is steadier, and the cosine schedule is then barely past its start."""
+    if cfg.train.budget_minutes <= 0 or state.budget_epochs is not None or epoch < max(1, cfg.train.warmup_epochs):
+        return False
+    return elapsed_s >= CALIBRATION_SHARE * cfg.train.budget_minutes * 60 or epoch >= cfg.train.epochs - 1
 
 
 def epochs_within_budget(cfg: Config, history: list[dict], elapsed_s: float, dd: Dist) -> int:

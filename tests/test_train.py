@@ -341,3 +341,17 @@ def test_native_bf16_is_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, tmp_
                                tmp_path, tmp_path)
     assert any(f"amp native_bf16 ({'bfloat16' if native else 'float32'})" in r.getMessage() for r in caplog.records)
     assert not any("emulated" in r.getMessage() for r in caplog.records)
+
+
+def test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up(tiny_config):
+    from types import SimpleNamespace
+
+    cfg = tiny_config("train.budget_minutes=10", "train.warmup_epochs=2", "train.epochs=280")
+    fresh, fixed = SimpleNamespace(budget_epochs=None), SimpleNamespace(budget_epochs=150)
+    calibrates = train_mod.budget_calibrates_now
+    assert not calibrates(cfg, fresh, 1, 100.0)  # still warming up
+    assert not calibrates(cfg, fresh, 2, 8.0)  # warm-up over, but 8 s of 600 is too short a sample
+    assert calibrates(cfg, fresh, 9, 30.0)  # 5% of ten minutes
+    assert calibrates(cfg, fresh, 279, 20.0)  # train.epochs would end the run before
+    assert not calibrates(cfg, fixed, 9, 30.0)  # fixed once, kept (resume)
+    assert not calibrates(tiny_config("train.budget_minutes=0"), fresh, 9, 30.0)
