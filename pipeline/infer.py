@@ -551,10 +551,11 @@ def _merge_shards(out_dir: Path, n: int, order: list[str], run: LoadedRun) -> No
 
 def format_inference_table(summary: dict) -> str:
     """inference.json's content as the table `run.py infer` prints: what was segmented, what was skipped."""
-    lines = [f"{'case':<32}{'slices':>7}{'liver ml':>10}{'Dice':>8}{'seconds':>9}  qc"]
+    lines = [f"{'case':<32}{'slices':>7}{'liver ml':>10}{'Dice':>8}{'confidence':>11}{'seconds':>9}  qc"]
     for row in summary.get("cases", []):
         dice_text = f"{row['dice']:.4f}" if row.get("dice") is not None else "-"
-        lines.append(f"{row['case']:<32}{row['slices']:>7}{row['liver_ml']:>10.0f}{dice_text:>8}"
+        sure = f"{row['confidence']:.3f}" if row.get("confidence") is not None else "-"  # older runs lack it
+        lines.append(f"{row['case']:<32}{row['slices']:>7}{row['liver_ml']:>10.0f}{dice_text:>8}{sure:>11}"
                      f"{row['seconds']:>9.2f}  {'; '.join(row.get('qc') or []) or 'ok'}")
     for item in summary.get("skipped", []):
         lines.append(f"{item['input']:<32}{'skipped':>7}  {item['reason']}")

@@ -417,3 +417,19 @@ def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, c
     assert any(flag.startswith("fold models disagree") for flag in saved["qc"])
     assert any(flag.startswith("liver volume") or flag.startswith("empty") for flag in saved["qc"])
     assert "check this mask before using it" in caplog.text and "s:" in caplog.text
+
+
+def test_the_printed_table_shows_the_confidence_and_reads_older_results():
+    from pipeline.infer import format_inference_table
+
+    table = format_inference_table({"cases": [
+        {"case": "MR_1_T2SPIR", "slices": 37, "liver_ml": 1849.7, "dice": 0.91, "confidence": 0.9123, "seconds": 0.4,
+         "qc": []},
+        {"case": "MR_2_T2SPIR", "slices": 31, "liver_ml": 40.0, "confidence": 0.61, "seconds": 0.4,
+         "qc": ["liver volume 40 ml outside 200-5000 ml", "low confidence (0.61 < 0.85)"]},
+        {"case": "CT_1", "slices": 90, "liver_ml": 1500.0, "seconds": 1.0}]})  # written before confidence existed
+    lines = table.splitlines()
+    assert lines[0].split() == ["case", "slices", "liver", "ml", "Dice", "confidence", "seconds", "qc"]
+    assert lines[1].split()[4:] == ["0.912", "0.40", "ok"]
+    assert lines[2].split()[3:6] == ["-", "0.610", "0.40"] and lines[2].endswith("low confidence (0.61 < 0.85)")
+    assert lines[3].split()[3:5] == ["-", "-"]
