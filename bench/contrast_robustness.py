@@ -16,7 +16,7 @@ The remappings (MR intensities have no unit, so each works on the volume's 1-99 
   strong bias field        a smooth multiplicative ramp from 0.4 to 1.6 across the body
   inverted                 brightest and darkest exchanged
 Per remapping: mean and minimum Dice, patients below 0.5, and how many of those infer's QC flags
-(empty mask, liver volume outside infer.qc_liver_ml, or predict.mask_confidence below
+(empty mask, liver volume outside infer.qc_liver_ml, or the confidence (predict.mask_confidence) below
 infer.qc_min_confidence: a single fold's model has no fold agreement), and how many of the patients
 at or above 0.8 it flags as well (false alarms). `--set infer.qc_min_confidence=X` tries a threshold;
 the JSON line at the end holds every case's Dice and confidence, to choose one from.
@@ -39,7 +39,7 @@ from pipeline import runs  # noqa: E402
 from pipeline.datalist import read_datalist  # noqa: E402
 from pipeline.infer import (Stages, liver_on_source_grid, load_run, network_probs, preprocess_case,  # noqa: E402
                             quality_flags)
-from pipeline.predict import mask_confidence  # noqa: E402
+from pipeline.predict import ensemble_confidence  # noqa: E402
 from pipeline.labels import LIVER  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.postprocess import postprocess  # noqa: E402
@@ -109,11 +109,12 @@ def main() -> int:
             truth = label == LIVER
             for name, remap in REMAPS.items():
                 volume = remap(image.array, label).astype(np.float32)
-                with torch.inference_mode():  # infer's own steps, the confidence on the model's grid as there
+                confidences: list = []
+                with torch.inference_mode():  # infer's own steps, the confidence gathered as there
                     pre, model_input = preprocess_case(run, volume, image.affine, entry["modality"])
-                    model_probs = network_probs(run, model_input, Stages())
+                    model_probs = network_probs(run, model_input, Stages(), model_confidences=confidences)
                     probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
-                confidence = mask_confidence(model_probs)
+                confidence = ensemble_confidence(confidences)
                 mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
                 flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer, confidence)
                 scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags, confidence))

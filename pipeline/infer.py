@@ -407,15 +407,14 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
 
 def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
     """Read one case, predict, post-process and write its outputs; returns its summary row."""
-    from pipeline.predict import fold_agreement
+    from pipeline.predict import ensemble_confidence, fold_agreement
 
     prepared = read_case(run, case)
     masks: list = []
     confidences: list = []
     probs = network_probs(run, prepared.image, prepared.stages, masks, confidences)
-    known = [c for c in confidences if c is not None]
     return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs),
-                      sum(known) / len(known) if known else None)
+                      ensemble_confidence(confidences))
 
 
 def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti", desc: str = "infer",

@@ -73,7 +73,7 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
         was_training = model.training
         model.eval()
         own = torch.zeros(total.shape, dtype=torch.bool) if model_masks is not None else None
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64) if model_confidences is not None else None
         try:
             for start, logits in _batch_logits(model, slices, batch_size, device, amp):
                 if logits.shape[1] != 2:
@@ -82,7 +82,7 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
                 diff = logits[:, LIVER] - logits[:, 0]
                 probs = torch.sigmoid(diff).cpu()
                 total[start:start + logits.shape[0]] += probs
-                if model_confidences is not None:
+                if sums is not None:
                     sums += confidence_sums(probs)
                 if own is not None:  # sigmoid(d) >= 0.5 exactly where d >= 0: no second sigmoid
                     own[start:start + logits.shape[0]] = (diff >= 0).cpu()
@@ -90,7 +90,7 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
             model.train(was_training)
         if own is not None:
             model_masks.append(own)
-        if model_confidences is not None:
+        if sums is not None:
             model_confidences.append(confidence_from_sums(sums))
     return total.div_(len(models))[None].permute(0, 2, 3, 1)
 
@@ -150,3 +150,10 @@ def confidence_sums(p: torch.Tensor) -> torch.Tensor:
 def confidence_from_sums(sums: torch.Tensor) -> float | None:
     total = float(sums[1] + sums[2])
     return None if total == 0 else 2.0 * float(sums[0]) / total
+
+
+def ensemble_confidence(model_confidences: Sequence[float | None]) -> float | None:
+    """The fold models' mean confidence (predict_volume's `model_confidences`), over the models that
+    had any probability mass; None when none had."""
+    known = [c for c in model_confidences if c is not None]
+    return sum(known) / len(known) if known else None

@@ -390,7 +390,7 @@ def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
 def test_each_model_s_confidence_is_that_of_its_own_probabilities_summed_over_batches():
     from torch import nn
 
-    from pipeline.predict import mask_confidence, predict_volume
+    from pipeline.predict import ensemble_confidence, mask_confidence, predict_volume
 
     torch.manual_seed(0)
     image = torch.randn(1, 6, 5, 7)  # (C, H, W, D): 7 slices, predicted 3 at a time
@@ -400,6 +400,9 @@ def test_each_model_s_confidence_is_that_of_its_own_probabilities_summed_over_ba
     own = [predict_volume([m], image, batch_size=7, device=torch.device("cpu")) for m in models]
     assert confidences == [pytest.approx(mask_confidence(p), abs=1e-6) for p in own]
     assert torch.allclose(mean, (own[0] + own[1]) / 2, atol=1e-6)
+    assert ensemble_confidence(confidences) == pytest.approx(sum(confidences) / 2)
+    assert ensemble_confidence([0.8, None, 0.9]) == pytest.approx(0.85)  # a model with no mass has no say
+    assert ensemble_confidence([None]) is None
 
 
 def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, caplog):
