@@ -3,6 +3,7 @@
     from pipeline.api import segment
     mask = segment("scans/patient7/DICOM", run="runs/exp")      # a nibabel image on the scan's grid
     mask.to_filename("patient7_liver.nii.gz")
+    mask.extra["qc"]["flags"]                                   # [] unless the mask needs a look
 
 `segment` takes a DICOM series folder, a NIfTI file, or a numpy array with its affine; the run's
 models are loaded on the first call and kept for the next ones (`Segmenter` holds them explicitly).
@@ -19,6 +20,7 @@ The other stages as typed functions with keyword arguments (what `run.py` calls;
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -27,6 +29,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.volume import Volume, is_nifti, read_dicom_series, read_nifti
+
+log = logging.getLogger(__name__)
 
 
 class Segmenter:
@@ -44,11 +48,17 @@ class Segmenter:
         scan: a DICOM series folder (modality from its header), a NIfTI file, or an (X, Y, Z) array in
         NIfTI voxel order with its 4x4 `affine` (voxel -> RAS mm). `modality` ("CT" or "MR") is
         required for NIfTI and arrays, which do not carry it.
+
+        The image's `extra["qc"]` holds infer's quality check for the mask (what inference.json's row
+        says): "flags" (empty when nothing is wrong; otherwise a warning is logged too, as infer
+        does), "liver_ml", "confidence" and "fold_agreement". Check the flags before using the mask.
         """
         import torch
 
-        from pipeline.infer import liver_mask_on_source_grid, network_probs, preprocess_case, Stages
+        from pipeline.infer import (Stages, liver_mask_on_source_grid, network_probs, preprocess_case,
+                                    quality_flags)
         from pipeline.postprocess import postprocess
+        from pipeline.predict import ensemble_confidence, fold_agreement
 
         volume = _volume(scan, affine)
         modality = modality or volume.modality
@@ -57,12 +67,22 @@ class Segmenter:
         stages = Stages()
         with torch.inference_mode():
             transform, image = preprocess_case(self.run, volume.array, volume.affine, modality)
-            probs = network_probs(self.run, image, stages)
+            masks: list = []
+            confidences: list = []
+            probs = network_probs(self.run, image, stages, masks, confidences)
             raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
+            agreement = fold_agreement(masks, probs)
         mask = postprocess(raw, self.run.cfg.infer.largest_component, self.run.cfg.infer.fill_holes)
+        liver_ml = float(mask.sum() * volume.voxel_ml)
+        confidence = ensemble_confidence(confidences)
+        flags = quality_flags(liver_ml, agreement, self.run.cfg.infer, confidence)
+        if flags:
+            log.warning("%s: check this mask before using it: %s", volume.source, "; ".join(flags))
         out = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
         out.set_sform(volume.affine, code=1)
         out.set_qform(volume.affine, code=1)
+        out.extra["qc"] = {"flags": flags, "liver_ml": liver_ml, "confidence": confidence,
+                           "fold_agreement": agreement}
         return out
 
 

@@ -1,6 +1,7 @@
 """pipeline.api.segment: the mask run.py infer writes, from a DICOM folder, a NIfTI file or an array."""
 from __future__ import annotations
 
+import json
 import nibabel as nib
 import numpy as np
 import pytest
@@ -25,9 +26,15 @@ def case(tmp_path_factory):
 def test_segment_a_dicom_folder_gives_infers_mask(case):
     from pipeline import api
 
-    _, series, run_dir, expected = case
+    root, series, run_dir, expected = case
     mask = api.segment(series, run=run_dir)
     np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(expected.dataobj))
+    # infer's quality check comes with the mask, the same figures as inference.json's row
+    row = json.loads((root / "out" / "inference.json").read_text())["cases"][0]
+    qc = mask.extra["qc"]
+    assert qc["flags"] == row["qc"]
+    assert qc["liver_ml"] == pytest.approx(row["liver_ml"])
+    assert round(qc["confidence"], 4) == row["confidence"] and round(qc["fold_agreement"], 4) == row["fold_agreement"]
     np.testing.assert_allclose(mask.affine, expected.affine)
     assert mask.get_data_dtype() == np.uint8
     loaded = len(api._CACHE)
@@ -110,3 +117,15 @@ def test_prepare_train_infer_evaluate_as_typed_functions(tmp_path):
         assert scored[row["case"]] == pytest.approx(row["dice"], abs=1e-6)
     with pytest.raises(PipelineError, match="not found"):
         api.prepare(tmp_path / "missing", tmp_path / "p2")
+
+
+def test_a_mask_the_quality_check_doubts_comes_with_its_flag_and_a_warning(case, caplog):
+    from pipeline.api import Segmenter
+
+    _, series, run_dir, _ = case
+    doubtful = Segmenter(run_dir, overrides=["infer.qc_min_confidence=1.0", "infer.qc_liver_ml=[0.0,0.001]",
+                                        "infer.qc_min_agreement=0.0"])
+    with caplog.at_level("WARNING", logger="pipeline.api"):
+        qc = doubtful(series).extra["qc"]
+    assert [f.split(" ")[0] for f in qc["flags"]] == ["liver", "low"]  # volume, then confidence
+    assert "check this mask" in caplog.text and str(series) in caplog.text
