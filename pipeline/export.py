@@ -164,6 +164,10 @@ def preprocessing_description(cfg: Config) -> dict:
         "output": {"name": "logits", "shape": ["slices", len(MODEL_OUTPUT), h, w], "dtype": "float32",
                    "channels": {str(k): v for k, v in MODEL_OUTPUT.items()}},
         "combine": "softmax over the output channels per model; the liver channel averaged over the models",
+        "slice_smoothing": (f"each slice's averaged liver probability replaced by its mean with the {k} slice(s) on "
+                            f"each side, the first and last slices repeated beyond the ends (a moving average "
+                            f"through the slices, before going back to the source grid)"
+                            if (k := cfg.infer.slice_smoothing) > 0 else "none"),
         "to_source_grid": "the averaged liver probability taken back through those steps to the source grid "
                           "(bilinear, no smoothing; as MONAI's Invertd does) and reoriented to the source axes",
         "threshold": f"liver (label {LIVER}) where the probability on the source grid is >= 0.5",
@@ -300,6 +304,8 @@ def bundle_inference_config(cfg: Config, modality: str) -> dict:
                     "$lambda x, flag=(1.0 if @modality == 'CT' else 0.0): torch.cat([x, torch.full_like(x[:1], flag)], dim=0)"})
     post = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        *([{"_target_": "SavitzkyGolaySmoothd", "keys": "pred", "window_length": 2 * cfg.infer.slice_smoothing + 1,
+            "order": 0, "axis": 3, "mode": "replicate"}] if cfg.infer.slice_smoothing > 0 else []),
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
          "nearest_interp": False, "to_tensor": True},
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
@@ -427,8 +433,8 @@ The images must be {modality} volumes with axial slices (`--modality` is CT or M
 ## What it does
 
 Reorient to RAS, {norm}, bring each axial slice to {h}x{w} ({resize}), run the
-network slice by slice (SliceInferer), softmax, resize and reorient the probabilities back (Invertd),
-argmax{post}.
+network slice by slice (SliceInferer), softmax{smooth}, resize and reorient the probabilities back
+(Invertd), argmax{post}.
 
 ## What `run.py infer` does that this bundle does not
 
@@ -467,6 +473,8 @@ def _export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | N
             name=BUNDLE_NAME, modality=modality, model=cfg.model.name, run=run_dir.resolve().name,
             fold=checkpoint.parent.name, which=checkpoint.stem, norm=norm, h=cfg.train.roi_size[0],
             w=cfg.train.roi_size[1], post=post,
+            smooth=(f", a moving average through {2 * cfg.infer.slice_smoothing + 1} slices (SavitzkyGolaySmoothd)"
+                    if cfg.infer.slice_smoothing > 0 else ""),
             resize=(f"resampled to {cfg.train.pixel_spacing:g} mm pixels, then padded or cropped about the centre"
                     if cfg.train.pixel_spacing > 0 else "bilinear resize with anti-aliasing")))
         write_text(tmp / "configs" / "logging.conf", LOGGING_CONF)

@@ -224,14 +224,15 @@ def read_case(run: LoadedRun, case: InferCase) -> PreparedCase:
 
 def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | None = None,
                   model_confidences: list | None = None):
-    """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid (each model's own
-    mask appended to `model_masks` when given, for the fold agreement, and its confidence to
-    `model_confidences`)."""
-    from pipeline.predict import predict_volume
+    """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid, smoothed through the
+    slices (infer.slice_smoothing); each model's own mask appended to `model_masks` when given, for
+    the fold agreement, and its confidence to `model_confidences` (both before the smoothing)."""
+    from pipeline.predict import predict_volume, smooth_through_slices
 
     with stages("network"):
-        return predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
-                              amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences)
+        probs = predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
+                               amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences)
+        return smooth_through_slices(probs, run.cfg.infer.slice_smoothing)
 
 
 def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None) -> list[str]:

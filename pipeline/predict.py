@@ -157,3 +157,19 @@ def ensemble_confidence(model_confidences: Sequence[float | None]) -> float | No
     had any probability mass; None when none had."""
     known = [c for c in model_confidences if c is not None]
     return sum(known) / len(known) if known else None
+
+
+def smooth_through_slices(probs: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """Liver probability (C, H, W, Z) on the model's grid, each slice averaged with `neighbours` slices
+    on each side (a moving average along Z, the volume's end slices repeated; infer.slice_smoothing).
+
+    The 2D network sees one slice at a time, so its masks can jump between slices where the liver's
+    tip meets bowel of the same brightness; averaging with the neighbours before the threshold keeps
+    what the adjacent slices agree on. A Savitzky-Golay filter of order 0 is that moving average.
+    """
+    if neighbours <= 0 or probs.shape[-1] < 2:
+        return probs
+    from monai.transforms import SavitzkyGolaySmooth
+
+    smooth = SavitzkyGolaySmooth(window_length=2 * neighbours + 1, order=0, axis=probs.ndim - 1, mode="replicate")
+    return plain(smooth(probs))

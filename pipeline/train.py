@@ -38,7 +38,7 @@ from pipeline.io import safe_name, write_text
 from pipeline.labels import LIVER, MODEL_OUTPUT
 from pipeline.model import build_loss, build_model
 from pipeline.postprocess import postprocess
-from pipeline.predict import plain, slice_logits, source_grid_inverter, to_source_grid
+from pipeline.predict import plain, slice_logits, smooth_through_slices, source_grid_inverter, to_source_grid
 from pipeline.tracking import EventLog
 from pipeline.transforms import ORIENTATION, deterministic_transforms, random_transforms, without_metadata
 
@@ -254,7 +254,8 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     back to the source voxel grid by inverting the resize and reorientation (Invertd), and Dice is
     computed in 3D there against the untouched label; a patient's Dice is the mean over its cases.
     The Dice that counts (best checkpoint, CV summary) is that of the mask `infer` would write, i.e.
-    after the post-processing of the config's infer section; the raw mask's Dice is kept beside it.
+    after the config's infer section (slice smoothing, then the mask's post-processing); the raw mask's
+    Dice (smoothed, not post-processed) is kept beside it.
     With a dict `overlays`, the first tracking.OVERLAY_PATIENTS patients' overlay images are put in it.
     """
     from monai.metrics import compute_dice
@@ -269,7 +270,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
         # argmax, and the same rule as infer's
-        liver = torch.softmax(logits, 0)[LIVER:LIVER + 1]
+        liver = smooth_through_slices(torch.softmax(logits, 0)[LIVER:LIVER + 1], cfg.infer.slice_smoothing)
         if overlays is not None and item["patient"] not in overlays and len(overlays) < OVERLAY_PATIENTS:
             truth_grid = np.asarray(plain(item["label"])[0]) > 0  # (H, W, D) on the model's grid
             z = int(np.argmax(truth_grid.sum(axis=(0, 1)))) if truth_grid.any() else truth_grid.shape[2] // 2

@@ -39,6 +39,7 @@ def test_wrong_type_names_the_key(tmp_path):
     ("train.batch_size=2.5", "train.batch_size"),
     ("model.channels=[8, x]", r"model.channels\[1\]"),
     ("infer.fill_holes=1", "infer.fill_holes"),
+    ("infer.slice_smoothing=-1", "infer.slice_smoothing"),
     ("nosection.key=1", "nosection"),
     ("train", "section.key=value"),
 ])

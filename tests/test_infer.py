@@ -123,6 +123,37 @@ def test_predict_volume_is_the_mean_softmax_of_the_models():
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
 
 
+def test_slice_smoothing_averages_each_slice_with_its_neighbours():
+    from pipeline.predict import smooth_through_slices
+
+    probs = torch.rand(1, 5, 4, 9)
+    padded = np.concatenate([probs[..., :1], probs, probs[..., -1:]], axis=-1)  # end slices repeated
+    expected = (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3
+    np.testing.assert_allclose(smooth_through_slices(probs, 1), expected, atol=1e-6)
+    assert smooth_through_slices(probs, 0) is probs
+    # what it is for: a lone slice called liver is dropped, a slice missed between two is filled
+    column = torch.tensor([0.0, 0.0, 0.9, 0.0, 0.0, 0.9, 0.9, 0.2, 0.9, 0.9]).reshape(1, 1, 1, 10)
+    assert (smooth_through_slices(column, 1) >= 0.5).flatten().tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_infer_smooths_the_ensemble_probability_through_the_slices(tmp_path):
+    from pipeline.infer import Stages, liver_on_source_grid, network_probs, preprocess_case
+    from pipeline.predict import smooth_through_slices
+
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    run_dir = make_run(tmp_path / "run", folds=(0, 1))
+    volume, geom = read_series(series)
+    with torch.inference_mode():
+        plain_run = load_run(run_dir, None, ["infer.slice_smoothing=0"])
+        pre, image = preprocess_case(plain_run, volume, geom.affine, "MR")
+        unsmoothed = network_probs(plain_run, image, Stages())
+        expected = liver_on_source_grid(smooth_through_slices(unsmoothed, 2), image, pre, volume.shape, Stages())
+        got = predict_case(load_run(run_dir, None, ["infer.slice_smoothing=2"]), volume, geom.affine, "MR")
+    assert not np.allclose(got, predict_case(plain_run, volume, geom.affine, "MR"), atol=1e-3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_largest_component_removes_islands_and_fill_holes_fills():
     mask = np.zeros((20, 20, 10), np.uint8)
     mask[2:12, 2:12, 2:8] = 1
