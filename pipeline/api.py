@@ -20,7 +20,6 @@ The other stages as typed functions with keyword arguments (what `run.py` calls;
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -29,8 +28,6 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.volume import Volume, is_nifti, read_dicom_series, read_nifti
-
-log = logging.getLogger(__name__)
 
 
 class Segmenter:
@@ -55,10 +52,8 @@ class Segmenter:
         """
         import torch
 
-        from pipeline.infer import (Stages, liver_mask_on_source_grid, network_probs, preprocess_case,
-                                    quality_flags)
+        from pipeline.infer import Stages, checked_network_probs, flag_mask, liver_mask_on_source_grid, preprocess_case
         from pipeline.postprocess import postprocess
-        from pipeline.predict import ensemble_confidence, fold_agreement
 
         volume = _volume(scan, affine)
         modality = modality or volume.modality
@@ -67,17 +62,11 @@ class Segmenter:
         stages = Stages()
         with torch.inference_mode():
             transform, image = preprocess_case(self.run, volume.array, volume.affine, modality)
-            masks: list = []
-            confidences: list = []
-            probs = network_probs(self.run, image, stages, masks, confidences)
+            probs, agreement, confidence = checked_network_probs(self.run, image, stages)
             raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
-            agreement = fold_agreement(masks, probs)
         mask = postprocess(raw, self.run.cfg.infer.largest_component, self.run.cfg.infer.fill_holes)
         liver_ml = float(mask.sum() * volume.voxel_ml)
-        confidence = ensemble_confidence(confidences)
-        flags = quality_flags(liver_ml, agreement, self.run.cfg.infer, confidence)
-        if flags:
-            log.warning("%s: check this mask before using it: %s", volume.source, "; ".join(flags))
+        flags = flag_mask(self.run, str(volume.source), liver_ml, agreement, confidence)
         out = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
         out.set_sform(volume.affine, code=1)
         out.set_qform(volume.affine, code=1)

@@ -235,6 +235,26 @@ def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | Non
         return smooth_through_slices(probs, run.cfg.infer.slice_smoothing)
 
 
+def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
+    """network_probs with what the quality check needs from the fold models: (probabilities, fold
+    agreement (predict.fold_agreement), their mean confidence (predict.ensemble_confidence))."""
+    from pipeline.predict import ensemble_confidence, fold_agreement
+
+    masks: list = []
+    confidences: list = []
+    probs = network_probs(run, image, stages, masks, confidences)
+    return probs, fold_agreement(masks, probs), ensemble_confidence(confidences)
+
+
+def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None,
+              confidence: float | None) -> list[str]:
+    """quality_flags of the mask of `name`, with a warning line naming it when there is any."""
+    flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence)
+    if flags:
+        log.warning("%s: check this mask before using it: %s", name, "; ".join(flags))
+    return flags
+
+
 def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None) -> list[str]:
     """Why a mask should not be trusted without a look (empty when nothing is wrong): no liver, a
     liver volume outside infer.qc_liver_ml, fold models that disagree (infer.qc_min_agreement), or a
@@ -397,9 +417,7 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["fold_agreement"] = None if agreement is None else round(agreement, 4)
     row["confidence"] = None if confidence is None else round(confidence, 4)
-    row["qc"] = quality_flags(row["liver_ml"], agreement, run.cfg.infer, confidence)
-    if row["qc"]:
-        log.warning("%s: check this mask before using it: %s", case.case, "; ".join(row["qc"]))
+    row["qc"] = flag_mask(run, case.case, row["liver_ml"], agreement, confidence)
     row["seconds"] = round(mask_seconds, 3)
     row["total_seconds"] = round(time.perf_counter() - prepared.started, 3)
     row["stage_seconds"] = stage.rounded()
@@ -408,14 +426,9 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
 
 def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:
     """Read one case, predict, post-process and write its outputs; returns its summary row."""
-    from pipeline.predict import ensemble_confidence, fold_agreement
-
     prepared = read_case(run, case)
-    masks: list = []
-    confidences: list = []
-    probs = network_probs(run, prepared.image, prepared.stages, masks, confidences)
-    return write_case(run, prepared, probs, out_dir, fmt, fold_agreement(masks, probs),
-                      ensemble_confidence(confidences))
+    probs, agreement, confidence = checked_network_probs(run, prepared.image, prepared.stages)
+    return write_case(run, prepared, probs, out_dir, fmt, agreement, confidence)
 
 
 def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: str = "nifti", desc: str = "infer",

@@ -125,7 +125,7 @@ def test_a_mask_the_quality_check_doubts_comes_with_its_flag_and_a_warning(case,
     _, series, run_dir, _ = case
     doubtful = Segmenter(run_dir, overrides=["infer.qc_min_confidence=1.0", "infer.qc_liver_ml=[0.0,0.001]",
                                         "infer.qc_min_agreement=0.0"])
-    with caplog.at_level("WARNING", logger="pipeline.api"):
+    with caplog.at_level("WARNING", logger="pipeline.infer"):
         qc = doubtful(series).extra["qc"]
     assert [f.split(" ")[0] for f in qc["flags"]] == ["liver", "low"]  # volume, then confidence
     assert "check this mask" in caplog.text and str(series) in caplog.text
