@@ -68,6 +68,8 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level (unet, attentionunet)
     num_res_units: int = 1  # residual units per block (0 = plain convolutions)
     dropout: float = 0.1  # dropout probability
+    # activation: auto = the network's own (unet PReLU, dynunet and basicunet LeakyReLU, segresnet ReLU)
+    act: Literal["auto", "relu", "leakyrelu", "prelu"] = "auto"
     norm: Literal["instance", "batch"] = "instance"  # normalisation layer
     context_slices: int = 0  # neighbouring slices on each side fed as extra input channels (2.5D); 0 = plain 2D
     # one more input channel, 1 on CT slices and 0 on MR: tells one model of both modalities which it sees
@@ -276,6 +278,8 @@ def validate(cfg: Config) -> Config:
         ("model.deep_supervision_levels", not m.deep_supervision or 1 <= m.deep_supervision_levels < down,
          f"expected 1..{down - 1} for a dynunet with {down} down-samplings at train.roi_size {t.roi_size}, "
          f"got {m.deep_supervision_levels}"),
+        ("model.act", m.act == "auto" or m.name != "attentionunet",
+         f"MONAI's AttentionUnet has a fixed activation: expected auto, got {m.act}"),
         ("model.dropout", 0.0 <= m.dropout < 1.0, f"expected a value in [0, 1), got {m.dropout}"),
         ("train.roi_size", len(t.roi_size) == 2 and min(t.roi_size, default=0) >= 8,
          f"expected [H, W] with both >= 8, got {t.roi_size}"),

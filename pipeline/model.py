@@ -20,6 +20,7 @@ from pipeline.labels import MODEL_OUTPUT
 
 NUM_CLASSES = len(MODEL_OUTPUT)  # background, liver
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
+ACTS = {"relu": "RELU", "leakyrelu": "LEAKYRELU", "prelu": "PRELU"}  # model.act -> MONAI's activation name
 
 
 def in_channels(cfg: ModelConfig) -> int:
@@ -33,28 +34,30 @@ def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> tuple[str
     (lists, not tuples), so that a MONAI bundle's config can hold them as they are."""
     c_in, norm = in_channels(cfg), NORMS[cfg.norm]
     common = {"spatial_dims": 2, "in_channels": c_in, "out_channels": NUM_CLASSES}
+    act = {} if cfg.act == "auto" else {"act": ACTS[cfg.act]}  # attentionunet has none: config.validate
     if cfg.name == "unet":
         return "UNet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),
-                        "num_res_units": cfg.num_res_units, "dropout": cfg.dropout, "norm": norm}
+                        "num_res_units": cfg.num_res_units, "dropout": cfg.dropout, "norm": norm, **act}
     if cfg.name == "dynunet":
+        act = {"act_name": act["act"]} if act else {}
         strides = [list(s) if isinstance(s, (list, tuple)) else s for s in plan_dynunet(roi, len(cfg.channels))]
         return "DynUNet", {**common, "kernel_size": [3] * len(strides), "strides": strides,
                            "upsample_kernel_size": strides[1:], "filters": list(cfg.channels[:len(strides)]),
                            "dropout": cfg.dropout or None, "norm_name": [norm, {"affine": True}],
                            "deep_supervision": cfg.deep_supervision, "deep_supr_num": cfg.deep_supervision_levels,
-                           "res_block": cfg.num_res_units > 0}
+                           "res_block": cfg.num_res_units > 0, **act}
     if cfg.name == "segresnet":
         levels = len(cfg.channels)  # SegResNet doubles its filters per level from init_filters
         return "SegResNet", {**common, "init_filters": cfg.channels[0], "dropout_prob": cfg.dropout or None,
                              "norm": [norm, {"affine": True}], "blocks_down": [1, *[2] * (levels - 2), 4],
-                             "blocks_up": [1] * (levels - 1)}
+                             "blocks_up": [1] * (levels - 1), **act}
     if cfg.name == "attentionunet":
         # MONAI's AttentionUnet has batch normalisation built in (model.norm does not apply)
         return "AttentionUnet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),
                                  "dropout": cfg.dropout}
     if cfg.name == "basicunet":
         return "BasicUNet", {**common, "features": [*cfg.channels, cfg.channels[0]], "norm": [norm, {"affine": True}],
-                             "dropout": cfg.dropout}
+                             "dropout": cfg.dropout, **act}
     raise ValueError(f"model {cfg.name!r} is not one of unet | dynunet | segresnet | attentionunet | basicunet")
 
 

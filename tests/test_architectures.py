@@ -76,6 +76,8 @@ def test_a_plain_output_is_scored_by_the_plain_loss():
     (["model.name=vnet"], "model.name"),
     (["model.name=basicunet", "model.channels=[8,16,32]", "model.strides=[2,2]"], "model.channels"),
     (["model.deep_supervision=true"], "model.deep_supervision"),
+    (["model.name=attentionunet", "model.act=relu"], "model.act"),
+    (["model.act=gelu"], "model.act"),
     (["model.name=dynunet", "model.deep_supervision=true", "model.deep_supervision_levels=4"],
      "model.deep_supervision_levels"),
 ])

@@ -95,6 +95,21 @@ def test_model_uses_the_configured_normalisation_layers(norm, wanted, unwanted):
     assert unwanted not in kinds
 
 
+@pytest.mark.parametrize("name, act, wanted, unwanted", [
+    ("unet", "auto", nn.PReLU, nn.ReLU),
+    ("unet", "relu", nn.ReLU, nn.PReLU),
+    ("dynunet", "prelu", nn.PReLU, nn.LeakyReLU),
+    ("segresnet", "leakyrelu", nn.LeakyReLU, nn.ReLU),
+    ("basicunet", "relu", nn.ReLU, nn.LeakyReLU),
+])
+def test_model_activation_comes_from_the_config(name, act, wanted, unwanted):
+    channels = [4, 8, 16, 32, 64] if name == "basicunet" else [4, 8, 16]
+    cfg = small_model_config(name=name, act=act, channels=channels, strides=[2] * (len(channels) - 1))
+    kinds = {type(m) for m in build_model(cfg, (32, 32)).modules()}
+    assert wanted in kinds
+    assert unwanted not in kinds
+
+
 @pytest.mark.parametrize("p", [0.1, 0.37])
 def test_model_dropout_probability_comes_from_the_config(p):
     model = build_model(small_model_config(dropout=p))
