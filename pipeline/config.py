@@ -67,7 +67,7 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # features per level
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling per level (unet, attentionunet)
     num_res_units: int = 1  # residual units per block (0 = plain convolutions)
-    dropout: float = 0.1  # dropout probability
+    dropout: float = 0.0  # dropout probability
     # activation: auto = the network's own (unet PReLU, dynunet and basicunet LeakyReLU, segresnet ReLU)
     act: Literal["auto", "relu", "leakyrelu", "prelu"] = "auto"
     norm: Literal["instance", "batch"] = "instance"  # normalisation layer
