@@ -76,6 +76,9 @@ class ModelConfig:
     modality_channel: bool = False
     deep_supervision: bool = False  # dynunet: the loss also on lower decoder levels, summed (nnU-Net)
     deep_supervision_levels: int = 2  # decoder levels below full resolution that deep supervision adds
+    # trained on every labelled organ (liver, kidneys, spleen: labels.ORGANS, one output each) instead of
+    # liver against the rest; infer still writes the liver alone
+    organs: bool = False
 
 
 @dataclass
@@ -137,6 +140,9 @@ class InferConfig:
     # through-plane consistency: each slice's liver probability averaged with this many neighbouring
     # slices on each side before the 0.5 threshold (0 = off); measured on real MR (README)
     slice_smoothing: int = 1
+    # test-time augmentation: each slice also predicted zoomed by these factors about its centre, the
+    # liver probabilities zoomed back and averaged ([1.0] = off; measured on real MR: README)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
@@ -303,6 +309,8 @@ def validate(cfg: Config) -> Config:
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),
         ("infer.batch_size", i.batch_size >= 1, f"expected >= 1, got {i.batch_size}"),
         ("infer.slice_smoothing", i.slice_smoothing >= 0, f"expected slices >= 0 (0 = off), got {i.slice_smoothing}"),
+        ("infer.tta_scales", bool(i.tta_scales) and all(0.5 <= s <= 2.0 for s in i.tta_scales),
+         f"expected one or more zoom factors in [0.5, 2] ([1.0] = off), got {i.tta_scales}"),
         ("infer.qc_liver_ml", len(i.qc_liver_ml) == 2 and 0 <= i.qc_liver_ml[0] < i.qc_liver_ml[1],
          f"expected [low, high] in ml with 0 <= low < high, got {i.qc_liver_ml}"),
         ("infer.qc_min_agreement", 0.0 <= i.qc_min_agreement <= 1.0, f"expected a Dice in [0, 1], got {i.qc_min_agreement}"),

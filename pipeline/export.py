@@ -27,7 +27,7 @@ from pipeline import runs
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
-from pipeline.labels import LIVER, MODEL_OUTPUT
+from pipeline.labels import LIVER, model_output
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,18 @@ def preprocessing_description(cfg: Config) -> dict:
                                 "slices": "each axial slice keeps its place; the slice count is unchanged"}}),
         "input": {"name": "image", "shape": ["slices", len(input_channels(cfg)), h, w], "dtype": "float32",
                   "channels": input_channels(cfg)},
-        "output": {"name": "logits", "shape": ["slices", len(MODEL_OUTPUT), h, w], "dtype": "float32",
-                   "channels": {str(k): v for k, v in MODEL_OUTPUT.items()}},
+        "output": {"name": "logits", "shape": ["slices", len(outputs := model_output(cfg.model.organs)), h, w],
+                   "dtype": "float32", "channels": {str(k): v for k, v in outputs.items()}},
         "combine": "softmax over the output channels per model; the liver channel averaged over the models",
         "slice_smoothing": (f"each slice's averaged liver probability replaced by its mean with the {k} slice(s) on "
                             f"each side, the first and last slices repeated beyond the ends (a moving average "
                             f"through the slices, before going back to the source grid)"
                             if (k := cfg.infer.slice_smoothing) > 0 else "none"),
+        "test_time_zoom": ({"scales": [float(v) for v in scales],
+                            "rule": "each model's liver probability the mean over its predictions of the slices "
+                                    "zoomed by every scale about the slice centre (bilinear, zeros outside) and "
+                                    "zoomed back by 1 / scale, before the models are averaged"}
+                           if (scales := cfg.infer.tta_scales) != [1.0] else "none"),
         "to_source_grid": "the averaged liver probability taken back through those steps to the source grid "
                           "(bilinear, no smoothing; as MONAI's Invertd does) and reoriented to the source axes",
         "threshold": f"liver (label {LIVER}) where the probability on the source grid is >= 0.5",
@@ -304,6 +309,10 @@ def bundle_inference_config(cfg: Config, modality: str) -> dict:
                     "$lambda x, flag=(1.0 if @modality == 'CT' else 0.0): torch.cat([x, torch.full_like(x[:1], flag)], dim=0)"})
     post = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        # a network of every organ (model.organs): background = 1 - liver, so that argmax is infer's
+        # liver probability >= 0.5 rule (kidneys and spleen are not written)
+        *([{"_target_": "Lambdad", "keys": "pred", "func": f"$lambda x: torch.cat([1 - x[{LIVER}:{LIVER + 1}], "
+            f"x[{LIVER}:{LIVER + 1}]], dim=0)"}] if cfg.model.organs else []),
         *([{"_target_": "SavitzkyGolaySmoothd", "keys": "pred", "window_length": 2 * cfg.infer.slice_smoothing + 1,
             "order": 0, "axis": 3, "mode": "replicate"}] if cfg.infer.slice_smoothing > 0 else []),
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
@@ -376,6 +385,7 @@ def bundle_metadata(cfg: Config, modality: str, run_name: str, fold: str, ckpt: 
         except Exception:  # noqa: BLE001 - not installed here: the receiver needs it, the version is a hint
             pass
     dice = ckpt.get("best_dice") if isinstance(ckpt.get("best_dice"), float) else None
+    outputs = model_output(cfg.model.organs)  # the network's channels
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                   "meta_schema_20240725.json",
@@ -407,10 +417,10 @@ def bundle_metadata(cfg: Config, modality: str, run_name: str, fold: str, ckpt: 
                                  "num_channels": len(input_channels(cfg)), "spatial_shape": [h, w],
                                  "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                                  "channel_def": input_channels(cfg)}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(MODEL_OUTPUT),
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(outputs),
                                  "spatial_shape": [h, w], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": False,
-                                 "channel_def": {str(k): v for k, v in MODEL_OUTPUT.items()}}},
+                                 "channel_def": {str(k): v for k, v in outputs.items()}}},
         },
     }
 
@@ -454,6 +464,9 @@ def _export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | N
 
     cfg, model, ckpt = _fold_model(checkpoint)
     modality = _choose_modality(checkpoint.parent, modality)
+    if cfg.infer.tta_scales != [1.0]:
+        log.warning("%s: infer.tta_scales %s is not in the bundle: it predicts each slice once, as infer does "
+                    "with tta_scales [1.0]", checkpoint.parent, cfg.infer.tta_scales)
     tmp = out.with_name(f".partial-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -231,7 +231,8 @@ def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | Non
 
     with stages("network"):
         probs = predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
-                               amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences)
+                               amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences,
+                               scales=run.cfg.infer.tta_scales)
         return smooth_through_slices(probs, run.cfg.infer.slice_smoothing)
 
 

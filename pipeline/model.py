@@ -1,12 +1,13 @@
 """Networks and losses built from the config: MONAI 2D networks on axial slices.
 
 Input (B, C, H, W) float32 intensities in about [0, 1] (C = 1 + 2 * context_slices + modality
-channel); output (B, 2, H, W) logits, channel 0 background, channel 1 liver. `model.name` picks the
+channel); output (B, 2, H, W) logits, channel 0 background, channel 1 liver (with `model.organs`,
+(B, 5, H, W): labels.ORGANS, the liver still channel 1). `model.name` picks the
 architecture; the run folder's config.yaml records it, so infer rebuilds the same network from the
 run alone (runs from before `model.name` existed are plain UNets, the default).
 With `model.deep_supervision` (dynunet), training-mode outputs are (B, 1 + levels, 2, H, W): the
 full-resolution logits and the upsampled logits of lower decoder levels; eval mode returns the
-full-resolution logits only. Every loss below takes either and a (B, 1, H, W) label of 0/1.
+full-resolution logits only. Every loss below takes either and a (B, 1, H, W) label of class indices.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from typing import Sequence
 from torch import nn
 
 from pipeline.config import Config, ModelConfig, TrainConfig, plan_dynunet
-from pipeline.labels import MODEL_OUTPUT
+from pipeline.labels import model_output
 
-NUM_CLASSES = len(MODEL_OUTPUT)  # background, liver
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
 ACTS = {"relu": "RELU", "leakyrelu": "LEAKYRELU", "prelu": "PRELU"}  # model.act -> MONAI's activation name
 
@@ -33,7 +33,7 @@ def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> tuple[str
     (train.roi_size) is the input size, from which dynunet derives its strides. Plain Python values
     (lists, not tuples), so that a MONAI bundle's config can hold them as they are."""
     c_in, norm = in_channels(cfg), NORMS[cfg.norm]
-    common = {"spatial_dims": 2, "in_channels": c_in, "out_channels": NUM_CLASSES}
+    common = {"spatial_dims": 2, "in_channels": c_in, "out_channels": len(model_output(cfg.organs))}
     act = {} if cfg.act == "auto" else {"act": ACTS[cfg.act]}  # attentionunet has none: config.validate
     if cfg.name == "unet":
         return "UNet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),

@@ -50,42 +50,72 @@ def _batch_logits(model: nn.Module, slices: torch.Tensor, batch_size: int, devic
             yield start, model(slices[start:start + batch_size].to(device)).float()
 
 
+def liver_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) logits -> (B, H, W) softmax probability of the liver channel. With two channels
+    (background, liver) that is the sigmoid of their difference: one channel to exponentiate
+    instead of two (tests/test_infer.py compares with torch.softmax); a network of every organ
+    (model.organs, labels.ORGANS) takes the full softmax."""
+    if logits.shape[1] == 2:
+        return torch.sigmoid(logits[:, LIVER] - logits[:, 0])
+    if logits.shape[1] <= LIVER:
+        raise ValueError(f"predict: expected a model with a liver output (channel {LIVER}), got {logits.shape[1]} outputs")
+    return torch.softmax(logits, 1)[:, LIVER]
+
+
+def zoom_slices(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, C, H, W) slices with their content zoomed by `scale` about the slice centre, same size
+    (bilinear; zeros where a shrunk slice leaves its frame). zoom_slices(zoom_slices(x, s), 1 / s)
+    lands back on the same pixel grid: the sampling grid is an exact scaling about the centre
+    (align_corners=False), where MONAI's Zoom rounds the zoomed size to whole pixels and would
+    shift the way back by up to half a pixel."""
+    if scale == 1.0:
+        return x
+    import torch.nn.functional as F
+
+    theta = torch.tensor([[1.0 / scale, 0.0, 0.0], [0.0, 1.0 / scale, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size: int,
                    device: torch.device, amp: str = "off", model_masks: list | None = None,
-                   model_confidences: list | None = None) -> torch.Tensor:
+                   model_confidences: list | None = None, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
     """Liver probability (softmax channel LIVER) averaged over `models`: image (C, H, W, D) -> float32
     (1, H, W, D). Models are put in eval mode and restored afterwards. With a list `model_masks`,
     each model's own liver mask (probability >= 0.5, bool (D, H, W)) is appended to it; with a list
     `model_confidences`, each model's `mask_confidence` of its own probabilities (one model's, not
     the average's: averaging folds softens the probabilities whether or not they are right).
+    `scales` (infer.tta_scales): test-time augmentation, each model's probability the mean over the
+    slices zoomed by every scale (zoom_slices) and zoomed back; (1.0,) = none.
     """
     if not models:
         raise ValueError("predict: no model to predict with")
     # The slices are gathered into one contiguous batch once for all models (not a strided gather
     # per batch and model). Each batch's logits are turned into liver probabilities and summed as
-    # they come: softmax's liver channel is the sigmoid of the logit difference, one channel to
-    # exponentiate instead of two (tests/test_infer.py compares with torch.softmax), and no
-    # concatenated copy of every model's logits (extra passes over memory that had made the
-    # network stage measurably slower than the forward passes alone).
+    # they come (liver_probability), with no concatenated copy of every model's logits (extra
+    # passes over memory that had made the network stage measurably slower than the forward passes alone).
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"predict: test-time scales must be positive, got {list(scales)}")
     slices = as_slices(image)
     total = torch.zeros(slices.shape[0], *slices.shape[2:])  # (D, H, W)
+    views = [(s, slices if s == 1.0 else zoom_slices(slices, s)) for s in scales]
+    mine = torch.zeros(total.shape) if len(views) > 1 else None  # one model's mean over the scales
     for model in models:
         was_training = model.training
         model.eval()
         own = torch.zeros(total.shape, dtype=torch.bool) if model_masks is not None else None
         sums = torch.zeros(3, dtype=torch.float64) if model_confidences is not None else None
         try:
-            for start, logits in _batch_logits(model, slices, batch_size, device, amp):
-                if logits.shape[1] != 2:
-                    raise ValueError(f"predict: expected a background/liver model with 2 outputs, "
-                                     f"got {logits.shape[1]}")
-                diff = logits[:, LIVER] - logits[:, 0]
-                probs = torch.sigmoid(diff).cpu()
-                total[start:start + logits.shape[0]] += probs
-                if sums is not None:
-                    sums += confidence_sums(probs)
-                if own is not None:  # sigmoid(d) >= 0.5 exactly where d >= 0: no second sigmoid
-                    own[start:start + logits.shape[0]] = (diff >= 0).cpu()
+            for scale, view in views:
+                for start, logits in _batch_logits(model, view, batch_size, device, amp):
+                    probs = liver_probability(logits).cpu()
+                    if mine is None:  # no test-time augmentation: straight into the sum
+                        _add_model_batch(total, own, sums, start, probs)
+                    else:
+                        mine[start:start + probs.shape[0]] += zoom_slices(probs[:, None], 1.0 / scale)[:, 0]
+            if mine is not None:
+                _add_model_batch(total, own, sums, 0, mine.div_(len(views)))
+                mine.zero_()
         finally:
             model.train(was_training)
         if own is not None:
@@ -93,6 +123,17 @@ def predict_volume(models: Sequence[nn.Module], image: torch.Tensor, batch_size:
         if sums is not None:
             model_confidences.append(confidence_from_sums(sums))
     return total.div_(len(models))[None].permute(0, 2, 3, 1)
+
+
+def _add_model_batch(total: torch.Tensor, own: torch.Tensor | None, sums: torch.Tensor | None, start: int,
+                     probs: torch.Tensor) -> None:
+    """One model's liver probabilities of slices start.. (B, H, W) into the ensemble's sum, its own
+    mask and its confidence sums."""
+    total[start:start + probs.shape[0]] += probs
+    if sums is not None:
+        sums += confidence_sums(probs)
+    if own is not None:
+        own[start:start + probs.shape[0]] = probs >= 0.5
 
 
 def source_grid_inverter(transform):

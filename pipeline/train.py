@@ -35,7 +35,7 @@ from pipeline.datalist import Datalist, read_datalist
 from pipeline.device import amp_dtype, autocast_context, cpu_has_native_bf16, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import safe_name, write_text
-from pipeline.labels import LIVER, MODEL_OUTPUT
+from pipeline.labels import LIVER, model_output
 from pipeline.model import build_loss, build_model
 from pipeline.postprocess import postprocess
 from pipeline.predict import plain, slice_logits, smooth_through_slices, source_grid_inverter, to_source_grid
@@ -272,7 +272,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         # argmax, and the same rule as infer's
         liver = smooth_through_slices(torch.softmax(logits, 0)[LIVER:LIVER + 1], cfg.infer.slice_smoothing)
         if overlays is not None and item["patient"] not in overlays and len(overlays) < OVERLAY_PATIENTS:
-            truth_grid = np.asarray(plain(item["label"])[0]) > 0  # (H, W, D) on the model's grid
+            truth_grid = np.asarray(plain(item["label"])[0]) == LIVER  # (H, W, D) on the model's grid
             z = int(np.argmax(truth_grid.sum(axis=(0, 1)))) if truth_grid.any() else truth_grid.shape[2] // 2
             centre = np.asarray(plain(item["image"])[cfg.model.context_slices, :, :, z])  # the slice itself
             # RAS model grid shown radiologically: the patient's right on the left, anterior at the top
@@ -354,9 +354,10 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
+    organs = cfg.model.organs
     train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
-                                               keep_organs=t.organ_intensity_prob > 0)
-                       + random_transforms(t, modality_channel=cfg.model.modality_channel))
+                                               keep_organs=organs or t.organ_intensity_prob > 0)
+                       + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs))
     # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
                             as_contiguous=False)
@@ -364,7 +365,7 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
                         num_workers=t.num_workers, generator=generator, drop_last=False)
     val_items, refs, val_tf = [], [], Compose(deterministic_transforms(
-        t, context=cfg.model.context_slices, modality_channel=cfg.model.modality_channel))
+        t, context=cfg.model.context_slices, modality_channel=cfg.model.modality_channel, keep_organs=organs))
     if dd.main:
         val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
         val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]
@@ -434,7 +435,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         elif resume:
             log.warning("fold %d: --resume but %s does not exist; starting from scratch", fold, last_path)
         if dd.main:
-            runs.write_fold_metadata(fold_dir, cfg, fold, train, val, datalist.labels, MODEL_OUTPUT, {
+            runs.write_fold_metadata(fold_dir, cfg, fold, train, val, datalist.labels, model_output(cfg.model.organs), {
                 "ct_window": cfg.train.ct_window, "mr_percentiles": cfg.train.mr_percentiles,
                 "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
             log_settings(cfg, fold, train, val, device, dd, steps, datalist.folder, fold_dir)

@@ -360,8 +360,9 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
                              keep_organs: bool = False) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
-    `keep_organs`: leave the label's organ map (1 liver, 2 / 3 kidneys, 4 spleen) for the random chain's
-    organ intensity augmentation, which extracts the liver after it (train.organ_intensity_prob).
+    `keep_organs`: leave the label's organ map (1 liver, 2 / 3 kidneys, 4 spleen), for the random chain's
+    organ intensity augmentation, which extracts the liver after it (train.organ_intensity_prob), or
+    for a network trained on every organ (model.organs).
 
     `keys` must start with "image"; "label" is optional (absent at inference). `with_indices`
     appends the liver / non-liver slice indices used by the slice sampler, cached with the volume.
@@ -432,11 +433,13 @@ def without_metadata() -> Iterator[None]:
         set_track_meta(previous)
 
 
-def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[Transform]:
+def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: bool = False) -> list[Transform]:
     """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
 
     Every random transform is a dictionary transform over ("image", "label"), so a single draw
-    moves both (flips, rotations, affine); intensity transforms touch "image" only.
+    moves both (flips, rotations, affine); intensity transforms touch "image" only. `organs`
+    (model.organs): the label keeps its organ map (the cached volumes must have kept it:
+    deterministic_transforms' keep_organs); otherwise it ends as liver (1) against the rest (0).
     """
     keys = ("image", "label")
     ratio = cfg.liver_slice_ratio  # in [0, 1]: config.validate
@@ -474,8 +477,9 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False) -> list[
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
-        chain += [RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob),
-                  LabelFilterd("label", applied_labels=[LIVER])]
+        chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob))
+        if not organs:
+            chain.append(LabelFilterd("label", applied_labels=[LIVER]))
     # nnU-Net's further augmentations, only when asked for: a transform in the chain takes the next
     # random seed (monai.data.utils.set_rnd), so adding them at the end leaves the others' draws as they were
     if cfg.blur_prob > 0:

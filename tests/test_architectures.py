@@ -101,3 +101,26 @@ def test_a_run_from_before_model_name_infers_as_a_unet(prepared, tmp_path):
     a = np.asarray(nib.load(tmp_path / "a" / "MR_1_T2SPIR_liver.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "b" / "MR_1_T2SPIR_liver.nii.gz").dataobj)
     assert np.array_equal(a, b)
+
+
+def test_a_network_of_every_organ_learns_them_and_infer_writes_the_liver_alone(prepared, tmp_path):
+    """model.organs: five outputs (labels.ORGANS), trained on the organ maps (kidneys and spleen as
+    classes of their own, not background); infer thresholds the liver's softmax as before."""
+    from pipeline.labels import ORGANS
+    from pipeline.predict import liver_probability
+    from pipeline.train import build_loaders, Dist
+    from pipeline.datalist import read_datalist
+
+    cfg = load_config(None, _overrides("unet", "model.organs=true", "train.epochs=1"))
+    assert build_model(cfg.model, cfg.train.roi_size)(torch.rand(2, 1, 32, 32)).shape == (2, len(ORGANS), 32, 32)
+    train, val = read_datalist(prepared).split(0)
+    train_ds, *_ = build_loaders(cfg, train, val, Dist())
+    drawn = {int(v) for i in range(len(train_ds)) for s in train_ds[i] for v in torch.unique(s["label"])}
+    assert drawn == set(ORGANS)  # the MR slices bring kidneys (2, 3) and spleen (4) to the loss
+    logits = torch.randn(3, len(ORGANS), 4, 4)
+    assert torch.allclose(liver_probability(logits), torch.softmax(logits, 1)[:, 1])
+    run = tmp_path / "run"
+    run_training(prepared, run, "0", cfg)
+    rows = run_inference(run, prepared, tmp_path / "out", fold="0", patients="MR_1", overrides=["infer.amp=off"])
+    mask = np.asarray(nib.load(tmp_path / "out" / "MR_1_T2SPIR_liver.nii.gz").dataobj)
+    assert set(np.unique(mask)) <= {0, 1} and np.isfinite(rows[0]["dice"])

@@ -50,11 +50,12 @@ def _monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def spaced(tmp_path_factory):
     """A run whose slices are resampled to 2 mm pixels (the data's are 1.5 mm) and padded / cropped
-    to the roi: 36 x 30 pixels at 2 mm, so one axis is cropped and the other padded."""
+    to the roi: 36 x 30 pixels at 2 mm, so one axis is cropped and the other padded; its network
+    learns every organ (model.organs: five outputs, of which the bundle writes the liver)."""
     root = tmp_path_factory.mktemp("export_spacing")
     data = make_prepared_dataset(root / "prepared", n_mr=2, n_ct=2, shape=(48, 40, 12), folds=2)
     run_dir = root / "run"
-    run_training(data, run_dir, "0", load_config(None, [*RUN, "train.pixel_spacing=2.0"]))
+    run_training(data, run_dir, "0", load_config(None, [*RUN, "train.pixel_spacing=2.0", "model.organs=true"]))
     return root, data, run_dir
 
 
@@ -68,7 +69,9 @@ def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, space
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     image_format = meta["network_data_format"]["inputs"]["image"]
     assert image_format["num_channels"] == 4 and image_format["spatial_shape"] == [32, 32]  # 3 slices + modality
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver"}
+    outputs = {"0": "background", "1": "liver"} if which == "resized" else {
+        "0": "background", "1": "liver", "2": "right_kidney", "3": "left_kidney", "4": "spleen"}
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == outputs
 
     images = tmp_path / "images"  # the MR volumes only: the bundle was exported for MR
     images.mkdir()
@@ -89,6 +92,7 @@ def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, space
         a, b = np.asarray(ours.dataobj) > 0, np.asarray(theirs.dataobj) > 0
         assert a.sum() > 50, f"{case}: the test model should find some liver"
         assert _dice(a, b) >= 0.999, (case, _dice(a, b))
+        assert set(np.unique(np.asarray(theirs.dataobj))) <= {0, 1}  # the liver alone, whatever the network
 
     # MONAI's own check that the network takes and gives what metadata.json says
     done = _monai_bundle("verify_net_in_out", "network_def", "--meta_file", str(bundle / "configs" / "metadata.json"),

@@ -123,6 +123,48 @@ def test_predict_volume_is_the_mean_softmax_of_the_models():
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
 
 
+def test_zoom_slices_magnifies_about_the_centre_and_its_inverse_lands_on_the_same_grid():
+    from pipeline.predict import zoom_slices
+
+    square = torch.zeros(1, 1, 40, 40)
+    square[..., 15:25, 15:25] = 1.0  # 10 x 10 about the centre
+    twice = zoom_slices(square, 2.0)
+    assert (twice[0, 0] > 0.5).sum() == 400 and twice[0, 0, 11, 11] == 1 and twice[0, 0, 8, 8] == 0
+    assert abs(float(twice.sum()) - 400) < 10 and abs(float(zoom_slices(square, 0.5).sum()) - 25) < 2  # area x s^2
+    smooth = torch.sin(torch.linspace(0, 3, 40))[:, None] * torch.cos(torch.linspace(0, 2, 40))[None]
+    back = zoom_slices(zoom_slices(smooth[None, None], 1.1), 1 / 1.1)[0, 0]
+    # the margin that a zoom by 1.1 pushes out of the frame comes back as zeros; inside it, the same values
+    torch.testing.assert_close(back[4:-4, 4:-4], smooth[4:-4, 4:-4], rtol=0, atol=0.01)
+    assert zoom_slices(square, 1.0) is square
+
+
+def test_test_time_zooms_average_each_models_zoomed_back_probabilities():
+    from pipeline.predict import predict_volume, zoom_slices
+
+    cfg = load_config(None, TINY)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_model(cfg.model).eval())
+    image = torch.rand(1, 16, 16, 5)
+    scales = (0.9, 1.0, 1.25)
+    masks, confidences = [], []
+    with torch.inference_mode():
+        probs = predict_volume(models, image, batch_size=2, device=torch.device("cpu"), scales=scales,
+                               model_masks=masks, model_confidences=confidences)
+        slices = image.permute(3, 0, 1, 2)
+        own = [torch.stack([zoom_slices(torch.softmax(m(zoom_slices(slices, s)), 1)[:, 1:2], 1 / s)[:, 0]
+                            for s in scales]).mean(0) for m in models]  # (D, H, W) per model
+        plain_probs = predict_volume(models, image, batch_size=2, device=torch.device("cpu"))
+    torch.testing.assert_close(probs, torch.stack(own).mean(0)[None].permute(0, 2, 3, 1), rtol=0, atol=1e-6)
+    assert not torch.allclose(probs, plain_probs, atol=1e-3)  # the zooms change the answer
+    assert all(torch.equal(m, o >= 0.5) for m, o in zip(masks, own)) and len(confidences) == 2
+    with pytest.raises(PipelineError, match="infer.tta_scales"):
+        load_config(None, [*TINY, "infer.tta_scales=[3.0]"])
+    with pytest.raises(PipelineError, match="infer.tta_scales"):
+        load_config(None, [*TINY, "infer.tta_scales=[]"])
+
+
 def test_slice_smoothing_averages_each_slice_with_its_neighbours():
     from pipeline.predict import smooth_through_slices
 
