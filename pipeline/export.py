@@ -28,6 +28,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.labels import LIVER, model_output
+from pipeline.predict import smoothing_window
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,8 @@ def bundle_inference_config(cfg: Config, modality: str) -> dict:
         # liver probability >= 0.5 rule (kidneys and spleen are not written)
         *([{"_target_": "Lambdad", "keys": "pred", "func": f"$lambda x: torch.cat([1 - x[{LIVER}:{LIVER + 1}], "
             f"x[{LIVER}:{LIVER + 1}]], dim=0)"}] if cfg.model.organs else []),
-        *([{"_target_": "SavitzkyGolaySmoothd", "keys": "pred", "window_length": 2 * cfg.infer.slice_smoothing + 1,
+        *([{"_target_": "SavitzkyGolaySmoothd", "keys": "pred",
+            "window_length": smoothing_window(cfg.infer.slice_smoothing),
             "order": 0, "axis": 3, "mode": "replicate"}] if cfg.infer.slice_smoothing > 0 else []),
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
          "nearest_interp": False, "to_tensor": True},
@@ -486,7 +488,8 @@ def _export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | N
             name=BUNDLE_NAME, modality=modality, model=cfg.model.name, run=run_dir.resolve().name,
             fold=checkpoint.parent.name, which=checkpoint.stem, norm=norm, h=cfg.train.roi_size[0],
             w=cfg.train.roi_size[1], post=post,
-            smooth=(f", a moving average through {2 * cfg.infer.slice_smoothing + 1} slices (SavitzkyGolaySmoothd)"
+            smooth=(f", a moving average through {smoothing_window(cfg.infer.slice_smoothing)} slices "
+                    f"(SavitzkyGolaySmoothd)"
                     if cfg.infer.slice_smoothing > 0 else ""),
             resize=(f"resampled to {cfg.train.pixel_spacing:g} mm pixels, then padded or cropped about the centre"
                     if cfg.train.pixel_spacing > 0 else "bilinear resize with anti-aliasing")))

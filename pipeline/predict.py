@@ -58,7 +58,8 @@ def liver_probability(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 2:
         return torch.sigmoid(logits[:, LIVER] - logits[:, 0])
     if logits.shape[1] <= LIVER:
-        raise ValueError(f"predict: expected a model with a liver output (channel {LIVER}), got {logits.shape[1]} outputs")
+        raise ValueError(f"predict: expected a model with a liver output (channel {LIVER}), "
+                         f"got {logits.shape[1]} outputs")
     return torch.softmax(logits, 1)[:, LIVER]
 
 
@@ -200,6 +201,11 @@ def ensemble_confidence(model_confidences: Sequence[float | None]) -> float | No
     return sum(known) / len(known) if known else None
 
 
+def smoothing_window(neighbours: int) -> int:
+    """Slices in the moving average of infer.slice_smoothing = `neighbours` on each side."""
+    return 2 * neighbours + 1
+
+
 def smooth_through_slices(probs: torch.Tensor, neighbours: int) -> torch.Tensor:
     """Liver probability (C, H, W, Z) on the model's grid, each slice averaged with `neighbours` slices
     on each side (a moving average along Z, the volume's end slices repeated; infer.slice_smoothing).
@@ -212,5 +218,5 @@ def smooth_through_slices(probs: torch.Tensor, neighbours: int) -> torch.Tensor:
         return probs
     from monai.transforms import SavitzkyGolaySmooth
 
-    smooth = SavitzkyGolaySmooth(window_length=2 * neighbours + 1, order=0, axis=probs.ndim - 1, mode="replicate")
+    smooth = SavitzkyGolaySmooth(window_length=smoothing_window(neighbours), order=0, axis=probs.ndim - 1, mode="replicate")
     return plain(smooth(probs))
