@@ -17,8 +17,9 @@ The remappings (MR intensities have no unit, so each works on the volume's 1-99 
   inverted                 brightest and darkest exchanged
 Per remapping: mean and minimum Dice, patients below 0.5, and how many of those infer's QC flags
 (empty mask, liver volume outside infer.qc_liver_ml, or the confidence (predict.mask_confidence) below
-infer.qc_min_confidence: a single fold's model has no fold agreement), and how many of the patients
-at or above 0.8 it flags as well (false alarms). `--set infer.qc_min_confidence=X` tries a threshold;
+the run's threshold, infer.load_run's min_confidence: a single fold's model has no fold agreement), and
+how many of the patients at or above 0.8 it flags as well (false alarms). `--set infer.qc_min_confidence=X`
+or `--set infer.qc_confidence_margin=X` tries a threshold;
 the JSON line at the end holds every case's Dice and confidence, to choose one from.
 Target (issue #12): mean within 0.03 of the unperturbed score and no patient below 0.5 unflagged.
 """
@@ -116,7 +117,8 @@ def main() -> int:
                     probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
                 confidence = ensemble_confidence(confidences)
                 mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
-                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer, confidence)
+                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer, confidence,
+                                      run.min_confidence)
                 scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags, confidence))
     base = statistics.mean(r[1] for r in scores["none"])
     print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}"

@@ -150,6 +150,9 @@ class InferConfig:
     qc_liver_ml: list[float] = field(default_factory=lambda: [200.0, 5000.0])
     qc_min_agreement: float = 0.8  # flag a mask when a fold model's own mask agrees less (Dice) with the ensemble's
     qc_min_confidence: float = 0.85  # flag a mask whose fold models' mean predict.mask_confidence is below this
+    # ... or below the lowest confidence the run's fold models had on their own validation patients less
+    # this margin, when that is higher (infer.load_run: a run of confident models is held to its own level)
+    qc_confidence_margin: float = 0.01
     montage: bool = True  # write a PNG montage per case
 
 
@@ -316,6 +319,8 @@ def validate(cfg: Config) -> Config:
         ("infer.qc_min_agreement", 0.0 <= i.qc_min_agreement <= 1.0, f"expected a Dice in [0, 1], got {i.qc_min_agreement}"),
         ("infer.qc_min_confidence", 0.0 <= i.qc_min_confidence <= 1.0,
          f"expected a value in [0, 1], got {i.qc_min_confidence}"),
+        ("infer.qc_confidence_margin", 0.0 <= i.qc_confidence_margin <= 1.0,
+         f"expected a value in [0, 1] (1 = only infer.qc_min_confidence), got {i.qc_confidence_margin}"),
     ]
     for key, ok, problem in rules:
         if not ok:

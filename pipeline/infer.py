@@ -135,6 +135,7 @@ class LoadedRun:
     folds: list[str]
     device: object  # torch.device
     name: str = ""  # the run folder's name (recorded in DICOM outputs)
+    min_confidence: float = 0.0  # the quality check's confidence threshold (qc_confidence_threshold)
 
 
 def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
@@ -156,11 +157,37 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     cfg.infer.amp = inference_amp(cfg.infer.amp, device)
     chosen = str(fold) if fold is not None else cfg.infer.folds  # --fold wins over infer.folds
     ckpts = runs.select_checkpoints(run_dir, chosen, cfg.infer.checkpoint)
-    models = [load_trained_model(cfg, ck).to(device) for ck in ckpts]
+    states = {ck: runs.load_checkpoint(ck) for ck in ckpts}
+    models = [load_trained_model(cfg, ck, states[ck]).to(device) for ck in ckpts]
     log.info("loaded %d checkpoint(s): %s", len(ckpts), ", ".join(str(c.relative_to(run_dir)) for c in ckpts))
+    # the confidence the run's models had on their own validation patients: every fold's, even when
+    # one fold predicts (two or three patients per fold are too few to set a level on)
+    try:
+        every = runs.select_checkpoints(run_dir, "all", cfg.infer.checkpoint) if chosen != "all" else ckpts
+    except PipelineError:  # another fold without this checkpoint (still training): the chosen ones alone
+        every = ckpts
+    reference = validation_confidence([states[ck] if ck in states else runs.load_checkpoint(ck) for ck in every])
     freeze_long_lived_objects()  # full garbage collections had cost time at random points (pipeline/runtime.py)
     name = Path(original).name.removesuffix(".zip") if str(original).endswith(".zip") else run_dir.resolve().name
-    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device, name=name)
+    return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device, name=name,
+                     min_confidence=qc_confidence_threshold(cfg.infer, reference))
+
+
+def validation_confidence(checkpoints: list[dict]) -> float | None:
+    """The lowest confidence (predict.mask_confidence) the checkpoints' models had on their own
+    validation patients, at the validation of the epoch each was saved at; None when a checkpoint
+    does not record it (runs trained before it was recorded)."""
+    values = [(ck.get("history") or [{}])[-1].get("val_confidence_min") for ck in checkpoints]
+    return None if not values or any(v is None for v in values) else float(min(values))
+
+
+def qc_confidence_threshold(cfg, reference: float | None) -> float:
+    """infer.qc_min_confidence, raised to the run's own validation level less infer.qc_confidence_margin
+    when that is higher: models trained longer are surer of every mask, their failures included
+    (README, session 13), so one fixed level would let those through."""
+    if reference is None:
+        return cfg.qc_min_confidence
+    return max(cfg.qc_min_confidence, reference - cfg.qc_confidence_margin)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -250,16 +277,20 @@ def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
 def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None,
               confidence: float | None) -> list[str]:
     """quality_flags of the mask of `name`, with a warning line naming it when there is any."""
-    flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence)
+    flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, run.min_confidence)
     if flags:
         log.warning("%s: check this mask before using it: %s", name, "; ".join(flags))
     return flags
 
 
-def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None) -> list[str]:
+def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: float | None = None,
+                  min_confidence: float | None = None) -> list[str]:
     """Why a mask should not be trusted without a look (empty when nothing is wrong): no liver, a
     liver volume outside infer.qc_liver_ml, fold models that disagree (infer.qc_min_agreement), or a
-    network unsure of its own mask (predict.mask_confidence below infer.qc_min_confidence)."""
+    network unsure of its own mask (predict.mask_confidence below `min_confidence`, the run's
+    qc_confidence_threshold; infer.qc_min_confidence when not given)."""
+    if min_confidence is None:
+        min_confidence = cfg.qc_min_confidence
     flags = []
     low, high = cfg.qc_liver_ml
     if liver_ml == 0:
@@ -268,8 +299,8 @@ def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: flo
         flags.append(f"liver volume {liver_ml:.0f} ml outside {low:g}-{high:g} ml")
     if agreement is not None and agreement < cfg.qc_min_agreement:
         flags.append(f"fold models disagree (lowest Dice with the ensemble {agreement:.2f} < {cfg.qc_min_agreement:g})")
-    if liver_ml > 0 and confidence is not None and confidence < cfg.qc_min_confidence:
-        flags.append(f"low confidence ({confidence:.2f} < {cfg.qc_min_confidence:g})")
+    if liver_ml > 0 and confidence is not None and confidence < min_confidence:
+        flags.append(f"low confidence ({confidence:.3f} < {min_confidence:.3f})")
     return flags
 
 

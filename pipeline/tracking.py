@@ -50,7 +50,7 @@ class EventLog:
         step = int(row["epoch"])
         for key, tag in (("train_loss", "train/loss"), ("lr", "train/lr"), ("epoch_time_s", "time/epoch_s"),
                          ("val_loss", "val/loss"), ("val_dice_mean", "val/dice_mean"),
-                         ("val_raw_dice_mean", "val/raw_dice_mean")):
+                         ("val_raw_dice_mean", "val/raw_dice_mean"), ("val_confidence_min", "val/confidence_min")):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, float(row[key]), step)
         for p in patients:

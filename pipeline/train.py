@@ -38,7 +38,8 @@ from pipeline.io import safe_name, write_text
 from pipeline.labels import LIVER, model_output
 from pipeline.model import build_loss, build_model
 from pipeline.postprocess import postprocess
-from pipeline.predict import plain, slice_logits, smooth_through_slices, source_grid_inverter, to_source_grid
+from pipeline.predict import (mask_confidence, plain, slice_logits, smooth_through_slices, source_grid_inverter,
+                              to_source_grid)
 from pipeline.tracking import EventLog
 from pipeline.transforms import ORIENTATION, deterministic_transforms, random_transforms, without_metadata
 
@@ -247,7 +248,8 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
 
 
 def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss_fn, cfg: Config,
-             device, overlays: dict | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
+             device, overlays: dict | None = None,
+             confidences: dict | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
     """(mean val loss, Dice per patient, raw Dice per patient) on whole held-out volumes.
 
     Every slice is predicted (slices batched, as SliceInferer would), the liver probability is mapped
@@ -256,7 +258,9 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
     The Dice that counts (best checkpoint, CV summary) is that of the mask `infer` would write, i.e.
     after the config's infer section (slice smoothing, then the mask's post-processing); the raw mask's
     Dice (smoothed, not post-processed) is kept beside it.
-    With a dict `overlays`, the first tracking.OVERLAY_PATIENTS patients' overlay images are put in it.
+    With a dict `overlays`, the first tracking.OVERLAY_PATIENTS patients' overlay images are put in it;
+    with a dict `confidences`, each patient's predict.mask_confidence (the model's own probability on
+    its grid, before the smoothing, as infer measures it; the mean over the patient's cases).
     """
     from monai.metrics import compute_dice
 
@@ -270,7 +274,10 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
         # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
         # argmax, and the same rule as infer's
-        liver = smooth_through_slices(torch.softmax(logits, 0)[LIVER:LIVER + 1], cfg.infer.slice_smoothing)
+        probs = torch.softmax(logits, 0)[LIVER:LIVER + 1]
+        if confidences is not None:
+            confidences.setdefault(item["patient"], []).append(mask_confidence(probs))
+        liver = smooth_through_slices(probs, cfg.infer.slice_smoothing)
         if overlays is not None and item["patient"] not in overlays and len(overlays) < OVERLAY_PATIENTS:
             truth_grid = np.asarray(plain(item["label"])[0]) == LIVER  # (H, W, D) on the model's grid
             z = int(np.argmax(truth_grid.sum(axis=(0, 1)))) if truth_grid.any() else truth_grid.shape[2] // 2
@@ -286,6 +293,8 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)
             by_patient.setdefault(item["patient"], []).append(float(dice.item()))
     model.train()
+    if confidences is not None:  # None (no liver probability at all) counts as nothing to be sure of
+        confidences.update({p: float(np.mean([c or 0.0 for c in cs])) for p, cs in confidences.items()})
     mean = {p: float(np.mean(d)) for p, d in dice_by_patient.items()}
     return float(np.mean(losses)), mean, {p: float(np.mean(d)) for p, d in raw_by_patient.items()}
 
@@ -294,7 +303,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
 
 def write_metrics(path: Path, rows: list[dict], patients: list[str]) -> None:
     columns = ["epoch", "train_loss", "val_loss", "val_dice_mean", *[f"val_dice_{p}" for p in patients],
-               "val_raw_dice_mean", "lr", "epoch_time_s"]
+               "val_raw_dice_mean", "val_confidence_min", "lr", "epoch_time_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -458,11 +467,14 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
             if dd.main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or calibrate):
                 t_val = time.perf_counter()
                 images = {} if events.writer is not None else None
+                confidence: dict = {}
                 val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device,
-                                               overlays=images)
+                                               overlays=images, confidences=confidence)
                 events.overlays(images or {}, epoch)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
-                        "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6)}
+                        "val_raw_dice_mean": round(float(np.mean(list(raw.values()))), 6),
+                        # infer's quality check compares a new mask's confidence with this (infer.load_run)
+                        "val_confidence_min": round(min(confidence.values()), 6) if confidence else None}
                 row |= {f"val_dice_{p}": round(d, 6) for p, d in dice.items()}
                 row["val_time_s"] = round(time.perf_counter() - t_val, 3)
             dd.barrier()

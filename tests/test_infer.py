@@ -429,8 +429,41 @@ def test_quality_flags_name_what_is_wrong_with_a_mask():
                                                "fold models disagree (lowest Dice with the ensemble 0.50 < 0.85)"]
     cfg.qc_min_confidence = 0.9
     assert quality_flags(1500.0, None, cfg, 0.95) == []
-    assert quality_flags(1500.0, None, cfg, 0.62) == ["low confidence (0.62 < 0.9)"]
+    assert quality_flags(1500.0, None, cfg, 0.62) == ["low confidence (0.620 < 0.900)"]
     assert quality_flags(0.0, None, cfg, None) == ["empty: no liver found"]  # said once, not twice
+    assert quality_flags(1500.0, None, cfg, 0.92, min_confidence=0.93) == ["low confidence (0.920 < 0.930)"]
+
+
+def test_the_confidence_threshold_rises_to_the_runs_own_validation_level():
+    """A run whose models were sure of their validation patients (lowest confidence 0.95 there) flags
+    a mask at 0.93 that infer.qc_min_confidence (0.85) alone would pass; runs without the record
+    keep the fixed threshold."""
+    from pipeline.infer import qc_confidence_threshold, validation_confidence
+
+    cfg = load_config(None, ["infer.qc_min_confidence=0.85", "infer.qc_confidence_margin=0.01"]).infer
+    sure = [{"history": [{"val_confidence_min": 0.97}, {"val_confidence_min": 0.96}]},
+            {"history": [{"val_confidence_min": 0.95}]}]
+    assert validation_confidence(sure) == 0.95  # each checkpoint's own (last) validation, lowest of them
+    assert abs(qc_confidence_threshold(cfg, validation_confidence(sure)) - 0.94) < 1e-9
+    assert validation_confidence([*sure, {"history": [{"val_loss": 0.2}]}]) is None  # an older checkpoint
+    assert qc_confidence_threshold(cfg, None) == 0.85
+    assert qc_confidence_threshold(cfg, 0.80) == 0.85  # never below the fixed floor
+
+
+def test_training_records_the_validation_confidence_that_infer_holds_masks_to(tmp_path):
+    from nifti_fixtures import make_prepared_dataset
+    from pipeline.train import run_training
+
+    data = make_prepared_dataset(tmp_path / "prepared", n_mr=2, n_ct=2, folds=2)
+    run_training(data, tmp_path / "run", "all", load_config(None, [*TINY, "train.epochs=2", "train.val_every=1",
+                                                                    "train.slices_per_volume=4", "train.batch_size=4"]))
+    recorded = [torch.load(tmp_path / "run" / f"fold_{k}" / "last.pt", weights_only=True)["history"][-1]
+                ["val_confidence_min"] for k in (0, 1)]
+    assert all(0.0 < c <= 1.0 for c in recorded) and recorded[0] != recorded[1]
+    surer = str(int(np.argmax(recorded)))  # the fold whose own level is the higher one
+    one = load_run(tmp_path / "run", surer, ["infer.qc_min_confidence=0.0", "infer.qc_confidence_margin=0.0",
+                                             "infer.checkpoint=last"])
+    assert one.min_confidence == min(recorded)  # one fold predicts; every fold's validation sets the level
 
 
 def test_mask_confidence_is_the_soft_dice_of_the_probabilities_with_their_own_mask():
