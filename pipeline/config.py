@@ -89,7 +89,7 @@ class TrainConfig:
     pixel_spacing: float = 0.0
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
-    liver_slice_ratio: float = 0.7  # fraction of training slices that contain liver
+    liver_slice_ratio: float = 0.85  # fraction of training slices that contain liver
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
     epochs: int = 280  # epochs per fold
