@@ -38,8 +38,8 @@ from pipeline.io import safe_name, write_text
 from pipeline.labels import LIVER, model_output
 from pipeline.model import build_loss, build_model
 from pipeline.postprocess import postprocess
-from pipeline.predict import (mask_confidence, plain, slice_logits, smooth_through_slices, source_grid_inverter,
-                              to_source_grid)
+from pipeline.predict import (liver_probability, mask_confidence, plain, slice_logits, smooth_through_slices,
+                              source_grid_inverter, to_source_grid)
 from pipeline.tracking import EventLog
 from pipeline.transforms import ORIENTATION, deterministic_transforms, random_transforms, without_metadata
 
@@ -272,9 +272,9 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
         logits = slice_logits(model, item["image"], cfg.train.batch_size, device, cfg.train.amp)
         with torch.inference_mode():
             losses.append(float(loss_fn(logits[None], plain(item["label"])[None]).item()))
-        # only the liver channel goes back (half the resampling); with two classes p >= 0.5 is the
-        # argmax, and the same rule as infer's
-        probs = torch.softmax(logits, 0)[LIVER:LIVER + 1]
+        # only the liver channel goes back (half the resampling), computed as infer computes it
+        # (predict.liver_probability: logits (K, H, W, D) as a batch of one -> (1, H, W, D))
+        probs = liver_probability(logits[None])
         if confidences is not None:
             confidences.setdefault(item["patient"], []).append(mask_confidence(probs))
         liver = smooth_through_slices(probs, cfg.infer.slice_smoothing)
