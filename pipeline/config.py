@@ -124,6 +124,9 @@ class TrainConfig:
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
     organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
     tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
+    # torch.compile of the training network: auto = on for a fold of >= 1000 steps or a budget of >= 5 minutes
+    # (a compile takes about a minute the first time, seconds from inductor's cache), on | off
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

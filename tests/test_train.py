@@ -358,3 +358,65 @@ def test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up(tiny_
     assert calibrates(cfg, fresh, 279, 20.0)  # train.epochs would end the run before
     assert not calibrates(cfg, fixed, 9, 30.0)  # fixed once, kept (resume)
     assert not calibrates(tiny_config("train.budget_minutes=0"), fresh, 9, 30.0)
+
+
+def test_auto_compiles_only_where_the_compile_pays_back(tiny_config, monkeypatch):
+    cpu, compiles = torch.device("cpu"), train_mod.compiles
+    monkeypatch.setattr(train_mod.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert compiles(tiny_config("train.budget_minutes=10"), cpu, 10)
+    assert not compiles(tiny_config("train.budget_minutes=1"), cpu, 10)
+    # tiny: 4 slices per volume, batches of 4 -> one volume per step, 10 steps per epoch
+    assert compiles(tiny_config("train.epochs=100"), cpu, 10)
+    assert not compiles(tiny_config("train.epochs=99"), cpu, 10)
+    assert compiles(tiny_config("train.compile=on"), cpu, 1)
+    assert not compiles(tiny_config("train.compile=off", "train.budget_minutes=10"), cpu, 10)
+    monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    assert not compiles(tiny_config("train.budget_minutes=10"), cpu, 10)
+
+
+def test_a_compiled_fold_trains_as_the_eager_one_saves_plain_weights_and_resumes(data_dir, tmp_path, monkeypatch,
+                                                                                caplog, tiny_config):
+    eager, compiled = tiny_config(), tiny_config("train.compile=on")
+    run_training(data_dir, tmp_path / "eager", "0", eager)
+    resume_normally = interrupt_after(monkeypatch, 2)
+    with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(KeyboardInterrupt):
+        run_training(data_dir, tmp_path / "compiled", "0", compiled)
+    assert any("network compiled" in r.getMessage() for r in caplog.records)
+    resume_normally()
+    run_training(data_dir, tmp_path / "compiled", "0", compiled, resume=True)
+    a, b = read_metrics(tmp_path / "eager" / "fold_0"), read_metrics(tmp_path / "compiled" / "fold_0")
+    assert [r["epoch"] for r in b] == ["1", "2", "3"]
+    for ra, rb in zip(a, b):  # the same batches and draws; only the kernels' rounding differs
+        for key in ("train_loss", "val_loss", "val_dice_mean"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), abs=2e-3), (ra["epoch"], key)
+    weights = torch.load(tmp_path / "compiled" / "fold_0" / "last.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod") for k in weights)  # loads into the plain network, as infer builds it
+    build_model(compiled.model, compiled.train.roi_size).load_state_dict(weights)
+
+
+def test_a_compile_that_fails_leaves_one_warning_and_trains_uncompiled(data_dir, tmp_path, monkeypatch, caplog,
+                                                                       tiny_config):
+    def broken(model, **kwargs):
+        def call(*args):
+            raise RuntimeError("InductorError: no working C++ compiler\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        run_training(data_dir, tmp_path, "0", tiny_config("train.compile=on", "train.epochs=1"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["fold 0: torch.compile failed (InductorError: no working C++ compiler); training uncompiled "
+                        "(train.compile=off avoids trying)"]
+    assert len(read_metrics(tmp_path / "fold_0")) == 1
+
+
+def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_as_they_were(tiny_config):
+    cfg, cpu = tiny_config("model.norm=batch", "train.compile=on"), torch.device("cpu")
+    state = train_mod.make_state(cfg, cpu, train_mod.Dist(), steps_per_epoch=3)
+    before, rng = {k: v.clone() for k, v in state.module.state_dict().items()}, torch.get_rng_state()
+    train_mod.compile_network(state, cfg, cpu, fold=0)
+    assert state.compiled is not None
+    after = state.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch norm's running statistics too
+    assert all(p.grad is None for p in state.module.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
