@@ -419,8 +419,8 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
 
 COMPILE_MIN_STEPS = 1000  # train.compile=auto: a fold of at least this many steps is compiled ...
 COMPILE_MIN_BUDGET = 5.0  # ... or one with a budget of at least this many minutes
-# (measured, session 14, default UNet, batch 16 at 160 x 160, 2-core AVX2 CPU: a step 0.53 -> 0.39 s on two
-# threads, 0.92 -> 0.66 s on one; the first compile ~60 s, ~8 s from inductor's on-disk cache)
+# (bench/bench_compile.py, session 14, default UNet on real MR, 2-core AVX2 CPU: 1.15-1.25x the slices per
+# second of the eager loop; the first compile ~1 minute, seconds from inductor's on-disk cache)
 
 
 def compiles(cfg: Config, device, train_volumes: int) -> bool:

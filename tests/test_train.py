@@ -410,7 +410,11 @@ def test_a_compile_that_fails_leaves_one_warning_and_trains_uncompiled(data_dir,
     assert len(read_metrics(tmp_path / "fold_0")) == 1
 
 
-def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_as_they_were(tiny_config):
+def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_as_they_were(tiny_config, monkeypatch):
+    # dynamo's eager backend: the trial batch runs as under inductor (traced, forward and backward)
+    # without generating code, which the compiled-fold test above does once already
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
     cfg, cpu = tiny_config("model.norm=batch", "train.compile=on"), torch.device("cpu")
     state = train_mod.make_state(cfg, cpu, train_mod.Dist(), steps_per_epoch=3)
     before, rng = {k: v.clone() for k, v in state.module.state_dict().items()}, torch.get_rng_state()
