@@ -168,12 +168,14 @@ class FoldState:
     ema: nn.Module | None = None  # torch AveragedModel of the weights (train.ema_decay > 0)
     schedule: dict = field(default_factory=dict)  # {"total": steps the LR decays over}; the budget may fix it
     budget_epochs: int | None = None  # epochs that train.budget_minutes fixed (kept by --resume)
-    compiled: nn.Module | None = None  # torch.compile of `model` (train.compile), what the training steps call
+    compiled: nn.Module | None = None  # torch.compile of `model` (train.compile), for batches of compiled_batch
+    compiled_batch: int = 0  # the batch size it was compiled for
 
-    @property
-    def step_model(self) -> nn.Module:
-        """The network a training step calls: the compiled one when there is one (same parameters)."""
-        return self.compiled if self.compiled is not None else self.model
+    def step_model(self, batch: int) -> nn.Module:
+        """The network a training step of `batch` slices calls: the compiled one (same parameters) for
+        the batch size it was compiled for; the plain one for an epoch's smaller last batch, which would
+        otherwise compile it again (a minute on a CPU) for a step or two."""
+        return self.compiled if self.compiled is not None and batch == self.compiled_batch else self.model
 
     @property
     def module(self) -> nn.Module:
@@ -242,7 +244,7 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
             image, label = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
             state.optimizer.zero_grad(set_to_none=True)
             with autocast_context(device, amp):
-                loss = loss_fn(state.step_model(image), label)
+                loss = loss_fn(state.step_model(len(image))(image), label)
             scaler.scale(loss).backward()
             scaler.step(state.optimizer)
             scaler.update()
@@ -361,7 +363,7 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
 
 # ----------------------------------------------------------------------------- one fold
 
-def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist, whole_batches: bool = False):
+def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     from monai.data import CacheDataset, DataLoader, partition_dataset
     from monai.transforms import Compose
 
@@ -378,10 +380,8 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist, who
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
                             as_contiguous=False)
     generator = torch.Generator()
-    per_batch = t.batch_size // t.slices_per_volume
-    # whole_batches (a compiled network): the last, smaller batch of an epoch would compile it again
-    loader = DataLoader(train_ds, batch_size=per_batch, shuffle=True, num_workers=t.num_workers, generator=generator,
-                        drop_last=whole_batches and len(train_ds) > per_batch)
+    loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
+                        num_workers=t.num_workers, generator=generator, drop_last=False)
     val_items, refs, val_tf = [], [], Compose(deterministic_transforms(
         t, context=cfg.model.context_slices, modality_channel=cfg.model.modality_channel, keep_organs=organs))
     if dd.main:
@@ -441,8 +441,8 @@ def compiles(cfg: Config, device, train_volumes: int) -> bool:
 
 def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
     """state.compiled = torch.compile(state.model), compiled now, forward and backward, on a batch of
-    zeros of the training batch's shape (one graph: dynamic=False, and the loader gives whole batches
-    only), so that the epochs the budget times run compiled from their first step. The weights' buffers
+    zeros of the training batch's shape (one graph: dynamic=False; an epoch's smaller last batch runs
+    uncompiled, FoldState.step_model), so that the epochs the budget times run compiled from their first step. The weights' buffers
     (batch-norm statistics), the gradients and the random generators are left as they were. Where
     compiling fails (no working compiler), one warning, and the fold trains uncompiled."""
     t0 = time.perf_counter()
@@ -464,7 +464,7 @@ def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
         with torch.no_grad():
             for b, saved in zip(state.module.buffers(), buffers):
                 b.copy_(saved)
-    state.compiled = net
+    state.compiled, state.compiled_batch = net, cfg.train.batch_size
     log.info("fold %d: network compiled (torch.compile) in %.0f s", fold, time.perf_counter() - t0)
 
 
@@ -491,7 +491,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
     dd.barrier()
     with fold_log_file(fold_dir / runs.TRAIN_LOG, dd.main):
         compiled = compiles(cfg, device, math.ceil(len(train) / dd.world))
-        train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd, whole_batches=compiled)
+        train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd)
         steps = len(loader)
         state = make_state(cfg, device, dd, steps)
         if resume and last_path.exists():

@@ -424,3 +424,23 @@ def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_
     assert all(torch.equal(before[k], after[k]) for k in before)  # batch norm's running statistics too
     assert all(p.grad is None for p in state.module.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_an_epochs_smaller_last_batch_runs_uncompiled_instead_of_compiling_again(tiny_config):
+    from pipeline.model import build_loss
+
+    cfg = tiny_config()
+    state = train_mod.make_state(cfg, torch.device("cpu"), train_mod.Dist(), steps_per_epoch=2)
+    calls = []
+
+    class Recording(torch.nn.Module):  # stands for torch.compile's module: same parameters, counted calls
+        def forward(self, x):
+            calls.append(len(x))
+            return state.model(x)
+
+    state.compiled, state.compiled_batch = Recording(), 8
+    loader = [{"image": torch.rand(n, 1, 32, 32), "label": (torch.rand(n, 1, 32, 32) > 0.5).float()} for n in (8, 8, 4)]
+    train_mod.train_one_epoch(state, loader, build_loss(cfg.train), torch.device("cpu"), "off",
+                              torch.amp.GradScaler("cpu", enabled=False), "epoch", False)
+    assert calls == [8, 8]  # the batch of 4 went to the plain network
+    assert state.scheduler.last_epoch == 3  # and was trained on all the same
