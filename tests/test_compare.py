@@ -77,7 +77,8 @@ def test_workers_stop_when_the_comparison_is_killed(tmp_path):
     from tests.conftest import ROOT, TINY_TRAIN
 
     data = make_prepared_dataset(tmp_path / "prepared", n_mr=2, n_ct=2, folds=2)
-    (tmp_path / "long.yaml").write_text("train: {epochs: 500}\n")  # would run for minutes
+    # would run for minutes; uncompiled (500 epochs would make train.compile=auto compile each worker first)
+    (tmp_path / "long.yaml").write_text("train: {epochs: 500, compile: 'off'}\n")
     sets = [a for s in TINY_TRAIN if not s.startswith("train.epochs") for a in ("--set", s)]
     parent = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "compare", "--data", str(data), "--configs",
                                str(tmp_path / "long.yaml"), "--out", str(tmp_path / "cmp"), "--jobs", "2", "-q", *sets],

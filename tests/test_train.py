@@ -376,6 +376,11 @@ def test_auto_compiles_only_where_the_compile_pays_back(tiny_config, monkeypatch
 
 def test_a_compiled_fold_trains_as_the_eager_one_saves_plain_weights_and_resumes(data_dir, tmp_path, monkeypatch,
                                                                                 caplog, tiny_config):
+    # dynamo + AOTAutograd as under inductor (graph capture, buffer updates, the backward), without
+    # inductor's C++ code generation: a minute of the suite's time on a fresh machine; the real
+    # compile is bench/bench_compile.py's, and a compile that fails is the next test's
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
     eager, compiled = tiny_config(), tiny_config("train.compile=on")
     run_training(data_dir, tmp_path / "eager", "0", eager)
     resume_normally = interrupt_after(monkeypatch, 2)
