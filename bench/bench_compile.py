@@ -12,8 +12,6 @@ in both, as in training).
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import sys
 import time
@@ -23,23 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from timing import training_bench_setup  # noqa: E402
 from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.device import resolve_device  # noqa: E402
 from pipeline.model import build_loss  # noqa: E402
 from pipeline.train import Dist, build_loaders, compile_network, make_state, train_one_epoch  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="prepared folder (datalist.json)")
-    ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=10, help="timed epochs of each, alternating")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(None, args.overrides)
-    device = resolve_device(cfg.train.device)
+    args, cfg, device = training_bench_setup(__doc__, 10, "timed epochs of each, alternating")
     train, val = read_datalist(args.data).split(args.fold)
     loss_fn = build_loss(cfg.train)
     runs = {}

@@ -12,8 +12,6 @@ resident memory (ru_maxrss) of a fold's cached training + validation volumes plu
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import resource
 import statistics
 import sys
@@ -24,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from timing import training_bench_setup  # noqa: E402
 from pipeline.model import build_loss, build_model  # noqa: E402
 from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.device import autocast_context, resolve_device  # noqa: E402
+from pipeline.device import autocast_context  # noqa: E402
 from pipeline.predict import plain  # noqa: E402
 from pipeline.train import Dist, build_loaders  # noqa: E402
 from pipeline.transforms import without_metadata  # noqa: E402
@@ -48,15 +46,7 @@ def timed(fn) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="prepared folder (datalist.json)")
-    ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=8, help="timed epochs (and as many bare steps each)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(None, args.overrides)
-    device = resolve_device(cfg.train.device)
+    args, cfg, device = training_bench_setup(__doc__, 8, "timed epochs (and as many bare steps each)")
     torch.manual_seed(0)
 
     train, val = read_datalist(args.data).split(args.fold)

@@ -423,20 +423,20 @@ COMPILE_MIN_BUDGET = 5.0  # ... or one with a budget of at least this many minut
 # second of the eager loop; the first compile ~1 minute, seconds from inductor's on-disk cache)
 
 
-def compiles(cfg: Config, device, train_volumes: int) -> bool:
+def compiles(cfg: Config, device, steps_per_epoch: int) -> bool:
     """Whether the training network is compiled (train.compile): `on`, or `auto` where it pays back, a
     fold of COMPILE_MIN_STEPS steps or a budget of COMPILE_MIN_BUDGET minutes, on a CPU with a C++
-    compiler (inductor writes C++ for CPUs) or a CUDA GPU. `train_volumes`: this process's share."""
+    compiler (inductor writes C++ for CPUs) or a CUDA GPU. `steps_per_epoch`: this process's (len(loader))."""
     t = cfg.train
     if t.compile != "auto":
         return t.compile == "on"
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        return False
     if device.type not in ("cpu", "cuda"):
+        return False
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         return False
     if t.budget_minutes > 0:
         return t.budget_minutes >= COMPILE_MIN_BUDGET
-    return t.epochs * math.ceil(train_volumes / (t.batch_size // t.slices_per_volume)) >= COMPILE_MIN_STEPS
+    return t.epochs * steps_per_epoch >= COMPILE_MIN_STEPS
 
 
 def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
@@ -490,9 +490,9 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         fold_dir.mkdir(parents=True, exist_ok=True)
     dd.barrier()
     with fold_log_file(fold_dir / runs.TRAIN_LOG, dd.main):
-        compiled = compiles(cfg, device, math.ceil(len(train) / dd.world))
         train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd)
         steps = len(loader)
+        compiled = compiles(cfg, device, steps)
         state = make_state(cfg, device, dd, steps)
         if resume and last_path.exists():
             saved = load_checkpoint(last_path, state)

@@ -365,7 +365,7 @@ def test_auto_compiles_only_where_the_compile_pays_back(tiny_config, monkeypatch
     monkeypatch.setattr(train_mod.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert compiles(tiny_config("train.budget_minutes=10"), cpu, 10)
     assert not compiles(tiny_config("train.budget_minutes=1"), cpu, 10)
-    # tiny: 4 slices per volume, batches of 4 -> one volume per step, 10 steps per epoch
+    # 10 steps per epoch
     assert compiles(tiny_config("train.epochs=100"), cpu, 10)
     assert not compiles(tiny_config("train.epochs=99"), cpu, 10)
     assert compiles(tiny_config("train.compile=on"), cpu, 1)
