@@ -375,7 +375,8 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     organs = cfg.model.organs
     train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
                                                keep_organs=organs or t.organ_intensity_prob > 0)
-                       + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs))
+                       + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs,
+                                           context=cfg.model.context_slices))
     # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
                             as_contiguous=False)

@@ -25,6 +25,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import InvertibleTransform
 from monai.transforms import (
+    CopyItemsd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     LabelFilterd,
     LoadImaged,
@@ -64,6 +66,9 @@ from pipeline.predict import plain
 
 ORIENTATION = "RAS"  # one convention for every volume the network sees
 _FG, _BG = "label_fg_indices", "label_bg_indices"
+# 2.5D training with organ intensity augmentation: the organ maps of the neighbour slices, channel for
+# channel with the image's, so each context channel's organs are remapped by their own outline
+_LABEL_CONTEXT = "label_context"
 
 
 class NormalizeIntensityByModalityd(MapTransform):
@@ -257,12 +262,18 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     (scaled by a factor in [0.5, 1.5]). A liver and spleen darkened together (iron overload), a liver
     brighter or darker than its neighbours, organs alike: the model must use the organ's shape and
     place, not its grey level. MONAI has no label-wise intensity transform.
+
+    `context_key`: for a 2.5D image, the key of the organ maps of its channels (neighbour slices),
+    so that each channel's organs move by their own outline with the same draws. Without it every
+    channel would be remapped inside the centre slice's outline, and the neighbour channels would
+    show the centre's label as an edge, a cue that no real scan has.
     """
 
-    def __init__(self, image_key: str, label_key: str, prob: float) -> None:
+    def __init__(self, image_key: str, label_key: str, prob: float, context_key: str | None = None) -> None:
         MapTransform.__init__(self, [image_key])
         RandomizableTransform.__init__(self, prob)
         self.label_key = label_key
+        self.context_key = context_key
         self.draws = np.zeros((0, 2), np.float32)
 
     def randomize(self, data=None) -> None:
@@ -275,18 +286,22 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
         self.randomize()
         if not self._do_transform:
             return d
-        label = torch.as_tensor(d[self.label_key])[0]
+        if self.context_key is not None:
+            maps = torch.as_tensor(d[self.context_key])  # one organ map per image channel
+        else:
+            maps = torch.as_tensor(d[self.label_key])[:1]  # the slice's own, for every channel
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).clone()
-            for value in torch.unique(label).tolist():
-                value = int(value)
-                if value <= 0 or value >= len(self.draws):
-                    continue
-                inside = label == value
-                level, contrast = (float(v) for v in self.draws[value])
-                region = img[:, inside]
-                mean = region.mean(dim=1, keepdim=True)
-                img[:, inside] = (region - mean) * contrast + level
+            for channel in range(img.shape[0]):
+                label = maps[channel] if len(maps) > 1 else maps[0]
+                for value in torch.unique(label).tolist():
+                    value = int(value)
+                    if value <= 0 or value >= len(self.draws):
+                        continue
+                    inside = label == value
+                    level, contrast = (float(v) for v in self.draws[value])
+                    region = img[channel][inside]
+                    img[channel][inside] = (region - region.mean()) * contrast + level
             d[key] = img
         return d
 
@@ -406,6 +421,10 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if orient_last:
         chain.append(orient)
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
+    if has_label and with_indices and keep_organs and context > 0:
+        # the training volumes of a 2.5D model: the neighbour slices' organ maps for RandOrganIntensityd
+        chain += [CopyItemsd("label", names=_LABEL_CONTEXT), NeighbourSlicesd(_LABEL_CONTEXT, context)]
+        keys = (*keys, _LABEL_CONTEXT)
     if has_label and with_indices:  # the training volumes that slices are drawn from
         chain += [SliceIndicesd("label"), SliceMajord(keys)]
     if modality_channel:
@@ -433,15 +452,19 @@ def without_metadata() -> Iterator[None]:
         set_track_meta(previous)
 
 
-def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: bool = False) -> list[Transform]:
+def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: bool = False,
+                      context: int = 0) -> list[Transform]:
     """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
 
     Every random transform is a dictionary transform over ("image", "label"), so a single draw
     moves both (flips, rotations, affine); intensity transforms touch "image" only. `organs`
     (model.organs): the label keeps its organ map (the cached volumes must have kept it:
     deterministic_transforms' keep_organs); otherwise it ends as liver (1) against the rest (0).
+    `context` (model.context_slices, as given to deterministic_transforms): with organ intensity
+    augmentation, the neighbour slices' organ maps travel with the slice through every spatial step.
     """
-    keys = ("image", "label")
+    neighbour_organs = context > 0 and cfg.organ_intensity_prob > 0
+    keys = ("image", "label", _LABEL_CONTEXT) if neighbour_organs else ("image", "label")
     ratio = cfg.liver_slice_ratio  # in [0, 1]: config.validate
     square = cfg.roi_size[0] == cfg.roi_size[1]
     chain: list[Transform] = [
@@ -462,7 +485,7 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
     chain += [
         # cache_grid: the identity sampling grid of the (fixed) slice size is made once, not per draw
         RandAffined(keys, prob=cfg.affine_prob, rotate_range=0.26, scale_range=cfg.scale_range,
-                    translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros",
+                    translate_range=(8, 8), mode=("bilinear", *["nearest"] * (len(keys) - 1)), padding_mode="zeros",
                     spatial_size=tuple(cfg.roi_size), cache_grid=True),
         # MR surface-coil shading: a slowly varying multiplicative field (exp of a degree-3
         # polynomial; coefficients in +-0.15 give a median max/min ratio of 1.9 over a slice), as on real
@@ -477,7 +500,10 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
-        chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob))
+        chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob,
+                                         context_key=_LABEL_CONTEXT if neighbour_organs else None))
+        if neighbour_organs:
+            chain.append(DeleteItemsd(_LABEL_CONTEXT))
         if not organs:
             chain.append(LabelFilterd("label", applied_labels=[LIVER]))
     # nnU-Net's further augmentations, only when asked for: a transform in the chain takes the next

@@ -485,6 +485,44 @@ def test_organ_intensity_moves_each_organ_to_its_own_level_and_training_labels_s
     assert all(set(np.unique(np.asarray(s["label"]))) <= {0, 1} for s in slices)
 
 
+def test_organ_intensity_of_a_2p5d_slice_moves_each_channel_by_its_own_slice_outline(prepared):
+    """With context slices, a neighbour channel's organs move by the neighbour's own organ map: the
+    centre slice's outline must not appear in the other channels (a label cue no real scan has)."""
+    from pipeline.transforms import RandOrganIntensityd
+
+    image = torch.rand(3, 12, 12) * 0.1 + 0.5  # slices z - 1, z, z + 1
+    maps = torch.zeros(3, 12, 12, dtype=torch.uint8)
+    maps[0, 1:3, 1:3], maps[1, 1:5, 1:5], maps[2, 2:8, 2:8] = 1, 1, 1  # the liver grows through the slices
+    t = RandOrganIntensityd("image", "label", prob=1.0, context_key="label_context")
+    t.set_random_state(seed=5)
+    out = t({"image": image.clone(), "label": maps[1:2], "label_context": maps})["image"]
+    level = float(t.draws[1, 0])
+    for c in range(3):
+        inside = maps[c] == 1
+        assert torch.isclose(out[c][inside].mean(), torch.tensor(level), atol=1e-5)
+        assert torch.equal(out[c][~inside], image[c][~inside])  # outside its own outline: untouched
+
+    # in a 2.5D model's training chain the neighbour maps move with the slice through the affine,
+    # reach the augmentation aligned with the label, and leave the chain after it
+    cfg = cfg_with("train.organ_intensity_prob=1.0", "train.affine_prob=1.0")
+    volume = Compose(deterministic_transforms(cfg, with_indices=True, context=1, keep_organs=True))(dict(prepared[0]))
+    assert volume["image"].shape[0] == 3 and volume["label_context"].shape[0] == 3
+    assert torch.equal(torch.as_tensor(volume["label_context"])[1], torch.as_tensor(volume["label"])[0])
+    steps = random_transforms(cfg, context=1)
+    organ = next(x for x in steps if isinstance(x, RandOrganIntensityd))
+    assert organ.context_key == "label_context"
+    seen = []  # what the augmentation receives, recorded by a wrapper in its place
+    steps[steps.index(organ)] = lambda d: (seen.append((d["label"].clone(), d["label_context"].clone())), organ(d))[1]
+    chain = Compose(steps)
+    chain.set_random_state(seed=3)
+    with without_metadata():
+        slices = chain(dict(volume))
+    assert len(seen) == len(slices) and any(lab.any() for lab, _ in seen)
+    assert all(torch.equal(ctx[1], lab[0]) for lab, ctx in seen)
+    assert all("label_context" not in s and s["image"].shape[0] == 3 for s in slices)
+    assert all(set(np.unique(np.asarray(s["label"]))) <= {0, 1} for s in slices)
+
+
 def test_slice_indices_count_liver_slices_only_in_organ_maps():
     from pipeline.transforms import SliceIndicesd
 
