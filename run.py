@@ -57,33 +57,33 @@ def _config(args, extra: list[str] | None = None):
 
 
 def cmd_synth(args) -> int:
-    from pipeline.synth import generate_dataset
-
     extra = []
     if args.patients is not None:
         extra.append(f"synth.patients={args.patients}")
     if args.seed is not None:
         extra.append(f"synth.seed={args.seed}")
-    cfg = _config(args, extra)
+    cfg = _config(args, extra)  # before the heavy imports: a config error comes at once
+    from pipeline.synth import generate_dataset
+
     root = generate_dataset(args.out, cfg.synth)
     _show(args, f"synthetic CHAOS data set written to {root}")
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from pipeline.prepare import prepare_dataset
-
     extra = [f"prepare.sequences=[{args.sequences}]"] if args.sequences else []
     cfg = _config(args, extra)
+    from pipeline.prepare import prepare_dataset
+
     data = args.data[0] if len(args.data) == 1 else args.data
     _show(args, prepare_dataset(data, args.out, cfg)["table"])
     return 0
 
 
 def cmd_train(args) -> int:
+    cfg = _config(args)  # a bad config fails in a fraction of a second, not after torch and MONAI load
     from pipeline.train import format_cv_summary, run_training
 
-    cfg = _config(args)
     results = run_training(data_dir=args.data, run_dir=args.run, fold=args.fold, cfg=cfg, resume=args.resume)
     if args.fold == "all":
         _show(args, format_cv_summary(results))
@@ -110,9 +110,9 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    cfg = _config(args)
     from pipeline.evaluate import run_evaluation
 
-    cfg = _config(args)
     _show(args, run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, dicom=args.dicom, cfg=cfg)["table"])
     return 0
 
@@ -127,11 +127,12 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.errors import PipelineError
-    from pipeline.export import export_run
 
     fmt = args.format or ("zip" if args.out.suffix == ".zip" else None)
     if fmt is None:
         raise PipelineError(f"--out {args.out}: say what to write with --format zip|bundle|onnx|torchscript")
+    from pipeline.export import export_run
+
     path = export_run(args.run, args.out, fmt, fold=args.fold, which=args.checkpoint, modality=args.modality)
     what = {"zip": "infer --run-dir takes it", "bundle": "python -m monai.bundle run --config_file "
             f"{path / 'configs' / 'inference.json'} --dataset_dir IMAGES --output_dir MASKS",

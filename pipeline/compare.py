@@ -79,9 +79,13 @@ def _worker_init(threads: int, parent: int) -> None:
 
     import torch
 
+    from pipeline.console import hide_progress_bars
+
     torch.set_num_threads(threads)
-    # a fresh interpreter: the pipeline logger's INFO lines reach each fold's train.log (console: warnings only)
+    # a fresh interpreter: the pipeline logger's INFO lines reach each fold's train.log (console: warnings
+    # only); the epochs' bars stay in the worker, the comparison's own bar counts the folds
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    hide_progress_bars()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 

@@ -13,15 +13,22 @@ from typing import Iterator
 
 LOGGER = "pipeline"
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_bars = {"shown": True}  # False in a worker process whose parent shows the bar (hide_progress_bars)
 
 
 def progress(iterable=None, **kwargs):
     """tqdm, shown only when the "pipeline" logger shows INFO (and stderr is a terminal or a file)."""
     from tqdm import tqdm
 
-    if not logging.getLogger(LOGGER).isEnabledFor(logging.INFO):
+    if not _bars["shown"] or not logging.getLogger(LOGGER).isEnabledFor(logging.INFO):
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
+
+
+def hide_progress_bars() -> None:
+    """No bars from this process: for workers that log INFO to their own files while the parent
+    draws the one bar of the whole job (bars of processes side by side overwrite each other's line)."""
+    _bars["shown"] = False
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     import sys
     import zipfile
 
-    from tests.test_infer import ROOT, _assert_one_line_error, _cli
+    from tests.test_infer import ROOT, _assert_one_line_error, _cli, _cli_error
 
     root, series, run_dir, expected = case
     res = subprocess.run([sys.executable, str(ROOT / "run.py"), "export", "--run-dir", str(run_dir), "--out",
@@ -85,7 +85,7 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as z:
         z.writestr("config.yaml", "{}")
         z.writestr("../escape.txt", "x")
-    res = _cli("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
+    res = _cli_error("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
     _assert_one_line_error(res, "not a run zip", "../escape.txt")
     assert not (tmp_path.parent / "escape.txt").exists()
 

@@ -27,9 +27,11 @@ def setup(tmp_path_factory):
     return data, configs, root / "out"
 
 
-def test_every_configuration_is_scored_on_the_same_patients_and_ranked(setup):
+def test_every_configuration_is_scored_on_the_same_patients_and_ranked(setup, capfd):
     data, configs, out = setup
     rows = run_comparison(data, configs, out, folds="0,1", jobs=2)
+    # the workers (their stderr is this process's) draw no bars over each other's line
+    assert "epoch" not in capfd.readouterr().err
     assert sorted(r["config"] for r in rows) == ["nnunet_like", "plain_unet"]
     assert rows[0]["dice_mean"] >= rows[1]["dice_mean"]  # best first
     with open(out / PER_PATIENT, newline="") as f:

@@ -14,7 +14,7 @@ from pipeline.dicom import read_series
 from pipeline.errors import PipelineError
 from tests.nifti_fixtures import make_prepared_dataset
 from tests.dicom_fixtures import OBLIQUE_COL, OBLIQUE_ROW, shuffled_names, write_tiny
-from tests.test_infer import _cli, _assert_one_line_error, ellipsoid_volume, make_run
+from tests.test_infer import _cli, _cli_error, _assert_one_line_error, ellipsoid_volume, make_run
 
 hd = pytest.importorskip("highdicom")
 LIVER_SNOMED = "10200004"
@@ -148,11 +148,11 @@ def test_unknown_format_and_seg_of_nifti_input_fail_with_one_line(tmp_path):
     series = tmp_path / "s"
     write_tiny(series, ellipsoid_volume())
     run_dir = make_run(tmp_path / "run")
-    res = _cli("--run-dir", str(run_dir), "--input", str(series), "--out", str(tmp_path / "o1"), "--format", "nifti,seg")
+    res = _cli_error("--run-dir", str(run_dir), "--input", str(series), "--out", str(tmp_path / "o1"), "--format", "nifti,seg")
     _assert_one_line_error(res, "--format", "seg", "dicom-seg")
     assert not (tmp_path / "o1").exists()
     prepared = make_prepared_dataset(tmp_path / "prep", n_mr=1, n_ct=0)  # NIfTI: no DICOM to reference
-    res = _cli("--run-dir", str(run_dir), "--input", str(prepared), "--out", str(tmp_path / "o2"),
+    res = _cli_error("--run-dir", str(run_dir), "--input", str(prepared), "--out", str(tmp_path / "o2"),
                "--format", "dicom-seg")
     _assert_one_line_error(res, "dicom-seg", "DICOM input")
 

@@ -229,6 +229,13 @@ def _cli(*args):
                           cwd=ROOT, timeout=300)
 
 
+def _cli_error(*args):
+    """`run.py infer ARGS` in this process, for the tests of bad input (conftest.run_main)."""
+    from tests.conftest import run_main
+
+    return run_main("infer", *args)
+
+
 def _assert_one_line_error(res, *words):
     assert res.returncode != 0
     errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
@@ -239,7 +246,7 @@ def _assert_one_line_error(res, *words):
 
 def test_empty_input_folder_fails_with_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    res = _cli("--run", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "empty"), "--out",
+    res = _cli_error("--run", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "empty"), "--out",
                str(tmp_path / "out"))
     _assert_one_line_error(res, "empty")
     assert not (tmp_path / "out").exists()
@@ -259,7 +266,7 @@ def test_run_without_checkpoints_fails(tmp_path):
     write_tiny(series)
     run_dir = make_run(tmp_path / "run")
     (run_dir / "fold_0" / "best.pt").unlink()
-    res = _cli("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    res = _cli_error("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
     _assert_one_line_error(res, "best.pt", str(run_dir))
     assert not (tmp_path / "out").exists()
 
@@ -269,7 +276,7 @@ def test_corrupt_checkpoint_fails_naming_the_file(tmp_path):
     write_tiny(series)
     run_dir = make_run(tmp_path / "run")
     (run_dir / "fold_0" / "best.pt").write_bytes(b"\x80\x02garbage" * 100)
-    res = _cli("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    res = _cli_error("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
     _assert_one_line_error(res, "fold_0/best.pt", "cannot load")
     assert not (tmp_path / "out").exists()
 

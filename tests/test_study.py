@@ -14,7 +14,7 @@ from pipeline.dicom import read_series
 from pipeline.errors import PipelineError
 from pipeline.study import scan_study
 from tests.dicom_fixtures import ramp_volume, write_tiny
-from tests.test_infer import _assert_one_line_error, _cli, ellipsoid_volume, make_run
+from tests.test_infer import _assert_one_line_error, _cli, _cli_error, ellipsoid_volume, make_run
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -103,7 +103,7 @@ def test_a_broken_series_in_a_study_is_skipped_and_the_others_go_on(tmp_path):
 def test_a_tree_without_images_fails_with_one_line_naming_what_was_skipped(tmp_path):
     (tmp_path / "t/sub").mkdir(parents=True)
     (tmp_path / "t/sub/a.txt").write_text("x")
-    res = _cli("--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "t"), "--out",
+    res = _cli_error("--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "t"), "--out",
                str(tmp_path / "out"))
     _assert_one_line_error(res, "no CT or MR image series", "not a DICOM file")
     assert not (tmp_path / "out").exists()

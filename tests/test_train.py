@@ -239,9 +239,9 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
                                                                           tiny_config):
     import yaml
 
-    # 15 s for a fold whose epochs take a fraction of that (even on a loaded machine): the budget, not
+    # 7 s for a fold whose epochs take a fraction of that (even on a loaded machine): the budget, not
     # train.epochs=200, decides
-    cfg = tiny_config("train.epochs=200", "train.budget_minutes=0.25", "train.val_every=2")
+    cfg = tiny_config("train.epochs=200", "train.budget_minutes=0.12", "train.val_every=2")
     # measured right after the warm-up here (when 5% of the budget has passed is a time, not an epoch:
     # test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up tests that rule)
     monkeypatch.setattr(train_mod, "CALIBRATION_SHARE", 0.0)
