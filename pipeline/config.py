@@ -85,8 +85,9 @@ class ModelConfig:
 class TrainConfig:
     roi_size: list[int] = field(default_factory=lambda: [160, 160])  # in-plane model input size
     # in-plane pixel spacing in mm that slices are resampled to before being padded / cropped to
-    # roi_size (0 = off: every slice resized to roi_size whatever its field of view)
-    pixel_spacing: float = 0.0
+    # roi_size (0 = off: every slice resized to roi_size whatever its field of view); "auto": training
+    # sets it from the data (train.auto_pixel_spacing) and saves the number in the run's config
+    pixel_spacing: float | Literal["auto"] = "auto"
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
     liver_slice_ratio: float = 0.85  # fraction of training slices that contain liver
@@ -176,7 +177,13 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. "a number or auto"
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp) if arg is not type(None))
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true/false"}
+    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _check_value(key: str, value: Any, tp: Any) -> Any:
@@ -203,7 +210,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list ({_type_name(item_tp)} each), got {value!r}")
         return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -268,6 +275,13 @@ def plan_dynunet(roi: Sequence[int], levels: int) -> list[list[int]]:
     return strides
 
 
+def pixel_spacing_mm(t: "TrainConfig") -> float:
+    """train.pixel_spacing as a number: 0 = slices resized to the roi. Training replaces "auto" with
+    the data's spacing before anything is saved, so a config that still says "auto" was never
+    trained (made by hand, or a transform chain built without data): resized, as before "auto"."""
+    return 0.0 if t.pixel_spacing == "auto" else float(t.pixel_spacing)
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -305,7 +319,8 @@ def validate(cfg: Config) -> Config:
         ("train.val_every", t.val_every >= 1, f"expected >= 1, got {t.val_every}"),
         ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, f"expected a value in [0, 1), got {t.ema_decay}"),
         ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
-        ("train.pixel_spacing", t.pixel_spacing >= 0, f"expected mm >= 0 (0 = off), got {t.pixel_spacing}"),
+        ("train.pixel_spacing", t.pixel_spacing == "auto" or t.pixel_spacing >= 0,
+         f"expected auto or mm >= 0 (0 = off), got {t.pixel_spacing}"),
         ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),
         *[(f"train.{k}", 0.0 <= getattr(t, k) <= 1.0, f"expected a probability in [0, 1], got {getattr(t, k)}")
           for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "organ_intensity_prob", "affine_prob", "flip_prob", "rotate90_prob",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import runs
-from pipeline.config import Config
+from pipeline.config import Config, pixel_spacing_mm
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.labels import LIVER, model_output
@@ -151,11 +151,11 @@ def preprocessing_description(cfg: Config) -> dict:
             "MR": {"rule": "percentiles of the whole volume", "percentiles": list(cfg.train.mr_percentiles),
                    "to": [0.0, 1.0], "clip": True},
         },
-        **({"in_plane_resample": {"pixel_spacing_mm": float(cfg.train.pixel_spacing), "mode": "bilinear",
+        **({"in_plane_resample": {"pixel_spacing_mm": pixel_spacing_mm(cfg.train), "mode": "bilinear",
                                   "then": f"padded (zeros) or cropped about the centre to {h}x{w}",
                                   "as": "MONAI's Spacingd(pixdim=(s, s, -1)) and ResizeWithPadOrCropd",
                                   "slices": "each axial slice keeps its place; the slice count is unchanged"}}
-           if cfg.train.pixel_spacing > 0 else
+           if pixel_spacing_mm(cfg.train) > 0 else
            {"in_plane_resize": {"size": [h, w], "mode": "bilinear, align_corners false",
                                 "anti_aliasing": "Gaussian pre-smoothing when shrinking, sigma (scale - 1) / 2 per "
                                                  "axis (MONAI's Resize(anti_aliasing=True))",
@@ -294,8 +294,8 @@ def bundle_inference_config(cfg: Config, modality: str) -> dict:
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
         "$@normalise[@modality]",
     ]
-    if cfg.train.pixel_spacing > 0:
-        spacing = float(cfg.train.pixel_spacing)
+    if pixel_spacing_mm(cfg.train) > 0:
+        spacing = pixel_spacing_mm(cfg.train)
         pre += [{"_target_": "Spacingd", "keys": "image", "pixdim": [spacing, spacing, -1.0], "mode": "bilinear"},
                 {"_target_": "ResizeWithPadOrCropd", "keys": "image", "spatial_size": [h, w, -1]}]
     else:
@@ -491,8 +491,8 @@ def _export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | N
             smooth=(f", a moving average through {smoothing_window(cfg.infer.slice_smoothing)} slices "
                     f"(SavitzkyGolaySmoothd)"
                     if cfg.infer.slice_smoothing > 0 else ""),
-            resize=(f"resampled to {cfg.train.pixel_spacing:g} mm pixels, then padded or cropped about the centre"
-                    if cfg.train.pixel_spacing > 0 else "bilinear resize with anti-aliasing")))
+            resize=(f"resampled to {pixel_spacing_mm(cfg.train):g} mm pixels, then padded or cropped about the centre"
+                    if pixel_spacing_mm(cfg.train) > 0 else "bilinear resize with anti-aliasing")))
         write_text(tmp / "configs" / "logging.conf", LOGGING_CONF)
         write_text(tmp / "docs" / "data_license.txt", DATA_LICENCE)
         if out.exists():

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import runs
 from pipeline.chaos import CHAOS_PNG_LIVER
-from pipeline.config import Config, apply_overrides, load_config
+from pipeline.config import Config, apply_overrides, load_config, pixel_spacing_mm
 from pipeline.console import progress
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, safe_name, write_json, write_text
@@ -231,7 +231,7 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
                                    modality_channel=run.cfg.model.modality_channel,
-                                   orient_last=run.cfg.train.pixel_spacing <= 0 and flips_only(affine)))
+                                   orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine)))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 

@@ -56,7 +56,7 @@ from monai.transforms import (
     Transform,
 )
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, pixel_spacing_mm
 from pipeline.console import quiet_known_library_noise
 from pipeline.errors import PipelineError
 from pipeline.fast_transforms import (InPlaneResize, ScaleIntensityRangeOneBuffer,
@@ -406,12 +406,13 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER]))
-    if cfg.pixel_spacing > 0:
+    spacing = pixel_spacing_mm(cfg)
+    if spacing > 0:
         # nnU-Net's way: every slice resampled to one pixel spacing (the liver the same size in pixels
         # whatever the field of view), then padded or cropped about the centre to roi_size. Slices
         # keep their spacing (pixdim <= 0: unchanged). Both steps are MONAI's and Invertd undoes them.
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-        chain += [Spacingd(keys, pixdim=(cfg.pixel_spacing, cfg.pixel_spacing, -1.0), mode=modes),
+        chain += [Spacingd(keys, pixdim=(spacing, spacing, -1.0), mode=modes),
                   ResizeWithPadOrCropd(keys, spatial_size=(*roi, -1))]
     else:
         # anti-aliased bilinear for the image; nearest-exact for the label (smoothing would blur it)

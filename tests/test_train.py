@@ -2,8 +2,10 @@
 import csv
 import logging
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 import pipeline.train as train_mod
 from pipeline.datalist import read_datalist
@@ -56,6 +58,46 @@ def straight_run(data_dir, tmp_path_factory, tiny_config):
     finally:
         logger.setLevel(level)
     return run, results
+
+
+def test_auto_pixel_spacing_fits_the_median_field_of_view_whatever_the_stored_axis_order(tmp_path, tiny_config):
+    import nibabel as nib
+
+    from pipeline.train import auto_pixel_spacing
+
+    def volume(name, shape, affine):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), affine), str(path))
+        return {"image": str(path)}
+
+    # fields of view (R x A, mm) 64 x 64, 96 x 96, 80 x 60; roi 32 x 32 needs 2.0, 3.0 and 2.5 mm
+    entries = [volume("a", (64, 64, 5), np.diag([1.0, 1.0, 4.0, 1.0])),
+               volume("b", (64, 64, 5), np.diag([-1.5, -1.5, 4.0, 1.0])),
+               # stored sagittal-first: voxel axis 0 runs along S, so the in-plane axes are voxel 1 and 2
+               volume("c", (5, 80, 60), np.array([[0, 1.0, 0, 0], [0, 0, 1.0, 0], [4.0, 0, 0, 0], [0, 0, 0, 1]]))]
+    cfg = tiny_config()
+    assert cfg.train.pixel_spacing == "auto" and cfg.train.roi_size == [32, 32]
+    resolved = auto_pixel_spacing(cfg, entries)
+    assert resolved.train.pixel_spacing == 2.5  # the median
+    assert cfg.train.pixel_spacing == "auto"  # the caller's config is left as it was
+    fixed = tiny_config("train.pixel_spacing=1.25")
+    assert auto_pixel_spacing(fixed, entries) is fixed and fixed.train.pixel_spacing == 1.25
+
+
+def test_a_run_trained_with_auto_spacing_saves_the_number_and_infer_resamples_to_it(straight_run, data_dir):
+    from pipeline.infer import load_run, preprocess_case
+    from pipeline.volume import read_nifti
+
+    run, _ = straight_run
+    # make_prepared_dataset: 40 x 36 voxels of 1.5 mm (60 x 54 mm) into a 32 x 32 roi: 1.875 mm, as saved
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["pixel_spacing"]
+    assert saved == 1.88 and yaml.safe_load((run / "fold_0" / "config.yaml").read_text())["train"]["pixel_spacing"] == 1.88
+    loaded = load_run(run, "0")
+    assert loaded.cfg.train.pixel_spacing == 1.88
+    image = read_nifti(data_dir / "imagesTr" / "MR_1_T2SPIR.nii.gz")
+    _, model_input = preprocess_case(loaded, image.array.astype(np.float32), image.affine, "MR")
+    assert tuple(model_input.shape[1:3]) == (32, 32)
+    assert np.allclose(np.linalg.norm(np.asarray(model_input.affine)[:3, :2], axis=0), 1.88, atol=1e-3)
 
 
 def test_tiny_run_decreases_the_loss_and_writes_every_artefact(straight_run):
