@@ -86,7 +86,7 @@ class TrainConfig:
     roi_size: list[int] = field(default_factory=lambda: [160, 160])  # in-plane model input size
     # in-plane pixel spacing in mm that slices are resampled to before being padded / cropped to
     # roi_size (0 = off: every slice resized to roi_size whatever its field of view); "auto": training
-    # sets it from the data (train.auto_pixel_spacing) and saves the number in the run's config
+    # sets it from the data (pipeline.train.auto_pixel_spacing) and saves the number in the run's config
     pixel_spacing: float | Literal["auto"] = "auto"
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
