@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -275,9 +275,12 @@ def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
 
 
 def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None,
-              confidence: float | None) -> list[str]:
-    """quality_flags of the mask of `name`, with a warning line naming it when there is any."""
+              confidence: float | None, cropped: str | None = None) -> list[str]:
+    """quality_flags of the mask of `name` (and `cropped`, from cropped_liver), with a warning line
+    naming it when there is any."""
     flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, run.min_confidence)
+    if cropped:
+        flags.append(cropped)
     if flags:
         log.warning("%s: check this mask before using it: %s", name, "; ".join(flags))
     return flags
@@ -302,6 +305,27 @@ def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: flo
     if liver_ml > 0 and confidence is not None and confidence < min_confidence:
         flags.append(f"low confidence ({confidence:.3f} < {min_confidence:.3f})")
     return flags
+
+
+def cropped_liver(run: LoadedRun, probs, shape: Sequence[int], affine: np.ndarray) -> str | None:
+    """A QC flag when the network saw a crop of the scan (its field of view wider than roi_size at the
+    run's train.pixel_spacing, cropped about the centre) and the liver it found (`probs`, the model
+    grid's (1, H, W, D)) reaches the cut edge: part of the liver may lie outside what it saw."""
+    from pipeline.transforms import in_plane_fov_mm
+
+    spacing = pixel_spacing_mm(run.cfg.train)
+    if spacing <= 0:
+        return None  # resized to the roi: nothing is cut
+    fov, roi = in_plane_fov_mm(shape, affine), run.cfg.train.roi_size
+    liver = probs[0] >= 0.5
+    liver = liver.cpu().numpy() if hasattr(liver, "cpu") else np.asarray(liver)
+    cut_and_reached = [axis for axis in (0, 1) if fov[axis] / spacing > roi[axis] + 0.5
+                       and np.take(liver, [0, liver.shape[axis] - 1], axis=axis).any()]
+    if not cut_and_reached:
+        return None
+    return (f"the liver reaches the edge of the network's view ({fov[0]:.0f} x {fov[1]:.0f} mm cropped to "
+            f"{roi[0] * spacing:.0f} x {roi[1] * spacing:.0f} mm at train.pixel_spacing {spacing:g} mm): "
+            f"part of it may be missing")
 
 
 def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
@@ -449,7 +473,8 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["fold_agreement"] = None if agreement is None else round(agreement, 4)
     row["confidence"] = None if confidence is None else round(confidence, 4)
-    row["qc"] = flag_mask(run, case.case, row["liver_ml"], agreement, confidence)
+    row["qc"] = flag_mask(run, case.case, row["liver_ml"], agreement, confidence,
+                          cropped_liver(run, probs, volume.shape, affine))
     row["seconds"] = round(mask_seconds, 3)
     row["total_seconds"] = round(time.perf_counter() - prepared.started, 3)
     row["stage_seconds"] = stage.rounded()

@@ -667,12 +667,12 @@ def auto_pixel_spacing(cfg: Config, entries: list[dict]) -> Config:
         return cfg
     import nibabel as nib
 
+    from pipeline.transforms import in_plane_fov_mm
+
     per_volume = []
     for e in entries:
         img = nib.load(str(e["image"]))
-        ornt = nib.orientations.io_orientation(img.affine)
-        sizes = np.asarray(img.shape[:3], dtype=float) * np.asarray(img.header.get_zooms()[:3], dtype=float)
-        fov = {int(world): sizes[axis] for axis, (world, _) in enumerate(ornt)}  # mm along R, A, S
+        fov = in_plane_fov_mm(img.shape, img.affine)
         per_volume.append(max(fov[0] / cfg.train.roi_size[0], fov[1] / cfg.train.roi_size[1]))
     spacing = round(float(np.median(per_volume)), 2)
     log.info("train.pixel_spacing=auto: %.2f mm (the median field of view of %d volumes fits roi %s; volumes "

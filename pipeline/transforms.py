@@ -356,6 +356,18 @@ def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
                                     modality_channel=modality_channel, orient_last=orient_last)
 
 
+def in_plane_fov_mm(shape: Sequence[int], affine: np.ndarray) -> tuple[float, float]:
+    """(R, A) extent in mm of a volume of this shape and affine: its in-plane field of view on the
+    axes that RAS orientation gives the network (whatever order the voxel axes are stored in)."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    fov = {int(world): float(shape[axis]) * float(zooms[axis]) for axis, (world, _) in enumerate(ornt)}
+    return fov[0], fov[1]
+
+
 def flips_only(affine: np.ndarray) -> bool:
     """True when reorienting a volume with this affine to ORIENTATION flips axes but permutes none.
 

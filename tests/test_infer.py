@@ -441,6 +441,43 @@ def test_quality_flags_name_what_is_wrong_with_a_mask():
     assert quality_flags(1500.0, None, cfg, 0.92, min_confidence=0.93) == ["low confidence (0.920 < 0.930)"]
 
 
+def test_a_liver_reaching_the_edge_of_a_cropped_view_is_flagged(tmp_path):
+    """At a fixed pixel spacing a wide scan is cropped about its centre; a liver found at the cut edge
+    may go on outside it: flagged (in inference.json's qc too), where an uncropped scan is not."""
+    from types import SimpleNamespace
+
+    from pipeline import runs
+    from pipeline.infer import cropped_liver
+
+    run = SimpleNamespace(cfg=load_config(None, ["train.roi_size=[32,32]", "train.pixel_spacing=2.0"]))
+    wide, narrow = np.diag([-1.5, -1.5, 4.0, 1.0]), np.diag([-1.0, -1.0, 4.0, 1.0])  # 96 / 64 mm across 64 voxels
+    at_edge, inside = torch.zeros(1, 32, 32, 5), torch.zeros(1, 32, 32, 5)
+    at_edge[0, 0:6, 10:20, 2] = 0.9  # the liver runs into the first row of the model's view
+    inside[0, 8:20, 10:20, 2] = 0.9
+    flag = cropped_liver(run, at_edge, (64, 64, 5), wide)
+    assert flag is not None and "96 x 96 mm cropped to 64 x 64 mm" in flag
+    assert cropped_liver(run, inside, (64, 64, 5), wide) is None  # cropped, but the liver is well inside
+    assert cropped_liver(run, at_edge, (64, 64, 5), narrow) is None  # 64 mm at 2 mm: nothing was cut
+    resized = SimpleNamespace(cfg=load_config(None, ["train.roi_size=[32,32]", "train.pixel_spacing=0"]))
+    assert cropped_liver(resized, at_edge, (64, 64, 5), wide) is None  # resized: nothing is cut
+
+    # end to end: a run at 0.5 mm pixels sees 8 x 8 mm of a 19 x 14 mm series, and a model that
+    # calls everything liver reaches the cut edge
+    run_dir = make_run(tmp_path / "run")
+    config = runs.read_config(run_dir)
+    config.train.pixel_spacing = 0.5
+    save_config(config, run_dir / "config.yaml")
+    for ckpt in run_dir.glob("fold_*/best.pt"):
+        state = torch.load(ckpt, weights_only=True)
+        bias = next(k for k in reversed(list(state["model"])) if k.endswith("bias"))
+        state["model"][bias] = torch.tensor([-50.0, 50.0])  # the liver channel wins everywhere
+        torch.save(state, ckpt)
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    rows = run_inference(run_dir=run_dir, input_path=series, out_dir=tmp_path / "out", overrides=["infer.montage=false"])
+    assert any("edge of the network's view" in flag for flag in rows[0]["qc"])
+
+
 def test_the_confidence_threshold_rises_to_the_runs_own_validation_level():
     """A run whose models were sure of their validation patients (lowest confidence 0.95 there) flags
     a mask at 0.93 that infer.qc_min_confidence (0.85) alone would pass; runs without the record
