@@ -9,9 +9,11 @@ RUN is a run folder with fold_<k>/ trained on PREPARED's folds (e.g. one configu
 FACTOR times its field of view (same pixel spacing, same anatomy: the body smaller in the picture,
 as on a scanner set to a wider field of view), its affine moved with it, segmented by its own fold's
 model (the checkpoint that was not chosen on it: last, by default) through infer's own steps, and
-scored against the prepared label (padded alike) (largest component kept, as infer does).
-Real CHAOS MR came at 1.36-1.89 mm pixels on 256 matrices (about 350-480 mm); the shared 12 are
-resampled to 320 mm, so factors 1.1-1.5 are what other scanners give.
+scored against the prepared label, padded alike (largest component kept, as infer does). "cut-edge
+flags": cases wider than the network's view at the run's pixel spacing whose liver reaches the cut
+edge (infer's QC flag). The CHAOS paper gives 1.36-1.89 mm pixels on 256 matrices for its MR (about
+350-480 mm across); the shared 12 were resampled to 320 mm, so factors 1.1-1.5 are what the
+original scans and other scanners give.
 
 `--set train.pixel_spacing=2.0` (any config key) changes how RUN's models are fed: e.g. a run trained
 with slices resized to the roi, fed resampled to its training scale instead.
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import runs  # noqa: E402
 from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.infer import Stages, liver_on_source_grid, load_run, network_probs, preprocess_case  # noqa: E402
+from pipeline.infer import (Stages, cropped_liver, liver_on_source_grid, load_run, network_probs,  # noqa: E402
+                            preprocess_case)
 from pipeline.labels import LIVER  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.postprocess import postprocess  # noqa: E402
@@ -60,6 +63,7 @@ def main() -> int:
         ap.error("--factors: each factor must be >= 1 (a wider field of view)")
     datalist = read_datalist(args.data)
     scores: dict[float, dict[str, float]] = {f: {} for f in factors}
+    flagged: dict[float, list[str]] = {f: [] for f in factors}  # infer's QC: liver at the cut edge of the view
     for fold, _ in runs.fold_dirs(args.run):
         run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off", *args.overrides])
         _, val = datalist.split(fold)
@@ -69,17 +73,21 @@ def main() -> int:
                 volume, affine, pad = widen(image.array.astype(np.float32), image.affine, factor)
                 with torch.inference_mode():  # infer's own steps
                     pre, model_input = preprocess_case(run, volume, affine, entry["modality"])
-                    probs = liver_on_source_grid(network_probs(run, model_input, Stages()), model_input, pre,
-                                                 volume.shape, Stages())
+                    model_probs = network_probs(run, model_input, Stages())
+                    probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
+                if cropped_liver(run, model_probs, volume.shape, affine):
+                    flagged[factor].append(entry["patient"])
                 mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
                 truth = np.pad(label == LIVER, ((pad, pad), (pad, pad), (0, 0)))  # liver in the padding: false
                 scores[factor][entry["patient"]] = float(dice(mask > 0, truth))
     base = statistics.mean(scores[factors[0]].values())
-    print(f"{'field of view':<16}{'mean Dice':>10}{'vs ' + format(factors[0], 'g') + 'x':>9}{'min':>8}  per patient")
+    print(f"{'field of view':<16}{'mean Dice':>10}{'vs ' + format(factors[0], 'g') + 'x':>9}{'min':>8}"
+          f"{'cut-edge flags':>16}  per patient")
     for factor, per in scores.items():
         values = list(per.values())
         print(f"{format(factor, 'g') + 'x':<16}{statistics.mean(values):>10.4f}{statistics.mean(values) - base:>+9.4f}"
-              f"{min(values):>8.4f}  " + " ".join(f"{p} {d:.3f}" for p, d in per.items()))
+              f"{min(values):>8.4f}{len(flagged[factor]):>16}  " + " ".join(f"{p} {d:.3f}" for p, d in per.items())
+              + (f"  (flagged: {', '.join(flagged[factor])})" if flagged[factor] else ""))
     return 0
 
 
