@@ -13,14 +13,20 @@ from typing import Iterator
 
 LOGGER = "pipeline"
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-_bars = {"shown": True}  # False in a worker process whose parent shows the bar (hide_progress_bars)
+# "shown": False in a worker process whose parent shows the bar (hide_progress_bars); "console": the
+# terminal's level while a command runs (command_output), which decides the bars: a fold's train.log
+# takes INFO lines even under -q, so the "pipeline" logger's own level cannot say what the terminal shows
+_bars: dict = {"shown": True, "console": None}
 
 
 def progress(iterable=None, **kwargs):
-    """tqdm, shown only when the "pipeline" logger shows INFO (and stderr is a terminal or a file)."""
+    """tqdm, shown only when the terminal shows INFO lines (the command's level; outside a command,
+    the "pipeline" logger's)."""
     from tqdm import tqdm
 
-    if not _bars["shown"] or not logging.getLogger(LOGGER).isEnabledFor(logging.INFO):
+    console = _bars["console"]
+    shows_info = console <= logging.INFO if console is not None else logging.getLogger(LOGGER).isEnabledFor(logging.INFO)
+    if not _bars["shown"] or not shows_info:
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
 
@@ -37,10 +43,17 @@ def command_output(level: int) -> Iterator[None]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(level)
+    root = logging.getLogger()
+    root.setLevel(level)
     quiet_known_library_noise()
-    with logging_redirect_tqdm():
-        yield
+    previous, _bars["console"] = _bars["console"], level
+    try:
+        with logging_redirect_tqdm():
+            for handler in root.handlers:  # the terminal's: a file handler may take more (train.log)
+                handler.setLevel(level)
+            yield
+    finally:
+        _bars["console"] = previous
 
 
 class _DropMessage(logging.Filter):

@@ -331,9 +331,15 @@ def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logger.addHandler(handler)
+    # INFO reaches the file whatever the terminal shows (-q quiets the terminal, not the run's record);
+    # the terminal's handler keeps its own level (console.command_output)
+    level = logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
     try:
         yield
     finally:
+        logger.setLevel(level)
         logger.removeHandler(handler)
         handler.close()
 
@@ -694,6 +700,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg
     folds = datalist.parse_folds(fold)
     for e in datalist.entries:
         safe_name(e["patient"], "patient id")  # patients become CSV columns and log lines
+    if resume and cfg.train.pixel_spacing == "auto" and (run_dir / runs.CONFIG).is_file():
+        # a resumed run keeps the spacing its models were trained at (runs from before "auto" saved 0)
+        cfg = copy.deepcopy(cfg)
+        cfg.train.pixel_spacing = runs.read_config(run_dir).train.pixel_spacing
     cfg = auto_pixel_spacing(cfg, datalist.entries)
     with distributed(cfg.train.device) as (dd, device):
         if dd.main:

@@ -68,6 +68,10 @@ def test_quiet_training_prints_nothing(prepared, tmp_path, tiny_train_overrides)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == ""
     assert (tmp_path / "run" / "cv_summary.csv").is_file()
+    # -q quiets the terminal, not the run's record: each fold's train.log has its INFO lines
+    for fold in (0, 1):
+        log = (tmp_path / "run" / f"fold_{fold}" / "train.log").read_text()
+        assert " INFO " in log and "train loss" in log, log[-500:]
 
 
 def test_training_output_has_no_warnings(prepared, tmp_path, tiny_train_overrides):

@@ -159,6 +159,19 @@ def test_resume_after_an_interruption_continues_exactly(straight_run, data_dir, 
     assert resumed == without_times(read_metrics(straight_run[0] / "fold_0"))
 
 
+def test_resume_keeps_the_pixel_spacing_the_run_was_trained_at(data_dir, tmp_path, monkeypatch, tiny_config):
+    """A run begun with slices resized (pixel_spacing 0, as every run before "auto") and resumed with
+    the default config goes on resized: its models must be fed as they were trained."""
+    resume_normally = interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(data_dir, tmp_path, "0", tiny_config("train.pixel_spacing=0", "train.epochs=2"))
+    resume_normally()
+    run_training(data_dir, tmp_path, "0", tiny_config("train.epochs=2"), resume=True)  # auto
+    for config in (tmp_path / "config.yaml", tmp_path / "fold_0" / "config.yaml"):
+        assert yaml.safe_load(config.read_text())["train"]["pixel_spacing"] == 0.0
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "fold_0")] == [1, 2]
+
+
 def test_training_again_into_a_used_fold_needs_resume(straight_run, data_dir, tiny_config):
     with pytest.raises(PipelineError, match="last.pt.*--resume"):
         run_training(data_dir, straight_run[0], "0", tiny_config())
