@@ -31,6 +31,12 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def terminal_level() -> int | None:
+    """The level the terminal shows while a command runs (command_output), None outside one (the
+    Python API, where the caller's logging set-up decides)."""
+    return _bars["console"]
+
+
 def hide_progress_bars() -> None:
     """No bars from this process: for workers that log INFO to their own files while the parent
     draws the one bar of the whole job (bars of processes side by side overwrite each other's line)."""

@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline import runs
 from pipeline.config import Config, config_to_dict, save_config
-from pipeline.console import progress, quiet_known_library_noise
+from pipeline.console import progress, quiet_known_library_noise, terminal_level
 from pipeline.datalist import Datalist, read_datalist
 from pipeline.device import amp_dtype, autocast_context, cpu_has_native_bf16, resolve_device
 from pipeline.errors import PipelineError
@@ -331,10 +331,11 @@ def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    # INFO reaches the file whatever the terminal shows (-q quiets the terminal, not the run's record);
-    # the terminal's handler keeps its own level (console.command_output)
+    # Under a command, INFO reaches the file whatever the terminal shows (-q quiets the terminal, not
+    # the run's record; the terminal's handler keeps the command's level: console.command_output).
+    # From Python, the caller's logging set-up decides, as for every other logger.
     level = logger.level
-    if not logger.isEnabledFor(logging.INFO):
+    if terminal_level() is not None and not logger.isEnabledFor(logging.INFO):
         logger.setLevel(logging.INFO)
     try:
         yield
