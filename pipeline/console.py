@@ -55,9 +55,14 @@ def command_output(level: int) -> Iterator[None]:
     previous, _bars["console"] = _bars["console"], level
     try:
         with logging_redirect_tqdm():
-            for handler in root.handlers:  # the terminal's: a file handler may take more (train.log)
+            levels = [(handler, handler.level) for handler in root.handlers]
+            for handler, _ in levels:  # the terminal's: a file handler may take more (train.log)
                 handler.setLevel(level)
-            yield
+            try:
+                yield
+            finally:
+                for handler, before in levels:
+                    handler.setLevel(before)
     finally:
         _bars["console"] = previous
 
