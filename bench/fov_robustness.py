@@ -69,8 +69,9 @@ def main() -> int:
         _, val = datalist.split(fold)
         for entry in val:
             image, label = read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array
+            array = image.array.astype(np.float32)
             for factor in factors:
-                volume, affine, pad = widen(image.array.astype(np.float32), image.affine, factor)
+                volume, affine, pad = widen(array, image.affine, factor)
                 with torch.inference_mode():  # infer's own steps
                     pre, model_input = preprocess_case(run, volume, affine, entry["modality"])
                     model_probs = network_probs(run, model_input, Stages())

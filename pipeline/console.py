@@ -13,10 +13,10 @@ from typing import Iterator
 
 LOGGER = "pipeline"
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-# "shown": False in a worker process whose parent shows the bar (hide_progress_bars); "console": the
+# "bars": False in a worker process whose parent shows the bar (hide_progress_bars); "level": the
 # terminal's level while a command runs (command_output), which decides the bars: a fold's train.log
 # takes INFO lines even under -q, so the "pipeline" logger's own level cannot say what the terminal shows
-_bars: dict = {"shown": True, "console": None}
+_terminal: dict = {"bars": True, "level": None}
 
 
 def progress(iterable=None, **kwargs):
@@ -24,9 +24,9 @@ def progress(iterable=None, **kwargs):
     the "pipeline" logger's)."""
     from tqdm import tqdm
 
-    console = _bars["console"]
-    shows_info = console <= logging.INFO if console is not None else logging.getLogger(LOGGER).isEnabledFor(logging.INFO)
-    if not _bars["shown"] or not shows_info:
+    level = terminal_level()
+    shows_info = level <= logging.INFO if level is not None else logging.getLogger(LOGGER).isEnabledFor(logging.INFO)
+    if not _terminal["bars"] or not shows_info:
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
 
@@ -34,13 +34,13 @@ def progress(iterable=None, **kwargs):
 def terminal_level() -> int | None:
     """The level the terminal shows while a command runs (command_output), None outside one (the
     Python API, where the caller's logging set-up decides)."""
-    return _bars["console"]
+    return _terminal["level"]
 
 
 def hide_progress_bars() -> None:
     """No bars from this process: for workers that log INFO to their own files while the parent
     draws the one bar of the whole job (bars of processes side by side overwrite each other's line)."""
-    _bars["shown"] = False
+    _terminal["bars"] = False
 
 
 @contextlib.contextmanager
@@ -50,9 +50,10 @@ def command_output(level: int) -> Iterator[None]:
 
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
     root = logging.getLogger()
+    root_level, previous = root.level, _terminal["level"]
     root.setLevel(level)
     quiet_known_library_noise()
-    previous, _bars["console"] = _bars["console"], level
+    _terminal["level"] = level
     try:
         with logging_redirect_tqdm():
             levels = [(handler, handler.level) for handler in root.handlers]
@@ -63,8 +64,9 @@ def command_output(level: int) -> Iterator[None]:
             finally:
                 for handler, before in levels:
                     handler.setLevel(before)
-    finally:
-        _bars["console"] = previous
+    finally:  # as it was: a command run inside another program (the tests' run_main) leaves no trace
+        _terminal["level"] = previous
+        root.setLevel(root_level)
 
 
 class _DropMessage(logging.Filter):

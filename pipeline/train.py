@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import runs
-from pipeline.config import Config, config_to_dict, save_config
+from pipeline.config import Config, config_to_dict, pixel_spacing_mm, save_config
+from pipeline.console import FORMAT as LOG_FORMAT
 from pipeline.console import progress, quiet_known_library_noise, terminal_level
 from pipeline.datalist import Datalist, read_datalist
 from pipeline.device import amp_dtype, autocast_context, cpu_has_native_bf16, resolve_device
@@ -329,7 +330,7 @@ def fold_log_file(path: Path, enabled: bool) -> Iterator[None]:
         return
     logger = logging.getLogger("pipeline")
     handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     # Under a command, INFO reaches the file whatever the terminal shows (-q quiets the terminal, not
     # the run's record; the terminal's handler keeps the command's level: console.command_output).
@@ -356,7 +357,8 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"processes {dd.world}, seed {t.seed}",
         f"model {m.name} channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
         f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
-        f"roi {t.roi_size}, {t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
+        f"roi {t.roi_size} ({f'{pixel_spacing_mm(t):g} mm pixels' if pixel_spacing_mm(t) > 0 else 'resized'}), "
+        f"{t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
         f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
         f"loss {t.loss}, {'AdamW' if t.optimizer == 'adamw' else f'SGD (Nesterov, momentum {t.momentum})'} "
         f"lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
@@ -660,7 +662,7 @@ def format_cv_summary(results: list[FoldResult]) -> str:
     return "\n".join(lines)
 
 
-def auto_pixel_spacing(cfg: Config, entries: list[dict]) -> Config:
+def auto_pixel_spacing(cfg: Config, entries: list[dict], announce: bool = True) -> Config:
     """`train.pixel_spacing: auto` -> the spacing (mm, 2 decimals) that fits the median field of view of
     the data set's volumes into roi_size (nnU-Net's choice of the median), on a copy of `cfg`.
 
@@ -668,7 +670,8 @@ def auto_pixel_spacing(cfg: Config, entries: list[dict]) -> Config:
     from all the volumes, not from one fold's. A model then sees a liver at one size in pixels
     whatever field of view a scanner chose: resizing every slice to roi_size instead shrank livers on
     wider fields of view (real MR padded to 1.5x its field of view lost 0.09 Dice: README).
-    Headers only (nibabel reads no voxels); the axes as RAS orientation will put them.
+    Headers only (nibabel reads no voxels); the axes as RAS orientation will put them. `announce`:
+    log the choice (one process of several does).
     """
     if cfg.train.pixel_spacing != "auto" or not entries:
         return cfg
@@ -682,8 +685,9 @@ def auto_pixel_spacing(cfg: Config, entries: list[dict]) -> Config:
         fov = in_plane_fov_mm(img.shape, img.affine)
         per_volume.append(max(fov[0] / cfg.train.roi_size[0], fov[1] / cfg.train.roi_size[1]))
     spacing = round(float(np.median(per_volume)), 2)
-    log.info("train.pixel_spacing=auto: %.2f mm (the median field of view of %d volumes fits roi %s; volumes "
-             "need %.2f-%.2f mm)", spacing, len(per_volume), cfg.train.roi_size, min(per_volume), max(per_volume))
+    if announce:
+        log.info("train.pixel_spacing=auto: %.2f mm (the median field of view of %d volumes fits roi %s; volumes "
+                 "need %.2f-%.2f mm)", spacing, len(per_volume), cfg.train.roi_size, min(per_volume), max(per_volume))
     cfg = copy.deepcopy(cfg)
     cfg.train.pixel_spacing = spacing
     return cfg
@@ -705,8 +709,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg
         # a resumed run keeps the spacing its models were trained at (runs from before "auto" saved 0)
         cfg = copy.deepcopy(cfg)
         cfg.train.pixel_spacing = runs.read_config(run_dir).train.pixel_spacing
-    cfg = auto_pixel_spacing(cfg, datalist.entries)
     with distributed(cfg.train.device) as (dd, device):
+        cfg = auto_pixel_spacing(cfg, datalist.entries, announce=dd.main)
         if dd.main:
             runs.write_run_config(run_dir, cfg)
         results = [train_fold(datalist, run_dir, k, cfg, dd, device, resume) for k in folds]

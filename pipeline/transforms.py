@@ -356,6 +356,13 @@ def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
                                     modality_channel=modality_channel, orient_last=orient_last)
 
 
+def neighbour_organ_maps(cfg: TrainConfig, context: int) -> bool:
+    """Whether a 2.5D model's training slices carry their neighbours' organ maps (_LABEL_CONTEXT): for
+    the organ intensity augmentation only. The cached chain makes them, the random chain moves and drops
+    them: both ask here, so that neither keeps a key the other does not expect."""
+    return context > 0 and cfg.organ_intensity_prob > 0
+
+
 def in_plane_fov_mm(shape: Sequence[int], affine: np.ndarray) -> tuple[float, float]:
     """(R, A) extent in mm of a volume of this shape and affine: its in-plane field of view on the
     axes that RAS orientation gives the network (whatever order the voxel axes are stored in)."""
@@ -434,7 +441,7 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if orient_last:
         chain.append(orient)
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
-    if has_label and with_indices and keep_organs and context > 0:
+    if has_label and with_indices and neighbour_organ_maps(cfg, context):
         # the training volumes of a 2.5D model: the neighbour slices' organ maps for RandOrganIntensityd
         chain += [CopyItemsd("label", names=_LABEL_CONTEXT), NeighbourSlicesd(_LABEL_CONTEXT, context)]
         keys = (*keys, _LABEL_CONTEXT)
@@ -476,7 +483,7 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
     `context` (model.context_slices, as given to deterministic_transforms): with organ intensity
     augmentation, the neighbour slices' organ maps travel with the slice through every spatial step.
     """
-    neighbour_organs = context > 0 and cfg.organ_intensity_prob > 0
+    neighbour_organs = neighbour_organ_maps(cfg, context)
     keys = ("image", "label", _LABEL_CONTEXT) if neighbour_organs else ("image", "label")
     ratio = cfg.liver_slice_ratio  # in [0, 1]: config.validate
     square = cfg.roi_size[0] == cfg.roi_size[1]

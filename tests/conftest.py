@@ -63,18 +63,12 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     """
     import contextlib
     import io
-    import logging
 
     import run
 
     out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    level = root.level
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = run.main(list(args))
-    finally:
-        root.setLevel(level)  # main() sets the root logger's level for its command
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run.main(list(args))  # console.command_output leaves the logging set-up as it found it
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

@@ -521,6 +521,11 @@ def test_organ_intensity_of_a_2p5d_slice_moves_each_channel_by_its_own_slice_out
     assert all(torch.equal(ctx[1], lab[0]) for lab, ctx in seen)
     assert all("label_context" not in s and s["image"].shape[0] == 3 for s in slices)
     assert all(set(np.unique(np.asarray(s["label"]))) <= {0, 1} for s in slices)
+    # organ maps kept for another reason (model.organs) without the augmentation: no maps that the
+    # random chain would neither move nor drop
+    off = cfg_with("train.organ_intensity_prob=0.0")
+    kept = Compose(deterministic_transforms(off, with_indices=True, context=1, keep_organs=True))(dict(prepared[0]))
+    assert "label_context" not in kept
 
 
 def test_slice_indices_count_liver_slices_only_in_organ_maps():
