@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -88,6 +89,9 @@ class TrainConfig:
     # roi_size (0 = off: every slice resized to roi_size whatever its field of view); "auto": training
     # sets it from the data (pipeline.train.auto_pixel_spacing) and saves the number in the run's config
     pixel_spacing: float | Literal["auto"] = "auto"
+    # training on random crops of this size from each roi_size slice (nnU-Net's patch-based training:
+    # cheaper steps, more of them in a budget); validation and inference see the whole roi ([] = off)
+    patch_size: list[int] = field(default_factory=list)
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
     liver_slice_ratio: float = 0.85  # fraction of training slices that contain liver
@@ -275,6 +279,21 @@ def plan_dynunet(roi: Sequence[int], levels: int) -> list[list[int]]:
     return strides
 
 
+def network_divisor(m: "ModelConfig", roi: Sequence[int]) -> list[int]:
+    """Per axis, the factor an input size must be a multiple of for `m`'s network to down-sample and
+    up-sample it back to the same size (the product of its strides)."""
+    if m.name == "dynunet":
+        return [math.prod(s[a] for s in plan_dynunet(roi, len(m.channels))) for a in (0, 1)]
+    if m.name in ("unet", "attentionunet"):
+        return [math.prod(m.strides)] * 2
+    return [2 ** (len(m.channels) - 1)] * 2  # segresnet, basicunet: one halving per level
+
+
+def train_input_size(t: "TrainConfig") -> list[int]:
+    """The in-plane size of a training batch's slices: train.patch_size, or the whole roi."""
+    return list(t.patch_size or t.roi_size)
+
+
 def pixel_spacing_mm(t: "TrainConfig") -> float:
     """train.pixel_spacing as a number: 0 = slices resized to the roi. Training replaces "auto" with
     the data's spacing before anything is saved, so a config that still says "auto" was never
@@ -309,6 +328,11 @@ def validate(cfg: Config) -> Config:
         ("model.dropout", 0.0 <= m.dropout < 1.0, f"expected a value in [0, 1), got {m.dropout}"),
         ("train.roi_size", len(t.roi_size) == 2 and min(t.roi_size, default=0) >= 8,
          f"expected [H, W] with both >= 8, got {t.roi_size}"),
+        ("train.patch_size", not t.patch_size or (
+            len(t.patch_size) == 2 and len(t.roi_size) == 2
+            and all(8 <= p <= r and p % d == 0 for p, r, d in zip(t.patch_size, t.roi_size, network_divisor(m, t.roi_size)))),
+         f"expected [] or [H, W] within train.roi_size {t.roi_size}, multiples of "
+         f"{network_divisor(m, t.roi_size) if len(t.roi_size) == 2 else '?'} (the {m.name}'s down-sampling), got {t.patch_size}"),
         ("train.liver_slice_ratio", 0.0 <= t.liver_slice_ratio <= 1.0,
          f"expected a value in [0, 1], got {t.liver_slice_ratio}"),
         ("train.slices_per_volume", t.slices_per_volume >= 1, f"expected >= 1, got {t.slices_per_volume}"),

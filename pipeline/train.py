@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import runs
-from pipeline.config import Config, config_to_dict, pixel_spacing_mm, save_config
+from pipeline.config import Config, config_to_dict, pixel_spacing_mm, save_config, train_input_size
 from pipeline.console import FORMAT as LOG_FORMAT
 from pipeline.console import progress, quiet_known_library_noise, terminal_level
 from pipeline.datalist import Datalist, read_datalist
@@ -458,7 +458,7 @@ def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
     t0 = time.perf_counter()
     state.model.train()  # the graph of a training step (a change of mode would compile another)
     net = torch.compile(state.model, dynamic=False)
-    x = torch.zeros(cfg.train.batch_size, in_channels(cfg.model), *cfg.train.roi_size, device=device)
+    x = torch.zeros(cfg.train.batch_size, in_channels(cfg.model), *train_input_size(cfg.train), device=device)
     buffers = [b.detach().clone() for b in state.module.buffers()]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

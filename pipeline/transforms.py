@@ -45,6 +45,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     RandomizableTransform,
     RandSimulateLowResolutiond,
     Resized,
@@ -507,6 +508,14 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
         RandAffined(keys, prob=cfg.affine_prob, rotate_range=0.26, scale_range=cfg.scale_range,
                     translate_range=(8, 8), mode=("bilinear", *["nearest"] * (len(keys) - 1)), padding_mode="zeros",
                     spatial_size=tuple(cfg.roi_size), cache_grid=True),
+    ]
+    if cfg.patch_size:
+        # nnU-Net's patch-based training: a random crop of the augmented slice (before the intensity
+        # steps, which then work on fewer pixels); the network is fully convolutional, so validation and
+        # inference give it the whole roi. Only when asked for: a transform in the chain takes the next
+        # random seed, so the chain without it draws as before.
+        chain.append(RandSpatialCropd(keys, roi_size=tuple(cfg.patch_size), random_size=False))
+    chain += [
         # MR surface-coil shading: a slowly varying multiplicative field (exp of a degree-3
         # polynomial; coefficients in +-0.15 give a median max/min ratio of 1.9 over a slice), as on real
         # T2-SPIR livers that lose about half their brightness anteriorly (MR_5).

@@ -504,3 +504,29 @@ def test_an_epochs_smaller_last_batch_runs_uncompiled_instead_of_compiling_again
                               torch.amp.GradScaler("cpu", enabled=False), "epoch", False)
     assert calls == [8, 8]  # the batch of 4 went to the plain network
     assert state.scheduler.last_epoch == 3  # and was trained on all the same
+
+
+def test_patches_train_on_random_crops_while_validation_and_infer_see_the_whole_roi(data_dir, tmp_path, tiny_config):
+    from monai.networks.nets import UNet
+
+    from pipeline.infer import run_inference
+
+    seen = []
+
+    def record(module, args):
+        if isinstance(module, UNet):
+            seen.append((module.training, tuple(args[0].shape[-2:])))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        results = run_training(data_dir, tmp_path / "run", "0",
+                               tiny_config("train.patch_size=[16,24]", "train.epochs=2", "train.compile=off"))
+        rows = run_inference(tmp_path / "run", data_dir, tmp_path / "out", patients="MR_1", fold="0",
+                             overrides=["infer.amp=off", "infer.checkpoint=best"])
+    finally:
+        hook.remove()
+    assert {shape for training, shape in seen if training} == {(16, 24)}
+    assert {shape for training, shape in seen if not training} == {(32, 32)}  # validation and infer
+    assert rows[0]["dice"] == pytest.approx(results[0].dice_best["MR_1"], abs=1e-3)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert saved["patch_size"] == [16, 24] and saved["roi_size"] == [32, 32]

@@ -567,3 +567,40 @@ def test_pixel_spacing_resamples_slices_then_pads_or_crops_and_inverts_back(prep
 def test_pixel_spacing_must_not_be_negative():
     with pytest.raises(ConfigError, match="train.pixel_spacing"):
         load_config(None, ["train.pixel_spacing=-1"])
+
+
+def test_patches_are_random_crops_of_image_and_label_together_before_the_intensity_steps(prepared):
+    whole_cfg = cfg_with("train.roi_size=[32,32]", "train.liver_slice_ratio=1.0", "train.organ_intensity_prob=0.0")
+    patch_cfg = cfg_with("train.roi_size=[32,32]", "train.liver_slice_ratio=1.0", "train.organ_intensity_prob=0.0",
+                         "train.patch_size=[16,24]", "train.affine_prob=0.0",
+                         "model.channels=[4,8]", "model.strides=[2]")  # a network that halves once
+    whole, patched = random_transforms(whole_cfg), random_transforms(patch_cfg)
+    names = [type(t).__name__ for t in patched]
+    assert "RandSpatialCropd" not in [type(t).__name__ for t in whole]
+    crop = names.index("RandSpatialCropd")
+    assert names[crop - 1] == "RandAffined" and names[crop + 1] == "RandBiasFieldd"
+    volume = Compose(deterministic_transforms(patch_cfg, with_indices=True))(dict(prepared[0]))
+    # the image: the label plus 10 x each pixel's place in the slice, so a crop shows where it was taken
+    # and any misalignment of image and label shows as a mismatch
+    h, w = volume["label"].shape[1:3]
+    place = torch.arange(h * w, dtype=torch.float32).reshape(1, h, w, 1)
+    volume["image"] = volume["label"] + 10 * place
+    chain = Compose(patched[:crop + 1])  # sampling, flips, affine (off), the crop
+    corners = set()
+    for seed in range(4):
+        chain.set_random_state(seed=seed)
+        with without_metadata():
+            for s in chain(dict(volume)):
+                assert tuple(s["image"].shape) == (1, 16, 24) and tuple(s["label"].shape) == (1, 16, 24)
+                assert torch.equal(s["image"] % 10, s["label"])
+                row, col = divmod(int(s["image"][0, 0, 0]) // 10, w)
+                assert torch.equal(s["image"] // 10, place[:, row:row + 16, col:col + 24, 0])  # one whole block
+                corners.add((row, col))
+    assert len(corners) > 1  # the crops fall in different places
+
+
+def test_patches_must_fit_the_roi_and_the_networks_down_sampling():
+    assert load_config(None, ["train.patch_size=[128,96]"]).train.patch_size == [128, 96]
+    for bad in ("[100,128]", "[176,128]", "[128]"):
+        with pytest.raises(ConfigError, match=r"train.patch_size.*multiples of \[16, 16\]"):
+            load_config(None, [f"train.patch_size={bad}"])
