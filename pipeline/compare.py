@@ -51,8 +51,9 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
         names.append(safe_name(Path(path).stem, "config name"))
     if len(set(names)) != len(names):
         raise PipelineError(f"--configs: two configurations share a file name ({', '.join(names)})")
+    # fold by fold, so that with --jobs N the configurations of one fold train side by side in time
     tasks = [(str(data), str(path), name, list(overrides), k, str(out_dir))
-             for path, name in zip(configs, names) for k in fold_list]
+             for k in fold_list for path, name in zip(configs, names)]
     jobs = max(1, min(int(jobs), len(tasks)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results = []
