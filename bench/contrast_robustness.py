@@ -29,22 +29,14 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import runs  # noqa: E402
-from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.infer import (Stages, liver_on_source_grid, load_run, network_probs, preprocess_case,  # noqa: E402
-                            quality_flags)
-from pipeline.predict import ensemble_confidence  # noqa: E402
-from pipeline.labels import LIVER  # noqa: E402
-from pipeline.metrics import dice  # noqa: E402
-from pipeline.postprocess import postprocess  # noqa: E402
-from pipeline.volume import read_nifti  # noqa: E402
+from cv_models import add_run_arguments, segment, validation_cases  # beside this file; puts pipeline on sys.path
+from pipeline.infer import quality_flags
+from pipeline.labels import LIVER
+from pipeline.metrics import dice
+from pipeline.predict import ensemble_confidence
 
 SPLEEN = 4  # prepared MR label maps: 1 liver, 2 / 3 kidneys, 4 spleen
 
@@ -95,31 +87,17 @@ REMAPS = {"none": lambda v, label: v, "gamma 0.5": _gamma(0.5), "gamma 2": _gamm
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True, help="prepared folder the run was trained on")
-    ap.add_argument("--checkpoint", default="last", choices=["best", "last"])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="infer.KEY=VALUE")
+    add_run_arguments(ap)
     args = ap.parse_args()
-    datalist = read_datalist(args.data)
     scores: dict[str, list[tuple[str, float, list[str], float | None]]] = {name: [] for name in REMAPS}
-    for fold, _ in runs.fold_dirs(args.run):
-        run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off", *args.overrides])
-        _, val = datalist.split(fold)
-        for entry in val:
-            image, label = read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array
-            truth = label == LIVER
-            for name, remap in REMAPS.items():
-                volume = remap(image.array, label).astype(np.float32)
-                confidences: list = []
-                with torch.inference_mode():  # infer's own steps, the confidence gathered as there
-                    pre, model_input = preprocess_case(run, volume, image.affine, entry["modality"])
-                    model_probs = network_probs(run, model_input, Stages(), model_confidences=confidences)
-                    probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
-                confidence = ensemble_confidence(confidences)
-                mask = postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
-                flags = quality_flags(float(mask.sum() * image.voxel_ml), None, run.cfg.infer, confidence,
-                                      run.min_confidence)
-                scores[name].append((entry["case"], float(dice(mask > 0, truth)), flags, confidence))
+    for case in validation_cases(args):
+        for name, remap in REMAPS.items():
+            confidences: list = []  # gathered as infer gathers them
+            mask, _ = segment(case, remap(case.image.array, case.label), case.image.affine, confidences)
+            confidence = ensemble_confidence(confidences)
+            flags = quality_flags(float(mask.sum() * case.image.voxel_ml), None, case.run.cfg.infer, confidence,
+                                  case.run.min_confidence)
+            scores[name].append((case.entry["case"], float(dice(mask > 0, case.liver)), flags, confidence))
     base = statistics.mean(r[1] for r in scores["none"])
     print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}"
           f"{'>= 0.8':>8}{'flagged':>9}")

@@ -309,6 +309,7 @@ def validate(cfg: Config) -> Config:
     whenever a config is loaded, so that a bad value stops a command before any data is read."""
     m, t, i = cfg.model, cfg.train, cfg.infer
     down = len(plan_dynunet(t.roi_size, len(m.channels))) - 1 if len(t.roi_size) == 2 else 0
+    divisor = network_divisor(m, t.roi_size) if len(t.roi_size) == 2 else "?"
     rules = [
         ("model.channels", len(m.channels) >= 2, f"expected at least 2 levels, got {m.channels}"),
         ("model.strides", m.name not in ("unet", "attentionunet") or len(m.strides) == len(m.channels) - 1,
@@ -330,9 +331,9 @@ def validate(cfg: Config) -> Config:
          f"expected [H, W] with both >= 8, got {t.roi_size}"),
         ("train.patch_size", not t.patch_size or (
             len(t.patch_size) == 2 and len(t.roi_size) == 2
-            and all(8 <= p <= r and p % d == 0 for p, r, d in zip(t.patch_size, t.roi_size, network_divisor(m, t.roi_size)))),
-         f"expected [] or [H, W] within train.roi_size {t.roi_size}, multiples of "
-         f"{network_divisor(m, t.roi_size) if len(t.roi_size) == 2 else '?'} (the {m.name}'s down-sampling), got {t.patch_size}"),
+            and all(8 <= p <= r and p % d == 0 for p, r, d in zip(t.patch_size, t.roi_size, divisor))),
+         f"expected [] or [H, W] within train.roi_size {t.roi_size}, multiples of {divisor} "
+         f"(the {m.name}'s down-sampling), got {t.patch_size}"),
         ("train.liver_slice_ratio", 0.0 <= t.liver_slice_ratio <= 1.0,
          f"expected a value in [0, 1], got {t.liver_slice_ratio}"),
         ("train.slices_per_volume", t.slices_per_volume >= 1, f"expected >= 1, got {t.slices_per_volume}"),
