@@ -58,8 +58,19 @@ def test_a_rerun_resumes_from_the_finished_folds(setup, monkeypatch):
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(pipeline.train, "run_training", no_training)
+    import pipeline.compare
+
+    order, fold_task = [], pipeline.compare._fold_task
+
+    def recorded(data, config, name, overrides, fold, out_dir):
+        order.append((name, fold))
+        return fold_task(data, config, name, overrides, fold, out_dir)
+
+    monkeypatch.setattr(pipeline.compare, "_fold_task", recorded)
     run_comparison(data, configs, out, folds="0,1", jobs=1)
     assert (out / LEADERBOARD).read_text() == before
+    # fold by fold: with --jobs 2 the configurations of a fold train side by side, at the same speed
+    assert order == [("plain_unet", 0), ("nnunet_like", 0), ("plain_unet", 1), ("nnunet_like", 1)]
 
 
 def test_the_report_shows_the_leaderboard(setup):
