@@ -264,23 +264,32 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     brighter or darker than its neighbours, organs alike: the model must use the organ's shape and
     place, not its grey level. MONAI has no label-wise intensity transform.
 
+    `shared`: the fraction of those slices where every organ gets the same level (each its own
+    texture factor): organs alike, as a liver and spleen darkened together by iron overload are,
+    which independent draws give rarely (both below 0.2: one slice in 25). Drawn only when > 0, so
+    that 0 keeps the random stream of runs from before it.
+
     `context_key`: for a 2.5D image, the key of the organ maps of its channels (neighbour slices),
     so that each channel's organs move by their own outline with the same draws. Without it every
     channel would be remapped inside the centre slice's outline, and the neighbour channels would
     show the centre's label as an edge, a cue that no real scan has.
     """
 
-    def __init__(self, image_key: str, label_key: str, prob: float, context_key: str | None = None) -> None:
+    def __init__(self, image_key: str, label_key: str, prob: float, context_key: str | None = None,
+                 shared: float = 0.0) -> None:
         MapTransform.__init__(self, [image_key])
         RandomizableTransform.__init__(self, prob)
         self.label_key = label_key
         self.context_key = context_key
+        self.shared = shared
         self.draws = np.zeros((0, 2), np.float32)
 
     def randomize(self, data=None) -> None:
         super().randomize(None)
         # one (level, contrast) pair per possible organ label, drawn every time: same stream length
         self.draws = np.stack([self.R.uniform(0.0, 1.0, 8), self.R.uniform(0.5, 1.5, 8)], axis=1).astype(np.float32)
+        if self.shared > 0 and self.R.uniform() < self.shared:
+            self.draws[:, 0] = self.draws[0, 0]  # label 0 (background) is never remapped: its level is spare
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -526,11 +535,12 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
         RandHistogramShiftd("image", num_control_points=(5, 10), prob=cfg.histogram_shift_prob),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandGaussianNoised("image", prob=0.2, std=0.03),
-        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        RandAdjustContrastd("image", prob=0.3, gamma=tuple(cfg.gamma_range)),
     ]
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
         chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob,
-                                         context_key=_LABEL_CONTEXT if neighbour_organs else None))
+                                         context_key=_LABEL_CONTEXT if neighbour_organs else None,
+                                         shared=cfg.organ_intensity_shared))
         if neighbour_organs:
             chain.append(DeleteItemsd(_LABEL_CONTEXT))
         if not organs:

@@ -40,6 +40,9 @@ def test_wrong_type_names_the_key(tmp_path):
     ("model.channels=[8, x]", r"model.channels\[1\]"),
     ("infer.fill_holes=1", "infer.fill_holes"),
     ("infer.slice_smoothing=-1", "infer.slice_smoothing"),
+    ("train.gamma_range=[2.0,0.5]", "train.gamma_range"),
+    ("train.gamma_range=[0.7]", "train.gamma_range"),
+    ("train.organ_intensity_shared=1.5", "train.organ_intensity_shared"),
     ("nosection.key=1", "nosection"),
     ("train", "section.key=value"),
 ])

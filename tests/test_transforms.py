@@ -485,6 +485,43 @@ def test_organ_intensity_moves_each_organ_to_its_own_level_and_training_labels_s
     assert all(set(np.unique(np.asarray(s["label"]))) <= {0, 1} for s in slices)
 
 
+def test_organ_intensity_shared_gives_every_organ_one_level_and_off_keeps_the_random_stream():
+    """train.organ_intensity_shared: on the slices it picks, liver and spleen get the same level (each its
+    own texture factor); at 0 the draws are those of the transform without the option, so runs keep
+    their augmentation."""
+    from pipeline.transforms import RandOrganIntensityd
+
+    image = torch.rand(1, 12, 12) * 0.1 + 0.5
+    label = torch.zeros(1, 12, 12, dtype=torch.uint8)
+    label[0, 1:5, 1:5], label[0, 6:9, 6:9] = 1, 4  # liver, spleen
+    liver, spleen = label[0] == 1, label[0] == 4
+    t = RandOrganIntensityd("image", "label", prob=1.0, shared=1.0)
+    for seed in range(5):
+        t.set_random_state(seed=seed)
+        out = t({"image": image.clone(), "label": label})["image"][0]
+        assert torch.isclose(out[liver].mean(), out[spleen].mean(), atol=1e-5)
+    # half of the slices: some shared, some not, over 40 draws
+    half = RandOrganIntensityd("image", "label", prob=1.0, shared=0.5)
+    half.set_random_state(seed=0)
+    same = []
+    for _ in range(40):
+        out = half({"image": image.clone(), "label": label})["image"][0]
+        same.append(bool(torch.isclose(out[liver].mean(), out[spleen].mean(), atol=1e-5)))
+    assert 5 < sum(same) < 35
+    # shared=0 draws nothing more: the same levels as the plain transform, and the same next draw
+    plain_t, zero = RandOrganIntensityd("image", "label", prob=1.0), RandOrganIntensityd("image", "label", prob=1.0, shared=0.0)
+    for x in (plain_t, zero):
+        x.set_random_state(seed=7)
+        x({"image": image.clone(), "label": label})
+    assert np.array_equal(plain_t.draws, zero.draws) and plain_t.R.uniform() == zero.R.uniform()
+    # from the config: the chain's transform carries it, and the gamma range reaches RandAdjustContrastd
+    cfg = cfg_with("train.organ_intensity_shared=0.5", "train.gamma_range=[0.5,2.0]")
+    steps = random_transforms(cfg)
+    assert next(x for x in steps if isinstance(x, RandOrganIntensityd)).shared == 0.5
+    contrast = next(x for x in steps if type(x).__name__ == "RandAdjustContrastd")
+    assert tuple(contrast.adjuster.gamma) == (0.5, 2.0)
+
+
 def test_organ_intensity_of_a_2p5d_slice_moves_each_channel_by_its_own_slice_outline(prepared):
     """With context slices, a neighbour channel's organs move by the neighbour's own organ map: the
     centre slice's outline must not appear in the other channels (a label cue no real scan has)."""
