@@ -129,6 +129,7 @@ class TrainConfig:
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
     organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
     organ_intensity_shared: float = 0.0  # of those slices, the fraction where every organ gets one level (organs alike)
+    organ_intensity_texture: list[float] = field(default_factory=lambda: [0.5, 1.5])  # its texture scaled by a factor in this range
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma of the contrast augmentation (p 0.3)
     tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
     # torch.compile of the training network: auto = on for a fold of >= 1000 steps or a budget of >= 5 minutes
@@ -348,6 +349,9 @@ def validate(cfg: Config) -> Config:
         ("train.budget_minutes", t.budget_minutes >= 0, f"expected >= 0 (0 = off), got {t.budget_minutes}"),
         ("train.pixel_spacing", t.pixel_spacing == "auto" or t.pixel_spacing >= 0,
          f"expected auto or mm >= 0 (0 = off), got {t.pixel_spacing}"),
+        ("train.organ_intensity_texture", len(t.organ_intensity_texture) == 2
+         and 0 <= t.organ_intensity_texture[0] <= t.organ_intensity_texture[1],
+         f"expected [min, max] with 0 <= min <= max, got {t.organ_intensity_texture}"),
         ("train.gamma_range", len(t.gamma_range) == 2 and 0 < t.gamma_range[0] <= t.gamma_range[1],
          f"expected [min, max] with 0 < min <= max, got {t.gamma_range}"),
         ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),

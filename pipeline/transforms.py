@@ -260,7 +260,8 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
 
     With probability `prob` per slice, every organ present gets its mean intensity moved to a level
     drawn uniformly in [0, 1] (the slice's scaled range), its texture around the mean kept
-    (scaled by a factor in [0.5, 1.5]). A liver and spleen darkened together (iron overload), a liver
+    (scaled by a factor drawn in `texture`, [0.5, 1.5] by default: a darkened organ's texture shrinks
+    with its signal, to a third at a third of the brightness). A liver and spleen darkened together (iron overload), a liver
     brighter or darker than its neighbours, organs alike: the model must use the organ's shape and
     place, not its grey level. MONAI has no label-wise intensity transform.
 
@@ -276,18 +277,19 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, image_key: str, label_key: str, prob: float, context_key: str | None = None,
-                 shared: float = 0.0) -> None:
+                 shared: float = 0.0, texture: Sequence[float] = (0.5, 1.5)) -> None:
         MapTransform.__init__(self, [image_key])
         RandomizableTransform.__init__(self, prob)
         self.label_key = label_key
         self.context_key = context_key
         self.shared = shared
+        self.texture = (float(texture[0]), float(texture[1]))
         self.draws = np.zeros((0, 2), np.float32)
 
     def randomize(self, data=None) -> None:
         super().randomize(None)
         # one (level, contrast) pair per possible organ label, drawn every time: same stream length
-        self.draws = np.stack([self.R.uniform(0.0, 1.0, 8), self.R.uniform(0.5, 1.5, 8)], axis=1).astype(np.float32)
+        self.draws = np.stack([self.R.uniform(0.0, 1.0, 8), self.R.uniform(*self.texture, 8)], axis=1).astype(np.float32)
         if self.shared > 0 and self.R.uniform() < self.shared:
             self.draws[:, 0] = self.draws[0, 0]  # label 0 (background) is never remapped: its level is spare
 
@@ -540,7 +542,7 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
         chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob,
                                          context_key=_LABEL_CONTEXT if neighbour_organs else None,
-                                         shared=cfg.organ_intensity_shared))
+                                         shared=cfg.organ_intensity_shared, texture=cfg.organ_intensity_texture))
         if neighbour_organs:
             chain.append(DeleteItemsd(_LABEL_CONTEXT))
         if not organs:

@@ -42,6 +42,7 @@ def test_wrong_type_names_the_key(tmp_path):
     ("infer.slice_smoothing=-1", "infer.slice_smoothing"),
     ("train.gamma_range=[2.0,0.5]", "train.gamma_range"),
     ("train.gamma_range=[0.7]", "train.gamma_range"),
+    ("train.organ_intensity_texture=[1.5,0.5]", "train.organ_intensity_texture"),
     ("train.organ_intensity_shared=1.5", "train.organ_intensity_shared"),
     ("nosection.key=1", "nosection"),
     ("train", "section.key=value"),

@@ -515,9 +515,13 @@ def test_organ_intensity_shared_gives_every_organ_one_level_and_off_keeps_the_ra
         x({"image": image.clone(), "label": label})
     assert np.array_equal(plain_t.draws, zero.draws) and plain_t.R.uniform() == zero.R.uniform()
     # from the config: the chain's transform carries it, and the gamma range reaches RandAdjustContrastd
-    cfg = cfg_with("train.organ_intensity_shared=0.5", "train.gamma_range=[0.5,2.0]")
+    cfg = cfg_with("train.organ_intensity_shared=0.5", "train.gamma_range=[0.5,2.0]", "train.organ_intensity_texture=[0.2,1.5]")
     steps = random_transforms(cfg)
-    assert next(x for x in steps if isinstance(x, RandOrganIntensityd)).shared == 0.5
+    organ = next(x for x in steps if isinstance(x, RandOrganIntensityd))
+    assert organ.shared == 0.5 and organ.texture == (0.2, 1.5)
+    organ.set_random_state(seed=3)
+    factors = np.concatenate([(organ.randomize(), organ.draws[:, 1])[1] for _ in range(50)])
+    assert factors.min() >= 0.2 and factors.max() <= 1.5 and factors.min() < 0.5  # below the default's range
     contrast = next(x for x in steps if type(x).__name__ == "RandAdjustContrastd")
     assert tuple(contrast.adjuster.gamma) == (0.5, 2.0)
 
