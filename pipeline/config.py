@@ -129,7 +129,7 @@ class TrainConfig:
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
     organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
     organ_intensity_shared: float = 0.0  # of those slices, the fraction where every organ gets one level (organs alike)
-    organ_intensity_texture: list[float] = field(default_factory=lambda: [0.5, 1.5])  # its texture scaled by a factor in this range
+    organ_intensity_texture: list[float] = field(default_factory=lambda: [0.25, 1.5])  # its texture scaled by a factor in this range
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma of the contrast augmentation (p 0.3)
     tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
     # torch.compile of the training network: auto = on for a fold of >= 1000 steps or a budget of >= 5 minutes
