@@ -129,7 +129,8 @@ class TrainConfig:
     grey_curve_prob: float = 0.0  # random grey-level curve, monotone or not (contrast-agnostic training)
     organ_intensity_prob: float = 0.5  # each labelled organ moved to a random brightness of its own
     organ_intensity_shared: float = 0.0  # of those slices, the fraction where every organ gets one level (organs alike)
-    organ_intensity_texture: list[float] = field(default_factory=lambda: [0.25, 1.5])  # its texture scaled by a factor in this range
+    # the moved organ's texture scaled by a factor drawn in this range
+    organ_intensity_texture: list[float] = field(default_factory=lambda: [0.25, 1.5])
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma of the contrast augmentation (p 0.3)
     tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
     # torch.compile of the training network: auto = on for a fold of >= 1000 steps or a budget of >= 5 minutes
@@ -356,8 +357,9 @@ def validate(cfg: Config) -> Config:
          f"expected [min, max] with 0 < min <= max, got {t.gamma_range}"),
         ("train.momentum", 0.0 <= t.momentum < 1.0, f"expected a value in [0, 1), got {t.momentum}"),
         *[(f"train.{k}", 0.0 <= getattr(t, k) <= 1.0, f"expected a probability in [0, 1], got {getattr(t, k)}")
-          for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "organ_intensity_prob", "organ_intensity_shared", "affine_prob", "flip_prob", "rotate90_prob",
-                    "bias_field_prob", "histogram_shift_prob")],
+          for k in ("blur_prob", "lowres_prob", "elastic_prob", "grey_curve_prob", "organ_intensity_prob",
+                    "organ_intensity_shared", "affine_prob", "flip_prob", "rotate90_prob", "bias_field_prob",
+                    "histogram_shift_prob")],
         ("train.device", bool(_DEVICE.match(t.device)), f"expected auto | cpu | cuda | cuda:N, got {t.device!r}"),
         ("infer.device", bool(_DEVICE.match(i.device)), f"expected auto | cpu | cuda | cuda:N, got {i.device!r}"),
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),

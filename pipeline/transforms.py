@@ -259,12 +259,12 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     to a brightness of its own: contrast-agnostic training where a global curve cannot help.
 
     With probability `prob` per slice, every organ present gets its mean intensity moved to a level
-    drawn uniformly in [0, 1] (the slice's scaled range), its texture around the mean kept
-    (scaled by a factor drawn in `texture`: a darkened organ's texture shrinks with its signal, to a
-    third at a third of the brightness; down to 0.25 rather than 0.5 lifted real MR with a dark liver
-    and spleen by 0.10 Dice at the same unperturbed Dice, README). A liver and spleen darkened together (iron overload), a liver
-    brighter or darker than its neighbours, organs alike: the model must use the organ's shape and
-    place, not its grey level. MONAI has no label-wise intensity transform.
+    drawn uniformly in [0, 1] (the slice's scaled range), its texture around the mean kept, scaled by
+    a factor drawn in `texture` (a darkened organ's texture shrinks with its signal, to a third at a
+    third of the brightness; down to 0.25 rather than 0.5 lifted real MR with a dark liver and spleen
+    by 0.10 Dice at the same unperturbed Dice, README). A liver and spleen darkened together (iron
+    overload), a liver brighter or darker than its neighbours, organs alike: the model must use the
+    organ's shape and place, not its grey level. MONAI has no label-wise intensity transform.
 
     `shared`: the fraction of those slices where every organ gets the same level (each its own
     texture factor): organs alike, as a liver and spleen darkened together by iron overload are,
