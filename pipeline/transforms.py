@@ -278,12 +278,13 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, image_key: str, label_key: str, prob: float, context_key: str | None = None,
-                 shared: float = 0.0, texture: Sequence[float] = (0.25, 1.5)) -> None:
+                 shared: float = 0.0, texture: Sequence[float] | None = None) -> None:
         MapTransform.__init__(self, [image_key])
         RandomizableTransform.__init__(self, prob)
         self.label_key = label_key
         self.context_key = context_key
         self.shared = shared
+        texture = TrainConfig().organ_intensity_texture if texture is None else texture  # the config's default
         self.texture = (float(texture[0]), float(texture[1]))
         self.draws = np.zeros((0, 2), np.float32)
 

@@ -508,12 +508,16 @@ def test_organ_intensity_shared_gives_every_organ_one_level_and_off_keeps_the_ra
         out = half({"image": image.clone(), "label": label})["image"][0]
         same.append(bool(torch.isclose(out[liver].mean(), out[spleen].mean(), atol=1e-5)))
     assert 5 < sum(same) < 35
-    # shared=0 draws nothing more: the same levels as the plain transform, and the same next draw
-    plain_t, zero = RandOrganIntensityd("image", "label", prob=1.0), RandOrganIntensityd("image", "label", prob=1.0, shared=0.0)
-    for x in (plain_t, zero):
-        x.set_random_state(seed=7)
-        x({"image": image.clone(), "label": label})
-    assert np.array_equal(plain_t.draws, zero.draws) and plain_t.R.uniform() == zero.R.uniform()
+    # shared=0 draws nothing more than the transform did before the option: the apply draw, 8 levels,
+    # 8 texture factors, and the next draw of the stream is the same
+    zero = RandOrganIntensityd("image", "label", prob=1.0, shared=0.0, texture=(0.5, 1.5))
+    zero.set_random_state(seed=7)
+    zero({"image": image.clone(), "label": label})
+    before = np.random.RandomState(7)
+    before.rand()  # RandomizableTransform.randomize: whether to apply
+    levels, factors = before.uniform(0.0, 1.0, 8), before.uniform(0.5, 1.5, 8)
+    assert np.array_equal(zero.draws, np.stack([levels, factors], axis=1).astype(np.float32))
+    assert zero.R.uniform() == before.uniform()
     # from the config: the chain's transform carries it, and the gamma range reaches RandAdjustContrastd
     cfg = cfg_with("train.organ_intensity_shared=0.5", "train.gamma_range=[0.5,2.0]", "train.organ_intensity_texture=[0.2,1.5]")
     steps = random_transforms(cfg)
