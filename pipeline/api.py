@@ -52,8 +52,7 @@ class Segmenter:
         """
         import torch
 
-        from pipeline.infer import (Stages, checked_network_probs, cropped_liver, flag_mask, liver_mask_on_source_grid,
-                                    preprocess_case)
+        from pipeline.infer import Stages, checked_network_probs, flag_mask, liver_mask_on_source_grid, preprocess_case
         from pipeline.postprocess import postprocess
 
         volume = _volume(scan, affine)
@@ -67,8 +66,8 @@ class Segmenter:
             raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
         mask = postprocess(raw, self.run.cfg.infer.largest_component, self.run.cfg.infer.fill_holes)
         liver_ml = float(mask.sum() * volume.voxel_ml)
-        flags = flag_mask(self.run, str(volume.source), liver_ml, agreement, confidence,
-                          cropped_liver(self.run, probs, volume.array.shape, volume.affine))
+        flags = flag_mask(self.run, str(volume.source), liver_ml, agreement, confidence, probs, volume.array.shape,
+                          volume.affine)
         out = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
         out.set_sform(volume.affine, code=1)
         out.set_qform(volume.affine, code=1)

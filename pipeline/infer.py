@@ -274,11 +274,12 @@ def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
     return probs, fold_agreement(masks, probs), ensemble_confidence(confidences)
 
 
-def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None,
-              confidence: float | None, cropped: str | None = None) -> list[str]:
-    """quality_flags of the mask of `name` (and `cropped`, from cropped_liver), with a warning line
-    naming it when there is any."""
+def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None, confidence: float | None,
+              probs, shape: Sequence[int], affine: np.ndarray) -> list[str]:
+    """quality_flags of the mask of `name`, and cropped_liver's flag (`probs` on the model grid, the
+    source's `shape` and `affine`), with a warning line naming it when there is any."""
     flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, run.min_confidence)
+    cropped = cropped_liver(run, probs, shape, affine)
     if cropped:
         flags.append(cropped)
     if flags:
@@ -473,8 +474,7 @@ def write_case(run: LoadedRun, prepared: PreparedCase, probs, out_dir: Path, fmt
         row["dice"] = float(dice(mask > 0, truth > 0))
     row["fold_agreement"] = None if agreement is None else round(agreement, 4)
     row["confidence"] = None if confidence is None else round(confidence, 4)
-    row["qc"] = flag_mask(run, case.case, row["liver_ml"], agreement, confidence,
-                          cropped_liver(run, probs, volume.shape, affine))
+    row["qc"] = flag_mask(run, case.case, row["liver_ml"], agreement, confidence, probs, volume.shape, affine)
     row["seconds"] = round(mask_seconds, 3)
     row["total_seconds"] = round(time.perf_counter() - prepared.started, 3)
     row["stage_seconds"] = stage.rounded()
