@@ -15,16 +15,18 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from pipeline.datasets.datalist import read_datalist
+from pipeline.model.networks import build_loss
+from pipeline.train.budget import compile_network
+from pipeline.train.distributed import Dist
+from pipeline.train.epochs import train_one_epoch
+from pipeline.train.fold import build_loaders
+from pipeline.train.state import make_state
 
-from timing import training_bench_setup  # noqa: E402
-from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.model import build_loss  # noqa: E402
-from pipeline.train import Dist, build_loaders, compile_network, make_state, train_one_epoch  # noqa: E402
+from timing import training_bench_setup
 
 
 def main() -> int:

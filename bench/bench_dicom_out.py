@@ -17,12 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.infer import _chaos_case, load_run, segment_case  # noqa: E402
+from pipeline.datasets.chaos import find_cases
+from pipeline.infer.inference import segment_case
+from pipeline.infer.inputs import chaos_case
+from pipeline.infer.loaded import load_run
 
 FORMATS = {"nifti": "nifti", "+seg": "nifti,dicom-seg", "+rtstruct": "nifti,rtstruct"}
 STAGE = {"+seg": "dicom-seg", "+rtstruct": "rtstruct"}
@@ -45,7 +45,7 @@ def main() -> int:
     print(f"{'case':<16}{'format':<11}{'median s':>9}{'stage s':>9}{'added':>8}   every run (s)")
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         for source in chosen:
-            case = _chaos_case(source)
+            case = chaos_case(source)
             segment_case(run, case, Path(tmp), FORMATS["+seg"])  # warm-up: imports, allocator
             segment_case(run, case, Path(tmp), FORMATS["+rtstruct"])
             seconds = {k: [] for k in FORMATS}

@@ -32,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.labels import LIVER  # noqa: E402
-from pipeline.postprocess import postprocess  # noqa: E402
-from pipeline.infer import (_chaos_case, load_run, predict_case,  # noqa: E402
-                            preprocess_case, segment_case)
-from pipeline.metrics import dice  # noqa: E402
-from pipeline.device import autocast_context  # noqa: E402
-from pipeline.predict import as_slices  # noqa: E402
+from pipeline.core.device import autocast_context
+from pipeline.core.labels import LIVER
+from pipeline.datasets.chaos import find_cases
+from pipeline.evaluate.metrics import dice
+from pipeline.infer.inference import segment_case
+from pipeline.infer.inputs import chaos_case
+from pipeline.infer.loaded import load_run
+from pipeline.infer.segment import predict_case, preprocess_case
+from pipeline.model.postprocess import postprocess
+from pipeline.model.predict import as_slices
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-real"
 
@@ -119,7 +119,7 @@ def quality(run_dir: Path, data: Path) -> None:
         val_cases = set(json.loads(split_file.read_text())["val"]["cases"])
         sources = [s for s in find_cases(data) if s.case in val_cases]
         for src in sources:
-            case = _chaos_case(src)
+            case = chaos_case(src)
             vol = case.load()
             volume, affine, geom = vol.array, vol.affine, vol.geometry
             truth = case.truth(vol)
@@ -156,9 +156,9 @@ def main() -> None:
     run = load_run(args.run, None, ["infer.montage=false", *args.overrides])
     sources = find_cases(args.data)
     picked = [s for s in sources if s.modality == "CT"] + [s for s in sources if s.modality == "MR"][: args.max_mr]
-    speed(run, [_chaos_case(s) for s in picked], args.repeats)
+    speed(run, [chaos_case(s) for s in picked], args.repeats)
     if not args.no_throughput:
-        throughput(run, [_chaos_case(s) for s in sources], args.repeats)
+        throughput(run, [chaos_case(s) for s in sources], args.repeats)
     if not args.no_quality:
         quality(args.run, args.data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,23 +1,19 @@
 #!/usr/bin/env python
 """Time the CHAOS surface metrics on a CT-sized volume (512x512x100) against MONAI's own calls.
 
-Prints seconds per call (median of repeats) for pipeline.metrics.chaos_metrics (all metrics,
+Prints seconds per call (median of repeats) for pipeline.evaluate.metrics.chaos_metrics (all metrics,
 one distance computation) and for MONAI compute_average_surface_distance +
 compute_hausdorff_distance (x2: max and 95th percentile) on the same masks, and their ratio.
 Run from the repository root: `python bench/bench_metrics.py` (after `pip install -e .`).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from pipeline.metrics import chaos_metrics
+from pipeline.evaluate.metrics import chaos_metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time  # noqa: E402
+from timing import median_time
 
 
 def ellipsoid(shape, center, radii):
@@ -46,7 +42,7 @@ def main() -> None:
     m = chaos_metrics(pred, ref, spacing)
     print(f"volume {shape}, liver-like ellipsoid {ref.sum() * np.prod(spacing) / 1000:.0f} ml")
     print(f"metrics: dice {m['dice']:.4f} assd {m['assd_mm']:.3f} mm mssd {m['mssd_mm']:.3f} mm score {m['score']:.2f}")
-    print(f"pipeline.metrics.chaos_metrics: {ours:.2f} s")
+    print(f"pipeline.evaluate.metrics.chaos_metrics: {ours:.2f} s")
     print(f"MONAI ASSD + HD + HD95:         {theirs:.2f} s")
     print(f"ratio ours / MONAI:             {ours / theirs:.2f}")
 

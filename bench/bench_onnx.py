@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.device import autocast_context  # noqa: E402
-from pipeline.export import export_run  # noqa: E402
-from pipeline.infer import _chaos_case, load_run, preprocess_case  # noqa: E402
-from pipeline.labels import LIVER  # noqa: E402
-from pipeline.predict import as_slices  # noqa: E402
+from pipeline.core.device import autocast_context
+from pipeline.core.labels import LIVER
+from pipeline.datasets.chaos import find_cases
+from pipeline.evaluate.metrics import dice
+from pipeline.infer.inputs import chaos_case
+from pipeline.infer.loaded import load_run
+from pipeline.infer.segment import preprocess_case
+from pipeline.model.predict import as_slices
+from pipeline.outputs.export import export_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chaos-real"
 
@@ -54,11 +54,6 @@ def ort_probs(sessions, slices: np.ndarray, bs: int) -> np.ndarray:
     return total / len(sessions)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def main() -> None:
     import onnxruntime
 
@@ -78,7 +73,7 @@ def main() -> None:
         options.inter_op_num_threads = 1
         sessions = [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                     for p in sorted(out.glob("fold_*.onnx"))]
-    cases = [_chaos_case(s) for s in find_cases(args.data)]
+    cases = [chaos_case(s) for s in find_cases(args.data)]
     cases = [c for c in cases if c.modality == "CT"] + [c for c in cases if c.modality == "MR"][:args.max_mr]
     bs = run.cfg.infer.batch_size
     print(f"{len(run.models)} model(s), batch {bs}, {threads} threads, onnxruntime {onnxruntime.__version__}, "

@@ -19,17 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time  # noqa: E402
+from pipeline.core.config import Config
+from pipeline.datasets.chaos import find_cases
+from pipeline.datasets.prepare import image_dtype, prepare_case
+from pipeline.dicom.series import read_series
+from pipeline.dicom.volume import write_nifti
 
-from pipeline.chaos import find_cases  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from pipeline.dicom import read_series  # noqa: E402
-from pipeline.volume import write_nifti  # noqa: E402
-from pipeline.prepare import image_dtype, prepare_case  # noqa: E402
-
-
+from timing import median_time
 
 
 def main() -> int:

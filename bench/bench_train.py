@@ -16,19 +16,18 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from pipeline.core.device import autocast_context
+from pipeline.datasets.datalist import read_datalist
+from pipeline.model.networks import build_loss, build_model
+from pipeline.model.predict import plain
+from pipeline.model.transforms import without_metadata
+from pipeline.train.distributed import Dist
+from pipeline.train.fold import build_loaders
 
-from timing import training_bench_setup  # noqa: E402
-from pipeline.model import build_loss, build_model  # noqa: E402
-from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.device import autocast_context  # noqa: E402
-from pipeline.predict import plain  # noqa: E402
-from pipeline.train import Dist, build_loaders  # noqa: E402
-from pipeline.transforms import without_metadata  # noqa: E402
+from timing import training_bench_setup
 
 
 def step(model, optimizer, loss_fn, image, label, device, amp) -> None:

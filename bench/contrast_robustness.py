@@ -32,11 +32,10 @@ import sys
 
 import numpy as np
 
-from cv_models import add_run_arguments, segment, validation_cases  # beside this file; puts pipeline on sys.path
-from pipeline.infer import quality_flags
-from pipeline.labels import LIVER
-from pipeline.metrics import dice
-from pipeline.predict import ensemble_confidence
+from pipeline.core.labels import LIVER
+from pipeline.evaluate.metrics import dice
+
+from cv_models import add_run_arguments, segment, validation_cases  # beside this file
 
 SPLEEN = 4  # prepared MR label maps: 1 liver, 2 / 3 kidneys, 4 spleen
 
@@ -92,12 +91,8 @@ def main() -> int:
     scores: dict[str, list[tuple[str, float, list[str], float | None]]] = {name: [] for name in REMAPS}
     for case in validation_cases(args):
         for name, remap in REMAPS.items():
-            confidences: list = []  # gathered as infer gathers them
-            mask, _ = segment(case, remap(case.image.array, case.label), case.image.affine, confidences)
-            confidence = ensemble_confidence(confidences)
-            flags = quality_flags(float(mask.sum() * case.image.voxel_ml), None, case.run.cfg.infer, confidence,
-                                  case.run.min_confidence)
-            scores[name].append((case.entry["case"], float(dice(mask > 0, case.liver)), flags, confidence))
+            seg = segment(case, remap(case.image.array, case.label), case.image.affine)
+            scores[name].append((case.entry["case"], float(dice(seg.mask > 0, case.liver)), seg.flags, seg.confidence))
     base = statistics.mean(r[1] for r in scores["none"])
     print(f"{'remapping':<24}{'mean Dice':>10}{'vs none':>9}{'min':>8}{'< 0.5':>7}{'flagged':>9}"
           f"{'>= 0.8':>8}{'flagged':>9}")

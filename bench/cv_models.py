@@ -6,28 +6,23 @@ validation patients, through infer's own steps.
 `add_run_arguments` gives a bench --run-dir, --data, --checkpoint (last by default: the checkpoint
 that was not chosen on the validation patients) and --set; `validation_cases(args)` yields each
 validation patient with its fold's loaded run; `segment` is infer's preprocessing, network and
-inversion for a volume the bench has changed (padded, remapped), post-processed as infer does.
+segmentation (segment_volume) of a volume the bench has changed (padded, remapped).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import runs  # noqa: E402
-from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.infer import (LoadedRun, Stages, liver_on_source_grid, load_run, network_probs,  # noqa: E402
-                            preprocess_case)
-from pipeline.labels import LIVER  # noqa: E402
-from pipeline.postprocess import postprocess  # noqa: E402
-from pipeline.volume import Volume, read_nifti  # noqa: E402
+from pipeline.core import runs
+from pipeline.core.labels import LIVER
+from pipeline.datasets.datalist import read_datalist
+from pipeline.dicom.volume import Volume, read_nifti
+from pipeline.infer.loaded import LoadedRun, load_run
+from pipeline.infer.segment import Segmentation, segment_volume
 
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
@@ -59,14 +54,9 @@ def validation_cases(args: argparse.Namespace) -> Iterator[Case]:
             yield Case(run, entry, read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array)
 
 
-def segment(case: Case, volume: np.ndarray, affine: np.ndarray, confidences: list | None = None
-            ) -> tuple[np.ndarray, object]:
-    """(post-processed mask on `volume`'s grid, the network's probabilities on the model grid) of
-    `volume` through infer's steps with the case's run; each model's confidence appended to
-    `confidences` when given (as infer gathers it)."""
-    run = case.run
-    with torch.inference_mode():
-        pre, model_input = preprocess_case(run, volume.astype(np.float32), affine, case.entry["modality"])
-        model_probs = network_probs(run, model_input, Stages(), model_confidences=confidences)
-        probs = liver_on_source_grid(model_probs, model_input, pre, volume.shape, Stages())
-    return postprocess(probs >= 0.5, run.cfg.infer.largest_component, run.cfg.infer.fill_holes), model_probs
+def segment(case: Case, volume: np.ndarray, affine: np.ndarray) -> Segmentation:
+    """`volume` (the case's image changed by the bench: padded, remapped) on `affine`'s grid through
+    infer's own path (segment_volume) with the case's fold run: the mask, its probabilities on the
+    model grid and infer's quality check."""
+    return segment_volume(case.run, Volume(volume.astype(np.float32), affine, Path(case.entry["image"])),
+                          case.entry["modality"], case.entry["case"])

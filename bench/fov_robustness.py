@@ -28,9 +28,10 @@ import sys
 
 import numpy as np
 
-from cv_models import add_run_arguments, segment, validation_cases  # beside this file; puts pipeline on sys.path
-from pipeline.infer import cropped_liver
-from pipeline.metrics import dice
+from pipeline.evaluate.metrics import dice
+from pipeline.infer.qc import cropped_liver
+
+from cv_models import add_run_arguments, segment, validation_cases  # beside this file
 
 
 def widen(volume: np.ndarray, affine: np.ndarray, factor: float, off_centre: bool = False
@@ -62,10 +63,10 @@ def main() -> int:
         patient = case.entry["patient"]
         for factor in factors:
             volume, affine, widths = widen(case.image.array, case.image.affine, factor, args.off_centre)
-            mask, model_probs = segment(case, volume, affine)
-            if cropped_liver(case.run, model_probs, volume.shape, affine):
+            seg = segment(case, volume, affine)
+            if cropped_liver(case.run, seg.probs, volume.shape, affine):
                 flagged[factor].append(patient)
-            scores[factor][patient] = float(dice(mask > 0, np.pad(case.liver, widths)))  # liver in the padding: false
+            scores[factor][patient] = float(dice(seg.mask > 0, np.pad(case.liver, widths)))  # liver in the padding: false
     base = statistics.mean(scores[factors[0]].values())
     print(f"{'field of view':<16}{'mean Dice':>10}{'vs ' + format(factors[0], 'g') + 'x':>9}{'min':>8}"
           f"{'cut-edge flags':>16}  per patient" + ("  (off centre)" if args.off_centre else ""))

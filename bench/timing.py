@@ -22,8 +22,8 @@ def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
 
 def training_bench_setup(description: str, epochs: int, epochs_help: str):
     """(args, config, device) of a training bench: --data PREPARED, --fold, --epochs, --set KEY=VALUE."""
-    from pipeline.config import load_config
-    from pipeline.device import resolve_device
+    from pipeline.core.config import load_config
+    from pipeline.core.device import resolve_device
 
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="prepared folder (datalist.json)")

@@ -18,11 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.datalist import read_datalist  # noqa: E402
-from pipeline.train import run_training  # noqa: E402
+from pipeline.core.config import load_config
+from pipeline.datasets.datalist import read_datalist
+from pipeline.train.cv import run_training
 
 
 def main() -> int:

@@ -8,7 +8,7 @@
 `segment` takes a DICOM series folder, a NIfTI file, or a numpy array with its affine; the run's
 models are loaded on the first call and kept for the next ones (`Segmenter` holds them explicitly).
 The mask is what `run.py infer` writes for the same input: the same transforms, fold ensemble,
-inversion to the source grid and post-processing (pipeline.infer).
+inversion to the source grid and post-processing (pipeline.infer.inference).
 
 The other stages as typed functions with keyword arguments (what `run.py` calls; the config is
 `configs/default.yaml` unless `config` names another, with `overrides` as `--set` takes them):
@@ -26,15 +26,15 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.volume import Volume, is_nifti, read_dicom_series, read_nifti
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.volume import Volume, is_nifti, read_dicom_series, read_nifti
 
 
 class Segmenter:
     """A run's fold models, loaded once; call it on each scan."""
 
     def __init__(self, run: str | Path, fold: str | int | None = None, overrides: Iterable[str] = ()) -> None:
-        from pipeline.infer import load_run
+        from pipeline.infer.loaded import load_run
 
         self.run = load_run(Path(run), None if fold is None else str(fold), list(overrides))
 
@@ -50,29 +50,18 @@ class Segmenter:
         says): "flags" (empty when nothing is wrong; otherwise a warning is logged too, as infer
         does), "liver_ml", "confidence" and "fold_agreement". Check the flags before using the mask.
         """
-        import torch
-
-        from pipeline.infer import Stages, checked_network_probs, flag_mask, liver_mask_on_source_grid, preprocess_case
-        from pipeline.postprocess import postprocess
+        from pipeline.infer.segment import segment_volume
 
         volume = _volume(scan, affine)
         modality = modality or volume.modality
         if modality not in ("CT", "MR"):
             raise PipelineError(f"{volume.source}: give modality='CT' or 'MR' (the input does not say which)")
-        stages = Stages()
-        with torch.inference_mode():
-            transform, image = preprocess_case(self.run, volume.array, volume.affine, modality)
-            probs, agreement, confidence = checked_network_probs(self.run, image, stages)
-            raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
-        mask = postprocess(raw, self.run.cfg.infer.largest_component, self.run.cfg.infer.fill_holes)
-        liver_ml = float(mask.sum() * volume.voxel_ml)
-        flags = flag_mask(self.run, str(volume.source), liver_ml, agreement, confidence, probs, volume.array.shape,
-                          volume.affine)
-        out = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
+        seg = segment_volume(self.run, volume, modality, str(volume.source))
+        out = nib.Nifti1Image(seg.mask.astype(np.uint8), volume.affine)
         out.set_sform(volume.affine, code=1)
         out.set_qform(volume.affine, code=1)
-        out.extra["qc"] = {"flags": flags, "liver_ml": liver_ml, "confidence": confidence,
-                           "fold_agreement": agreement}
+        out.extra["qc"] = {"flags": seg.flags, "liver_ml": seg.liver_ml, "confidence": seg.confidence,
+                           "fold_agreement": seg.agreement}
         return out
 
 
@@ -105,7 +94,7 @@ def segment(scan: str | Path | np.ndarray, run: str | Path, affine: np.ndarray |
 
 # --------------------------------------------------------------------------- the other stages
 def _config(config: str | Path | None, overrides: Iterable[str]):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     return load_config(None if config is None else Path(config), list(overrides))
 
@@ -115,7 +104,7 @@ def prepare(data: str | Path | list, out: str | Path, *, sequences: Iterable[str
     """`run.py prepare`: a CHAOS root, an MSD / nnU-Net data set, a pairs CSV or a folder of images/
     and labels/ (or a list of several: ids get their source's name in front) -> out/imagesTr,
     labelsTr, datalist.json (patient-level folds). Returns the datalist as written, with "table"."""
-    from pipeline.prepare import prepare_dataset
+    from pipeline.datasets.prepare import prepare_dataset
 
     extra = [*(([f"prepare.sequences=[{','.join(sequences)}]"]) if sequences else []),
              *([f"prepare.folds={int(folds)}"] if folds is not None else [])]
@@ -126,9 +115,9 @@ def prepare(data: str | Path | list, out: str | Path, *, sequences: Iterable[str
 def train(data: str | Path, run: str | Path, *, fold: int | str = "all", resume: bool = False,
           config: str | Path | None = None, overrides: Iterable[str] = ()) -> list:
     """`run.py train`: fold `fold` (or "all") of the prepared data set `data` into the run folder
-    `run`. Returns one pipeline.train.FoldResult per fold (best epoch, Dice per validation patient
+    `run`. Returns one pipeline.train.cv.FoldResult per fold (best epoch, Dice per validation patient
     with the best and the last checkpoint, minutes)."""
-    from pipeline.train import run_training
+    from pipeline.train.cv import run_training
 
     return run_training(Path(data), Path(run), str(fold), _config(config, overrides), resume=resume)
 
@@ -138,7 +127,7 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path, *, dicom: str |
     """`run.py evaluate`: the CHAOS metrics of the masks in `pred` against the reference `ref` (a
     folder of masks such as prepare's labelsTr, or a CHAOS root). Returns metrics.json's content: per case
     ("cases": dice, ravd_pct, assd_mm, mssd_mm, hd95_mm, the CHAOS points) and "summary"."""
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluate.evaluation import run_evaluation
 
     return run_evaluation(Path(pred), Path(ref), Path(out), dicom=None if dicom is None else Path(dicom),
                           cfg=_config(config, overrides))

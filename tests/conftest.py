@@ -48,7 +48,7 @@ def tiny_train_overrides() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_config():
     """tiny_config(*extra_overrides) -> the default config shrunk to TINY_TRAIN plus `extra_overrides`."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     return lambda *extra: load_config(None, [*TINY_TRAIN, *extra])
 

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.infer import run_inference
-from pipeline.volume import read_dicom_series
-from tests.dicom_fixtures import write_tiny
-from tests.test_infer import ellipsoid_volume, make_run
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.volume import read_dicom_series
+from pipeline.infer.inference import run_inference
+
+from helpers import ellipsoid_volume, make_run, write_tiny
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +63,13 @@ def test_segment_an_array_or_a_nifti_file_with_its_modality(case, tmp_path):
         segmenter(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     import subprocess
     import sys
     import zipfile
 
-    from tests.test_infer import ROOT, _assert_one_line_error, _cli, _cli_error
+    from helpers import ROOT, assert_one_line_error, cli_infer, infer_in_process
 
     root, series, run_dir, expected = case
     res = subprocess.run([sys.executable, str(ROOT / "run.py"), "export", "--run-dir", str(run_dir), "--out",
@@ -76,7 +78,7 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     names = sorted(zipfile.ZipFile(tmp_path / "model.zip").namelist())
     assert "config.yaml" in names and "fold_0/best.pt" in names and "fold_1/best.pt" in names
     assert not any(n.endswith(("last.pt", "train.log", "metrics.csv")) for n in names)  # inference only
-    res = _cli("--run-dir", str(tmp_path / "model.zip"), "--input", str(series), "--out", str(tmp_path / "out"),
+    res = cli_infer("--run-dir", str(tmp_path / "model.zip"), "--input", str(series), "--out", str(tmp_path / "out"),
                "--set", "infer.montage=false", "-q")
     assert res.returncode == 0, res.stderr
     got = nib.load(str(tmp_path / "out" / "s_liver.nii.gz"))
@@ -85,11 +87,12 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as z:
         z.writestr("config.yaml", "{}")
         z.writestr("../escape.txt", "x")
-    res = _cli_error("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
-    _assert_one_line_error(res, "not a run zip", "../escape.txt")
+    res = infer_in_process("--run-dir", str(tmp_path / "evil.zip"), "--input", str(series), "--out", str(tmp_path / "o2"))
+    assert_one_line_error(res, "not a run zip", "../escape.txt")
     assert not (tmp_path.parent / "escape.txt").exists()
 
 
+@pytest.mark.slow
 def test_prepare_train_infer_evaluate_as_typed_functions(tmp_path):
     """The stages from Python: an MSD-style set prepared, one fold trained, its validation patients
     segmented and scored; evaluate's Dice is infer's Dice for the same masks."""
@@ -97,7 +100,8 @@ def test_prepare_train_infer_evaluate_as_typed_functions(tmp_path):
 
     from pipeline import api
     from tests.conftest import TINY_TRAIN
-    from tests.test_msd import make_msd
+
+    from helpers import make_msd
 
     data = make_msd(tmp_path / "Task03_Liver", n=4)
     datalist = api.prepare(data, tmp_path / "prepared", folds=2)

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError, load_config
-from pipeline.infer import run_inference
-from pipeline.model import DeepSupervised, build_loss, build_model
-from pipeline.train import run_training
+from pipeline.core.config import ConfigError, load_config
+from pipeline.infer.inference import run_inference
+from pipeline.model.networks import DeepSupervised, build_loss, build_model
+from pipeline.train.cv import run_training
 
-from tests.nifti_fixtures import make_prepared_dataset
+from helpers import make_prepared_dataset
 
 NAMES = ["unet", "dynunet", "segresnet", "attentionunet", "basicunet"]
 SMALL = ["model.channels=[4,8,16,32,64]", "model.strides=[2,2,2,2]", "model.num_res_units=0", "model.dropout=0.0",
@@ -29,6 +29,7 @@ def _overrides(name, *extra):
     return [f"model.name={name}", *SMALL, *ds, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_architecture_trains_resumes_and_infers_from_the_run_folder(name, prepared, tmp_path):
     run = tmp_path / "run"
@@ -87,6 +88,7 @@ def test_unknown_names_and_bad_combinations_name_the_key(overrides, key):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_run_from_before_model_name_infers_as_a_unet(prepared, tmp_path):
     run = tmp_path / "run"
     run_training(prepared, run, "0", load_config(None, [*SMALL, "train.epochs=1"]))
@@ -103,13 +105,15 @@ def test_a_run_from_before_model_name_infers_as_a_unet(prepared, tmp_path):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_network_of_every_organ_learns_them_and_infer_writes_the_liver_alone(prepared, tmp_path):
     """model.organs: five outputs (labels.ORGANS), trained on the organ maps (kidneys and spleen as
     classes of their own, not background); infer thresholds the liver's softmax as before."""
-    from pipeline.labels import ORGANS
-    from pipeline.predict import liver_probability
-    from pipeline.train import build_loaders, Dist
-    from pipeline.datalist import read_datalist
+    from pipeline.core.labels import ORGANS
+    from pipeline.datasets.datalist import read_datalist
+    from pipeline.model.predict import liver_probability
+    from pipeline.train.distributed import Dist
+    from pipeline.train.fold import build_loaders
 
     cfg = load_config(None, _overrides("unet", "model.organs=true", "train.epochs=1"))
     assert build_model(cfg.model, cfg.train.roi_size)(torch.rand(2, 1, 32, 32)).shape == (2, len(ORGANS), 32, 32)

@@ -56,11 +56,12 @@ def test_a_bad_config_choice_stops_before_any_data_is_read(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from tests.nifti_fixtures import make_prepared_dataset
+    from helpers import make_prepared_dataset
 
     return make_prepared_dataset(tmp_path_factory.mktemp("prepared"), n_mr=2, n_ct=2, folds=2)
 
 
+@pytest.mark.slow
 def test_quiet_training_prints_nothing(prepared, tmp_path, tiny_train_overrides):
     sets = [a for s in [*tiny_train_overrides, "train.epochs=1"] for a in ("--set", s)]
     res = _run("train", "--data", str(prepared), "--run-dir", str(tmp_path / "run"), "--fold", "all", "-q", *sets,
@@ -74,6 +75,7 @@ def test_quiet_training_prints_nothing(prepared, tmp_path, tiny_train_overrides)
         assert " INFO " in log and "train loss" in log, log[-500:]
 
 
+@pytest.mark.slow
 def test_training_output_has_no_warnings(prepared, tmp_path, tiny_train_overrides):
     sets = [a for s in [*tiny_train_overrides, "train.epochs=2"] for a in ("--set", s)]
     res = _run("train", "--data", str(prepared), "--run", str(tmp_path / "run"), "--fold", "all", *sets, timeout=300)
@@ -82,6 +84,7 @@ def test_training_output_has_no_warnings(prepared, tmp_path, tiny_train_override
     assert " INFO " in res.stderr and "all folds, last checkpoint: Dice" in res.stdout  # the CV table, by run.py
 
 
+@pytest.mark.slow
 def test_per_case_log_lines_never_share_a_line_with_the_progress_bar(prepared, tmp_path):
     import re
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from pipeline.compare import BOXPLOT, LEADERBOARD, PER_PATIENT, leaderboard_table, run_comparison
-from pipeline.report import write_report
+from pipeline.app.compare import BOXPLOT, LEADERBOARD, PER_PATIENT, leaderboard_table, run_comparison
+from pipeline.app.report import write_report
 
-from tests.nifti_fixtures import make_prepared_dataset
+from helpers import make_prepared_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def setup(tmp_path_factory):
     return data, configs, root / "out"
 
 
+@pytest.mark.slow
 def test_every_configuration_is_scored_on_the_same_patients_and_ranked(setup, capfd):
     data, configs, out = setup
     rows = run_comparison(data, configs, out, folds="0,1", jobs=2)
@@ -49,36 +50,39 @@ def test_every_configuration_is_scored_on_the_same_patients_and_ranked(setup, ca
     assert "nnunet_like" in leaderboard_table(rows) and "dynunet" in leaderboard_table(rows)
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_finished_folds(setup, monkeypatch):
     data, configs, out = setup
     before = (out / LEADERBOARD).read_text()
-    import pipeline.train
+    import pipeline.train.cv
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(pipeline.train, "run_training", no_training)
-    import pipeline.compare
+    monkeypatch.setattr(pipeline.train.cv, "run_training", no_training)
+    import pipeline.app.compare
 
-    order, fold_task = [], pipeline.compare._fold_task
+    order, fold_task = [], pipeline.app.compare._fold_task
 
     def recorded(data, config, name, overrides, fold, out_dir):
         order.append((name, fold))
         return fold_task(data, config, name, overrides, fold, out_dir)
 
-    monkeypatch.setattr(pipeline.compare, "_fold_task", recorded)
+    monkeypatch.setattr(pipeline.app.compare, "_fold_task", recorded)
     run_comparison(data, configs, out, folds="0,1", jobs=1)
     assert (out / LEADERBOARD).read_text() == before
     # fold by fold: with --jobs 2 the configurations of a fold train side by side, at the same speed
     assert order == [("plain_unet", 0), ("nnunet_like", 0), ("plain_unet", 1), ("nnunet_like", 1)]
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_leaderboard(setup):
     data, configs, out = setup
     page = write_report(out / "plain_unet", compare_dir=out).read_text()
     assert 'id="compare"' in page and "nnunet_like" in page and "data:image/png;base64," in page
 
 
+@pytest.mark.slow
 def test_workers_stop_when_the_comparison_is_killed(tmp_path):
     """A killed `compare --jobs 2` leaves no worker training on beside the rerun."""
     import os

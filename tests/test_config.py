@@ -5,9 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (
-    DEFAULT_CONFIG, Config, ConfigError, config_to_dict, load_config, save_config,
-)
+from pipeline.core.config import DEFAULT_CONFIG, Config, ConfigError, config_to_dict, load_config, save_config
 
 
 def test_default_yaml_lists_every_field_with_its_default():
@@ -80,7 +78,7 @@ def test_off_is_a_word_for_string_options():
 
 @pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "gpu.yaml"])
 def test_every_shipped_config_loads_and_builds_its_network(name):
-    from pipeline.model import build_model
+    from pipeline.model.networks import build_model
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert build_model(cfg.model, cfg.train.roi_size) is not None

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from pipeline.datalist import read_datalist
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.datalist import read_datalist
 
 
 def _write(folder, entries, **extra):

@@ -5,13 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.nifti_fixtures import make_prepared_dataset
+from helpers import make_prepared_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_torchrun_as_users_type_it_trains_one_fold_on_two_processes(tmp_path, tiny_train_overrides):
     data = make_prepared_dataset(tmp_path / "prepared", n_mr=3, n_ct=3, folds=2)
     run = tmp_path / "run"

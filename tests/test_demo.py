@@ -2,8 +2,10 @@
 report), with the demo config shrunk so it runs in seconds."""
 import json
 
-from pipeline.config import load_config
-from pipeline.demo import DEMO_CONFIG, run_demo
+import pytest
+
+from pipeline.app.demo import DEMO_CONFIG, run_demo
+from pipeline.core.config import load_config
 
 SHRUNK = ["synth.patients=2", "synth.ct_size=32", "synth.mr_size=32", "synth.ct_slices=[10,12]",
           "synth.mr_slices=[8,10]", "prepare.folds=2", "model.channels=[4,8]", "model.strides=[2]",
@@ -11,6 +13,7 @@ SHRUNK = ["synth.patients=2", "synth.ct_size=32", "synth.mr_size=32", "synth.ct_
           "train.epochs=1", "train.val_every=1", "infer.montage=true"]
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_scores_the_held_out_patients_from_dicom(tmp_path, capsys):
     cfg = load_config(DEMO_CONFIG, SHRUNK)
     result = run_demo(tmp_path, cfg)

@@ -1,4 +1,4 @@
-"""pipeline.dicom: writing series that SimpleITK and dcm2niix read, reading them back exactly."""
+"""pipeline.dicom.series: writing series that SimpleITK and dcm2niix read, reading them back exactly."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from tests.dicom_fixtures import OBLIQUE_COL, OBLIQUE_ROW, ramp_volume, shuffled_names, write_tiny
+from helpers import GEOMETRIES, OBLIQUE_COL, OBLIQUE_ROW, ramp_volume, shuffled_names, write_tiny
 
 DCM2NIIX = shutil.which("dcm2niix")
 needs_dcm2niix = pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix binary not found on PATH")
@@ -84,22 +84,13 @@ def test_dcm2niix_converts_a_written_series(tmp_path):
     assert sorted(np.asarray(img.dataobj).ravel().tolist()) == sorted(vol.ravel().tolist())
 
 
+from pipeline.core.errors import PipelineError  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # read_series: order, geometry and agreement with dcm2niix
 # ---------------------------------------------------------------------------------------------
-from pipeline.dicom import from_nifti_slice, read_series, to_nifti_slice  # noqa: E402
-from pipeline.volume import write_nifti  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-
-GEOMETRIES = {
-    "axial_hfs": dict(row_dir=(1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.7, 2.5)),
-    "axial_reversed": dict(row_dir=(1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.7, -2.5)),
-    "oblique": dict(row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL, spacing=(0.8, 0.7, 3.0)),
-    "oblique_reversed": dict(row_dir=OBLIQUE_ROW, col_dir=OBLIQUE_COL, spacing=(0.9, 0.6, -3.0)),
-    "ffs_flipped_rows": dict(row_dir=(-1, 0, 0), col_dir=(0, 1, 0), spacing=(0.8, 0.8, -2.0),
-                             patient_position="FFS"),
-    "coronal": dict(row_dir=(1, 0, 0), col_dir=(0, 0, -1), spacing=(1.0, 0.7, 4.0)),
-}
+from pipeline.dicom.geometry import from_nifti_slice, to_nifti_slice  # noqa: E402
+from pipeline.dicom.series import read_series
+from pipeline.dicom.volume import write_nifti  # noqa: E402
 
 
 def _dcm2niix(folder, out):
@@ -162,16 +153,16 @@ def test_each_file_keeps_its_own_rescale_and_the_pydicom_fallback_agrees(tmp_pat
         np.testing.assert_allclose(from_nifti_slice(data[:, :, k]), apply_modality_lut(ds.pixel_array, ds), rtol=1e-6)
 
     # the default (files read once, stacked from memory) agrees with SimpleITK and with pydicom file by file
-    from pipeline.dicom import _read_pixels_in_order
+    from pipeline.dicom.pixels import read_pixels_in_order
 
-    via_sitk = _read_pixels_in_order(geo.files, geo.rows, geo.cols)
+    via_sitk = read_pixels_in_order(geo.files, geo.rows, geo.cols)
     np.testing.assert_allclose(via_sitk, data, rtol=1e-6)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no GDCM today")
 
     monkeypatch.setattr(SimpleITK, "ReadImage", broken)  # the file-by-file pydicom path
-    fallback = _read_pixels_in_order(geo.files, geo.rows, geo.cols)
+    fallback = read_pixels_in_order(geo.files, geo.rows, geo.cols)
     np.testing.assert_array_equal(fallback, data)
     assert data.flags["F_CONTIGUOUS"] and fallback.flags["F_CONTIGUOUS"]  # NIfTI's layout
 
@@ -299,7 +290,7 @@ def test_stored_pixels_equal_pydicom_pixel_array_on_every_bit_pattern(tmp_path, 
     """The bytes-as-array fast path masks and sign-extends exactly as pydicom does, high bits set or not."""
     import copy
 
-    from pipeline.dicom import _stored_pixels
+    from pipeline.dicom.pixels import stored_pixels
 
     ds = copy.deepcopy(pydicom.dcmread(write_tiny(tmp_path, ramp_volume(1, 8, 6))[0]))
     rng = np.random.default_rng(allocated + stored + signed)
@@ -308,7 +299,7 @@ def test_stored_pixels_equal_pydicom_pixel_array_on_every_bit_pattern(tmp_path, 
     ds.file_meta.TransferSyntaxUID = syntax
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, signed
     ds.PixelData = raw.tobytes()
-    ours = _stored_pixels(ds, 8, 6)
+    ours = stored_pixels(ds, 8, 6)
     assert ours.dtype == ds.pixel_array.dtype
     np.testing.assert_array_equal(ours, ds.pixel_array)
 

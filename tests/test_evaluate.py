@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import Config
-from pipeline.dicom import read_series
-from pipeline.errors import PipelineError
-from pipeline.evaluate import run_evaluation
-from tests.dicom_fixtures import shuffled_names, write_tiny
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.series import read_series
+from pipeline.evaluate.evaluation import run_evaluation
+
+from helpers import shuffled_names, write_tiny
 
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, 1.0, 0, -5], [0, 0, 3.0, 20], [0, 0, 0, 1]])  # 1 x 1 x 3 mm
 
@@ -237,6 +238,7 @@ def test_png_folder_named_case_png_gives_the_case_id(series, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Real CHAOS data
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_ct_ground_against_itself_scores_perfectly(tmp_path, real_chaos):
     REAL = real_chaos / "Train_Sets"
@@ -291,6 +293,7 @@ def _official_chaos_surface_distances(v_ref, v_seg, dicom_dir):
     return both.mean(), both.max()
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_ct_distances_equal_the_official_chaos_algorithm(tmp_path, real_chaos):
     REAL = real_chaos / "Train_Sets"

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.export import export_run
-from pipeline.infer import run_inference
-from pipeline.train import run_training
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.infer.inference import run_inference
+from pipeline.outputs.export import export_run
+from pipeline.train.cv import run_training
 from tests.conftest import ROOT, TINY_TRAIN
-from tests.nifti_fixtures import make_prepared_dataset
+
+from helpers import make_prepared_dataset
 
 # A run of both modalities with both extra kinds of input channel (neighbour slices, modality flag),
 # so that the bundle's two Lambdad steps are exercised; enough epochs for a mask with a shape.
@@ -59,6 +60,7 @@ def spaced(tmp_path_factory):
     return root, data, run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resized", "pixel_spacing"])
 def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, spaced, tmp_path, which):
     root, data, run_dir = trained if which == "resized" else spaced
@@ -117,10 +119,11 @@ def test_a_bundle_needs_one_fold_and_a_modality_when_the_run_does_not_say(traine
     assert json.loads((bundle / "configs" / "inference.json").read_text())["modality"] == "CT"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_networks_give_the_pytorch_logits(trained, tmp_path, fmt):
-    from pipeline.model import build_model
-    from pipeline.runs import load_checkpoint
+    from pipeline.core.runs import load_checkpoint
+    from pipeline.model.networks import build_model
 
     _, _, run_dir = trained
     out = export_run(run_dir, tmp_path / fmt, fmt)
@@ -148,6 +151,7 @@ def test_exported_networks_give_the_pytorch_logits(trained, tmp_path, fmt):
         assert entry["max_abs_logit_difference"] is not None and entry["max_abs_logit_difference"] <= 1e-3
 
 
+@pytest.mark.slow
 def test_export_command_line(trained, tmp_path):
     _, _, run_dir = trained
     cmd = [sys.executable, str(ROOT / "run.py"), "export", "--run-dir", str(run_dir)]

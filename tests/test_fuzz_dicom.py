@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from tests.test_infer import make_run
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+
+from helpers import make_run
 
 TRIALS = 30
 
@@ -47,11 +48,12 @@ def tiny_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("fuzz_run") / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_damaged_real_series_never_gives_an_unhandled_exception(tmp_path, real_chaos, tiny_run, trial):
-    from pipeline.infer import run_inference
-    from pipeline.prepare import prepare_dataset
+    from pipeline.datasets.prepare import prepare_dataset
+    from pipeline.infer.inference import run_inference
 
     rng = np.random.default_rng(trial)
     source = real_chaos / "Train_Sets" / "MR" / "2" / "T2SPIR"

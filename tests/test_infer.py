@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,35 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from dicom_fixtures import OBLIQUE_COL, OBLIQUE_ROW, write_tiny
-from pipeline.config import load_config, save_config
-from pipeline.dicom import read_series
-from pipeline.errors import PipelineError
-from pipeline.infer import collect_cases, load_run, predict_case, run_inference
-from pipeline.postprocess import postprocess
-from pipeline.model import build_model
+from pipeline.core.config import load_config, save_config
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.series import read_series
+from pipeline.infer.inference import run_inference
+from pipeline.infer.inputs import collect_cases
+from pipeline.infer.loaded import load_run
+from pipeline.infer.segment import predict_case
+from pipeline.model.networks import build_model
+from pipeline.model.postprocess import postprocess
+
+from helpers import (OBLIQUE_COL, OBLIQUE_ROW, TINY, assert_one_line_error, ellipsoid_volume, infer_in_process,
+                     make_run, write_tiny)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "train.roi_size=[16,16]",
-        "infer.amp=off", "infer.device=cpu", "infer.montage=false"]
-
-
-def make_run(run_dir: Path, folds=(0,), seed=0) -> Path:
-    """A run folder with random-weight checkpoints: geometry tests need a model, not a good one."""
-    cfg = load_config(None, TINY)
-    save_config(cfg, run_dir / "config.yaml")
-    for k in folds:
-        torch.manual_seed(seed + k)
-        model = build_model(cfg.model)
-        (run_dir / f"fold_{k}").mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "epoch": 1}, run_dir / f"fold_{k}" / "best.pt")
-    return run_dir
-
-
-def ellipsoid_volume(n=6, rows=24, cols=20):
-    z, r, c = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
-    inside = ((r - rows / 2) / (rows / 3)) ** 2 + ((c - cols / 2) / (cols / 3)) ** 2 + ((z - n / 2) / (n / 2)) ** 2 < 1
-    return np.where(inside, 800.0, 100.0) + r * 2.0
 
 
 ORIENTATIONS = {
@@ -107,7 +90,7 @@ def test_checkpoint_setting_chooses_best_or_last(tmp_path):
 
 
 def test_predict_volume_is_the_mean_softmax_of_the_models():
-    from pipeline.predict import predict_volume
+    from pipeline.model.predict import predict_volume
 
     cfg = load_config(None, TINY)
     models = []
@@ -124,7 +107,7 @@ def test_predict_volume_is_the_mean_softmax_of_the_models():
 
 
 def test_zoom_slices_magnifies_about_the_centre_and_its_inverse_lands_on_the_same_grid():
-    from pipeline.predict import zoom_slices
+    from pipeline.model.predict import zoom_slices
 
     square = torch.zeros(1, 1, 40, 40)
     square[..., 15:25, 15:25] = 1.0  # 10 x 10 about the centre
@@ -139,7 +122,7 @@ def test_zoom_slices_magnifies_about_the_centre_and_its_inverse_lands_on_the_sam
 
 
 def test_test_time_zooms_average_each_models_zoomed_back_probabilities():
-    from pipeline.predict import predict_volume, zoom_slices
+    from pipeline.model.predict import predict_volume, zoom_slices
 
     cfg = load_config(None, TINY)
     models = []
@@ -166,7 +149,7 @@ def test_test_time_zooms_average_each_models_zoomed_back_probabilities():
 
 
 def test_slice_smoothing_averages_each_slice_with_its_neighbours():
-    from pipeline.predict import smooth_through_slices
+    from pipeline.model.predict import smooth_through_slices
 
     probs = torch.rand(1, 5, 4, 9)
     padded = np.concatenate([probs[..., :1], probs, probs[..., -1:]], axis=-1)  # end slices repeated
@@ -179,8 +162,8 @@ def test_slice_smoothing_averages_each_slice_with_its_neighbours():
 
 
 def test_infer_smooths_the_ensemble_probability_through_the_slices(tmp_path):
-    from pipeline.infer import Stages, liver_on_source_grid, network_probs, preprocess_case
-    from pipeline.predict import smooth_through_slices
+    from pipeline.infer.segment import Stages, liver_on_source_grid, network_probs, preprocess_case
+    from pipeline.model.predict import smooth_through_slices
 
     series = tmp_path / "s"
     write_tiny(series, ellipsoid_volume())
@@ -224,31 +207,11 @@ def test_chaos_png_output_has_one_png_per_dicom_file_with_liver_63(tmp_path):
     np.testing.assert_array_equal(geom.stack(planes) > 0, mask > 0)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "infer", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
-def _cli_error(*args):
-    """`run.py infer ARGS` in this process, for the tests of bad input (conftest.run_main)."""
-    from tests.conftest import run_main
-
-    return run_main("infer", *args)
-
-
-def _assert_one_line_error(res, *words):
-    assert res.returncode != 0
-    errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-
-
 def test_empty_input_folder_fails_with_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    res = _cli_error("--run", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "empty"), "--out",
+    res = infer_in_process("--run", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "empty"), "--out",
                str(tmp_path / "out"))
-    _assert_one_line_error(res, "empty")
+    assert_one_line_error(res, "empty")
     assert not (tmp_path / "out").exists()
 
 
@@ -266,8 +229,8 @@ def test_run_without_checkpoints_fails(tmp_path):
     write_tiny(series)
     run_dir = make_run(tmp_path / "run")
     (run_dir / "fold_0" / "best.pt").unlink()
-    res = _cli_error("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
-    _assert_one_line_error(res, "best.pt", str(run_dir))
+    res = infer_in_process("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    assert_one_line_error(res, "best.pt", str(run_dir))
     assert not (tmp_path / "out").exists()
 
 
@@ -276,15 +239,16 @@ def test_corrupt_checkpoint_fails_naming_the_file(tmp_path):
     write_tiny(series)
     run_dir = make_run(tmp_path / "run")
     (run_dir / "fold_0" / "best.pt").write_bytes(b"\x80\x02garbage" * 100)
-    res = _cli_error("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
-    _assert_one_line_error(res, "fold_0/best.pt", "cannot load")
+    res = infer_in_process("--run", str(run_dir), "--input", str(series), "--out", str(tmp_path / "out"))
+    assert_one_line_error(res, "fold_0/best.pt", "cannot load")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_ct_mask_overlays_the_prepared_label(tmp_path, real_chaos):
     REAL = real_chaos / "Train_Sets"
-    from pipeline.prepare import prepare_dataset
+    from pipeline.datasets.prepare import prepare_dataset
 
     prepared = tmp_path / "prep"
     prepare_dataset(REAL.parent, prepared, load_config(None, ["prepare.sequences=[CT]"]))
@@ -339,8 +303,8 @@ def test_boxed_mask_inversion_equals_thresholding_the_full_inversion(tmp_path, n
     from the full inversion (others); both must give the voxels of `full inversion >= 0.5`."""
     from scipy.ndimage import gaussian_filter
 
-    from pipeline.infer import Stages, liver_mask_on_source_grid, liver_on_source_grid, preprocess_case
-    from pipeline.transforms import flips_only
+    from pipeline.infer.segment import Stages, liver_mask_on_source_grid, liver_on_source_grid, preprocess_case
+    from pipeline.model.transforms import flips_only
 
     run = load_run(make_run(tmp_path / "run"), None, ["train.roi_size=[20,16]"])
     rng = np.random.default_rng(len(name) + source[0])
@@ -385,7 +349,7 @@ def test_slice_logits_equal_monai_slice_inferer():
     from monai.inferers import SliceInferer
     from monai.networks.nets import UNet
 
-    from pipeline.predict import slice_logits
+    from pipeline.model.predict import slice_logits
 
     torch.manual_seed(0)
     model = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,)).eval()
@@ -398,7 +362,7 @@ def test_slice_logits_equal_monai_slice_inferer():
 
 
 def test_a_bad_case_stops_the_run_naming_its_file(tmp_path):
-    from nifti_fixtures import make_prepared_dataset
+    from helpers import make_prepared_dataset
 
     data = make_prepared_dataset(tmp_path / "prep", n_mr=1, n_ct=2)
     bad = data / "imagesTr" / "CT_1.nii.gz"
@@ -415,17 +379,17 @@ def test_a_bad_case_stops_the_run_naming_its_file(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, native):
-    import pipeline.device
+    import pipeline.core.device
 
-    monkeypatch.setattr(pipeline.device, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(pipeline.core.device, "cpu_has_native_bf16", lambda: native)
     run = load_run(make_run(tmp_path / "run"), None, ["infer.amp=auto"])
     assert run.device.type == "cpu"
     assert run.cfg.infer.amp == ("bf16" if native else "auto")
-    assert pipeline.device.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)
+    assert pipeline.core.device.amp_dtype(run.device, run.cfg.infer.amp) == (torch.bfloat16 if native else None)
 
 
 def test_quality_flags_name_what_is_wrong_with_a_mask():
-    from pipeline.infer import quality_flags
+    from pipeline.infer.qc import quality_flags
 
     cfg = load_config(None, ["infer.qc_liver_ml=[500,3000]", "infer.qc_min_agreement=0.85"]).infer
     assert quality_flags(1500.0, 0.95, cfg) == []
@@ -446,8 +410,8 @@ def test_a_liver_reaching_the_edge_of_a_cropped_view_is_flagged(tmp_path):
     may go on outside it: flagged (in inference.json's qc too), where an uncropped scan is not."""
     from types import SimpleNamespace
 
-    from pipeline import runs
-    from pipeline.infer import cropped_liver
+    from pipeline.core import runs
+    from pipeline.infer.qc import cropped_liver
 
     run = SimpleNamespace(cfg=load_config(None, ["train.roi_size=[32,32]", "train.pixel_spacing=2.0"]))
     wide, narrow = np.diag([-1.5, -1.5, 4.0, 1.0]), np.diag([-1.0, -1.0, 4.0, 1.0])  # 96 / 64 mm across 64 voxels
@@ -482,7 +446,7 @@ def test_the_confidence_threshold_rises_to_the_runs_own_validation_level():
     """A run whose models were sure of their validation patients (lowest confidence 0.95 there) flags
     a mask at 0.93 that infer.qc_min_confidence (0.85) alone would pass; runs without the record
     keep the fixed threshold."""
-    from pipeline.infer import qc_confidence_threshold, validation_confidence
+    from pipeline.infer.loaded import qc_confidence_threshold, validation_confidence
 
     cfg = load_config(None, ["infer.qc_min_confidence=0.85", "infer.qc_confidence_margin=0.01"]).infer
     sure = [{"history": [{"val_confidence_min": 0.97}, {"val_confidence_min": 0.96}]},
@@ -494,9 +458,11 @@ def test_the_confidence_threshold_rises_to_the_runs_own_validation_level():
     assert qc_confidence_threshold(cfg, 0.80) == 0.85  # never below the fixed floor
 
 
+@pytest.mark.slow
 def test_training_records_the_validation_confidence_that_infer_holds_masks_to(tmp_path):
-    from nifti_fixtures import make_prepared_dataset
-    from pipeline.train import run_training
+    from pipeline.train.cv import run_training
+
+    from helpers import make_prepared_dataset
 
     data = make_prepared_dataset(tmp_path / "prepared", n_mr=2, n_ct=2, folds=2)
     run_training(data, tmp_path / "run", "all", load_config(None, [*TINY, "train.epochs=2", "train.val_every=1",
@@ -511,7 +477,7 @@ def test_training_records_the_validation_confidence_that_infer_holds_masks_to(tm
 
 
 def test_mask_confidence_is_the_soft_dice_of_the_probabilities_with_their_own_mask():
-    from pipeline.predict import mask_confidence
+    from pipeline.model.predict import mask_confidence
 
     sure = torch.zeros(1, 8, 8, 4)
     sure[:, 2:6, 2:6] = 1.0
@@ -525,7 +491,7 @@ def test_mask_confidence_is_the_soft_dice_of_the_probabilities_with_their_own_ma
 
 
 def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
-    from pipeline.predict import fold_agreement
+    from pipeline.model.predict import fold_agreement
 
     a = torch.zeros(2, 4, 4, dtype=torch.bool)
     a[:, :2] = True  # 16 voxels
@@ -540,7 +506,7 @@ def test_fold_agreement_is_the_lowest_dice_of_a_model_with_the_ensemble():
 def test_each_model_s_confidence_is_that_of_its_own_probabilities_summed_over_batches():
     from torch import nn
 
-    from pipeline.predict import ensemble_confidence, mask_confidence, predict_volume
+    from pipeline.model.predict import ensemble_confidence, mask_confidence, predict_volume
 
     torch.manual_seed(0)
     image = torch.randn(1, 6, 5, 7)  # (C, H, W, D): 7 slices, predicted 3 at a time
@@ -573,7 +539,7 @@ def test_every_case_gets_its_fold_agreement_and_qc_in_inference_json(tmp_path, c
 
 
 def test_the_printed_table_shows_the_confidence_and_reads_older_results():
-    from pipeline.infer import format_inference_table
+    from pipeline.infer.inference import format_inference_table
 
     table = format_inference_table({"cases": [
         {"case": "MR_1_T2SPIR", "slices": 37, "liver_ml": 1849.7, "dice": 0.91, "confidence": 0.9123, "seconds": 0.4,

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, safe_name, write_json, write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import atomic_path, safe_name, write_json, write_text
 
 
 def leftovers(folder):

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import (
-    border_voxels, chaos_metrics, chaos_points, dice, dice_per_volume, ravd_percent,
-    spacing_from_affine, surface_distances, surface_metrics,
-)
+from pipeline.evaluate.metrics import (border_voxels, chaos_metrics, chaos_points, dice, ravd_percent,
+                                       spacing_from_affine, surface_distances, surface_metrics)
 
 SPACING = (1.0, 1.0, 3.0)  # (i, j, k) mm: k is the coarse slice axis
 
@@ -134,12 +132,22 @@ def test_surface_metrics_equal_monai_when_masks_do_not_touch_the_volume_edge():
     assert ours["hd_mm"] == pytest.approx(float(compute_hausdorff_distance(p, r, percentile=95, **kw)), rel=1e-5)
 
 
-def test_dice_per_volume_matches_dice_for_numpy_and_torch_inputs():
+def test_dice_is_the_same_for_numpy_arrays_torch_tensors_and_monai():
+    from monai.metrics import compute_dice
+
     ref, pred = cube(), cube(lo=(2, 2, 3))
-    assert dice_per_volume(pred, ref) == pytest.approx(0.75)
-    assert dice_per_volume(torch.as_tensor(pred, dtype=torch.uint8), torch.as_tensor(ref)) == pytest.approx(dice(pred, ref))
+    assert dice(pred, ref) == pytest.approx(0.75)
+    as_tensors = dice(torch.as_tensor(pred, dtype=torch.uint8), torch.as_tensor(ref))
+    mixed = dice(pred, torch.as_tensor(ref, dtype=torch.float32))
+    monai = float(compute_dice(torch.as_tensor(pred[None, None] != 0, dtype=torch.float32),
+                               torch.as_tensor(ref[None, None] != 0, dtype=torch.float32), include_background=True,
+                               ignore_empty=False))
+    assert as_tensors == mixed == dice(pred, ref)
+    assert dice(pred, ref) == pytest.approx(monai, rel=1e-6)
     z = np.zeros((4, 4, 4))
-    assert dice_per_volume(z, z) == 1.0
+    assert dice(z, z) == 1.0 and dice(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)) == 1.0
+    with pytest.raises(ValueError):
+        dice(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5))
 
 
 def test_spacing_comes_from_the_affine_columns_of_an_oblique_flipped_grid():

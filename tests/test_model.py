@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, TrainConfig, load_config
-from pipeline.errors import PipelineError
-from pipeline.model import build_loss, build_model
+from pipeline.core.config import ModelConfig, TrainConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.model.networks import build_loss, build_model
 
 
 def small_model_config(**changes) -> ModelConfig:

@@ -10,39 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.prepare import prepare_dataset
-from tests.nifti_fixtures import organ_volume
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.prepare import prepare_dataset
+
+from helpers import make_msd
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
-
-
-def make_msd(root: Path, n=4, style="msd", modality="CT") -> Path:
-    """MSD Task03 style (labels 1 liver, 2 cancer; "training" list; no channel suffix) or nnU-Net v2
-    style (labels by name; imagesTr/<case>_0000.nii.gz; no list)."""
-    rng = np.random.default_rng(0)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    training = []
-    for i in range(n):
-        image, organs = organ_volume((24, 20, 6), rng, "CT")
-        label = organs.copy()
-        label[10:12, 8:10, 2:4] *= 2  # a tumour inside the liver
-        name = f"liver_{i}"
-        image_name = f"{name}.nii.gz" if style == "msd" else f"{name}_0000.nii.gz"
-        nib.save(nib.Nifti1Image(image, AFFINE), str(root / "imagesTr" / image_name))
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), AFFINE), str(root / "labelsTr" / f"{name}.nii.gz"))
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    if style == "msd":
-        meta = {"name": "Task03_Liver", "modality": {"0": modality},
-                "labels": {"0": "background", "1": "liver", "2": "cancer"}, "training": training}
-    else:
-        meta = {"name": "Dataset003", "channel_names": {"0": modality}, "labels": {"background": 0, "liver": 1, "tumor": 2},
-                "file_ending": ".nii.gz", "numTraining": n}
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
 
 
 @pytest.mark.parametrize("style", ["msd", "nnunet"])
@@ -103,6 +78,7 @@ def test_bad_sets_fail_naming_the_file(tmp_path, damage, words):
         assert w in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_prepared_msd_set_trains(tmp_path, tiny_train_overrides):
     data = make_msd(tmp_path / "data")
     prepare_dataset(data, tmp_path / "prep", load_config(None, ["prepare.folds=2"]))

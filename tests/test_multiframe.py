@@ -13,11 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.dicom import read_series
-from pipeline.errors import PipelineError
-from pipeline.study import scan_study
-from tests.dicom_fixtures import ramp_volume, shuffled_names, write_tiny
-from tests.test_dicom import GEOMETRIES as GEOMETRIES_FOR_MULTIFRAME
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.series import read_series
+from pipeline.dicom.study import scan_study
+
+from helpers import GEOMETRIES, ramp_volume, shuffled_names, write_tiny
 
 hd = pytest.importorskip("highdicom")
 DCM2NIIX = shutil.which("dcm2niix")
@@ -39,9 +39,9 @@ def legacy_convert(series_folder: Path, out: Path, frames: slice = slice(None)) 
     return out
 
 
-@pytest.mark.parametrize("name", sorted(GEOMETRIES_FOR_MULTIFRAME))
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_multiframe_reads_as_its_single_frame_series(tmp_path, name):
-    kw = GEOMETRIES_FOR_MULTIFRAME[name]
+    kw = GEOMETRIES[name]
     write_tiny(tmp_path / "single", ramp_volume(5, 12, 10), file_names=shuffled_names(5), modality="CT",
                rescale_intercept=-1024.0, **kw)
     mf = legacy_convert(tmp_path / "single", tmp_path / "multi" / "mf.dcm")
@@ -96,7 +96,7 @@ def test_a_file_with_two_stacks_is_split_and_each_is_a_series_in_a_study(tmp_pat
     scan = scan_study(tmp_path / "study")
     names = [s.name for s in scan.series]  # highdicom's conversion adds to the description
     assert len(names) == 2 and names[0].startswith("1_dual") and [n[-7:] for n in names] == ["_stack1", "_stack2"]
-    from pipeline.infer import collect_cases
+    from pipeline.infer.inputs import collect_cases
 
     cases = collect_cases(tmp_path / "study")
     np.testing.assert_array_equal(cases[1].load().array, 4095 - v1)
@@ -112,6 +112,7 @@ def test_missing_plane_position_is_named(tmp_path):
         read_series(tmp_path / "multi")
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("series", ["CT/3/DICOM_anon", "MR/1/T2SPIR/DICOM_anon"])
 def test_real_series_as_multiframe_reads_the_same_and_matches_dcm2niix(tmp_path, real_chaos, series):
@@ -144,13 +145,15 @@ def _frame_plane(mf: pydicom.Dataset, frame: int):
     return ipp, iop, dr, dc
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_seg_and_rtstruct_of_a_real_multiframe_series_reference_its_frames(tmp_path, real_chaos):
     from skimage.draw import polygon2mask
 
-    from pipeline.chaos import png_stack_liver
-    from pipeline.dicom_out import write_rtstruct, write_seg
-    from tests.test_dicom_out import dciodvfy_errors, file_planes
+    from pipeline.datasets.chaos import png_stack_liver
+    from pipeline.outputs.dicom_objects import write_rtstruct, write_seg
+
+    from helpers import dciodvfy_errors, file_planes
 
     patient = real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR"
     _, single = read_series(patient / "DICOM_anon", pixels=False)

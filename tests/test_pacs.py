@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.dicom import read_series
+from pipeline.dicom.series import read_series
 
 ORTHANC = shutil.which("Orthanc")
 pytestmark = pytest.mark.skipif(ORTHANC is None, reason="Orthanc not installed (Debian package orthanc)")
@@ -70,10 +70,11 @@ def _store(base: str, path: Path) -> dict:
         return json.loads(r.read())
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_orthanc_files_the_seg_and_rtstruct_with_their_real_series(tmp_path, real_chaos, orthanc):
-    from pipeline.chaos import png_stack_liver
-    from pipeline.dicom_out import write_rtstruct, write_seg
+    from pipeline.datasets.chaos import png_stack_liver
+    from pipeline.outputs.dicom_objects import write_rtstruct, write_seg
 
     patient = real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR"
     _, geom = read_series(patient / "DICOM_anon", pixels=False)

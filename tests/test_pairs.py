@@ -9,14 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.dicom_out import write_seg
-from pipeline.errors import PipelineError
-from pipeline.prepare import prepare_dataset
-from pipeline.volume import read_dicom_series
-from tests.dicom_fixtures import make_chaos_tree, write_tiny
-from tests.test_infer import ellipsoid_volume
-from tests.test_msd import make_msd
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.prepare import prepare_dataset
+from pipeline.dicom.volume import read_dicom_series
+from pipeline.outputs.dicom_objects import write_seg
+
+from helpers import ellipsoid_volume, make_chaos_tree, make_msd, write_tiny
 
 CFG = load_config(None, ["prepare.folds=2"])
 
@@ -121,6 +120,7 @@ def test_bad_pairs_fail_naming_the_files(own, tmp_path, damage, words):
     assert len(str(err.value).splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_several_data_sets_prepare_into_one_folder_with_unique_ids(own, tmp_path):
     root, truth = own
     make_chaos_tree(tmp_path / "chaos")
@@ -143,7 +143,7 @@ def test_several_data_sets_prepare_into_one_folder_with_unique_ids(own, tmp_path
     assert set(fold_of.values()) == {0, 1, 2}
     np.testing.assert_array_equal(_label_of(tmp_path / "prep", "pairs_anna"), truth["anna"][1])
     # and they train together (CHAOS organ maps beside liver-only masks)
-    from pipeline.train import run_training
+    from pipeline.train.cv import run_training
     from tests.conftest import TINY_TRAIN
 
     results = run_training(tmp_path / "prep", tmp_path / "run", 0, load_config(None, [*TINY_TRAIN, "train.epochs=1"]))
@@ -153,7 +153,7 @@ def test_several_data_sets_prepare_into_one_folder_with_unique_ids(own, tmp_path
 
 @pytest.mark.realdata
 def test_a_real_series_with_its_seg_prepares_to_its_liver(real_chaos, tmp_path):
-    from pipeline.chaos import find_cases, read_ground
+    from pipeline.datasets.chaos import find_cases, read_ground
 
     case = next(c for c in find_cases(real_chaos, sequences=["T2SPIR"]) if c.patient == "MR_1")
     volume = read_dicom_series(case.dicom_dir)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.plots import plot_curves
+from pipeline.train.curves import plot_curves
 
 PATIENTS = ["CT_1", "MR_2"]
 # matplotlib's named colours used by plot_curves for the train loss, validation loss and lr curves

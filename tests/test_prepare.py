@@ -13,13 +13,14 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.chaos import find_cases, pair_ground, png_labels, read_ground
-from pipeline.config import Config
-from pipeline.dicom import read_series
-from pipeline.errors import PipelineError
-from pipeline.prepare import prepare_dataset
-from pipeline.splits import assign_folds
-from tests.dicom_fixtures import make_chaos_tree
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.chaos import find_cases, pair_ground, png_labels, read_ground
+from pipeline.datasets.prepare import prepare_dataset
+from pipeline.datasets.splits import assign_folds
+from pipeline.dicom.series import read_series
+
+from helpers import make_chaos_tree
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_CASES = ["CT_1", "MR_2_T1DUAL_InPhase", "MR_2_T1DUAL_OutPhase", "MR_2_T2SPIR"]
@@ -271,7 +272,7 @@ def test_cli_prepare_error_is_one_line_naming_the_file_and_exits_2(tree, tmp_pat
 
 
 def test_image_dtype_is_int16_only_when_lossless():
-    from pipeline.prepare import image_dtype
+    from pipeline.datasets.prepare import image_dtype
 
     assert image_dtype(np.array([-1024.0, 0.0, 3071.0], np.float32)) == np.int16
     assert image_dtype(np.array([0.5, 1.0], np.float32)) == np.float32

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.chaos import find_cases
-from pipeline.config import Config
-from pipeline.prepare import prepare_dataset
+from pipeline.core.config import Config
+from pipeline.datasets.chaos import find_cases
+from pipeline.datasets.prepare import prepare_dataset
 
 DCM2NIIX = shutil.which("dcm2niix")
 MR_IDS = [1, 2, 5, 8, 13, 19, 20, 22, 31, 33, 36, 38]
@@ -25,6 +25,7 @@ def prepared(tmp_path_factory, real_chaos):
     return out, {e["case"]: e for e in datalist["training"]}
 
 
+@pytest.mark.slow
 def test_ct_patient_and_every_mr_patient_prepare(prepared):
     _, entries = prepared
     assert set(entries) == {"CT_3", *(f"MR_{i}_T2SPIR" for i in MR_IDS)}
@@ -61,6 +62,7 @@ def test_folds_never_split_a_patient(prepared):
     assert len({f for folds in fold_of.values() for f in folds}) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix binary not found on PATH")
 def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path, real_chaos):
     out, entries = prepared
@@ -75,10 +77,12 @@ def test_affines_and_voxels_equal_dcm2niix(prepared, tmp_path, real_chaos):
         np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata(), err_msg=case.case)
 
 
+@pytest.mark.slow
 def test_pixels_from_memory_equal_simpleitk_on_the_real_ct(real_chaos):
-    from pipeline.dicom import _read_pixels_in_order, read_series
+    from pipeline.dicom.pixels import read_pixels_in_order
+    from pipeline.dicom.series import read_series
 
     ct = next(s for s in find_cases(real_chaos) if s.modality == "CT")
     volume, geom = read_series(ct.dicom_dir)  # files read once, pixels stacked from memory
-    np.testing.assert_array_equal(volume, _read_pixels_in_order(geom.files, geom.rows, geom.cols))  # SimpleITK
+    np.testing.assert_array_equal(volume, read_pixels_in_order(geom.files, geom.rows, geom.cols))  # SimpleITK
     assert volume.flags["F_CONTIGUOUS"] and float(volume.min()) < -900.0  # HU, rescale applied

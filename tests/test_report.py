@@ -13,9 +13,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import Config, config_to_dict
-from pipeline.errors import PipelineError
-from pipeline.report import NOT_AVAILABLE, write_report
+from pipeline.app.report import write_report
+from pipeline.app.report_html import NOT_AVAILABLE
+from pipeline.core.config import Config, config_to_dict
+from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL_CASE = '<script>alert("x")</script>&MR_9'
@@ -228,6 +229,7 @@ def test_cli_report_writes_the_page_and_says_where_unless_quiet(run_dir):
 
 # --------------------------------------------------------------------------- rendering
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_every_image_decoded(run_dir, browser, tmp_path):
     path = write_report(run_dir, eval_dir=run_dir.parent.parent / "eval")
     browser.get(path.as_uri())

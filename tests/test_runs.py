@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pipeline import runs
-from pipeline.errors import PipelineError
+from pipeline.core import runs
+from pipeline.core.errors import PipelineError
 
 
 def _fold(run, k, *checkpoints):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.infer import parse_shard
-from tests.dicom_fixtures import make_chaos_tree
-from tests.test_infer import make_run
+from pipeline.core.errors import PipelineError
+from pipeline.infer.shards import parse_shard
+
+from helpers import make_chaos_tree, make_run
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "total_seconds", "stage_seconds"}
@@ -46,6 +46,7 @@ def single(tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow
 def test_two_array_jobs_give_the_single_process_outputs(single):
     root, run = single
     out = root / "sharded"
@@ -61,6 +62,7 @@ def test_two_array_jobs_give_the_single_process_outputs(single):
     assert (out / "config.yaml").exists() and (out / "labels.itksnap.txt").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_the_cases(single):
     root, run = single
     out = root / "torchrun"

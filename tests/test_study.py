@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.dicom import read_series
-from pipeline.errors import PipelineError
-from pipeline.study import scan_study
-from tests.dicom_fixtures import ramp_volume, write_tiny
-from tests.test_infer import _assert_one_line_error, _cli, _cli_error, ellipsoid_volume, make_run
+from pipeline.core.errors import PipelineError
+from pipeline.dicom.series import read_series
+from pipeline.dicom.study import scan_study
+
+from helpers import (assert_one_line_error, cli_infer, ellipsoid_volume, infer_in_process, make_run, ramp_volume,
+                     write_tiny)
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -62,15 +63,16 @@ def test_scan_finds_series_by_uid_not_folder_and_says_why_the_rest_is_skipped(tm
     assert vol.shape == (20, 24, 6) and geom.series_uid == STUDY + ".10"
 
 
+@pytest.mark.slow
 def test_infer_on_an_export_segments_every_series_and_lists_the_skipped(tmp_path):
     make_export(tmp_path / "export")
-    from pipeline.dicom_out import write_seg
+    from pipeline.outputs.dicom_objects import write_seg
 
     # a SEG already in the export (e.g. from an earlier run) is not an image to segment
     _, geom = read_series(sorted((tmp_path / "export/PAT/ST1/C").glob("ct*")))
     write_seg(tmp_path / "export/PAT/ST1/old_seg.dcm", np.ones(geom.shape, np.uint8), geom, case="c", run_name="r")
     run_dir = make_run(tmp_path / "run")
-    res = _cli("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
+    res = cli_infer("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
                "--format", "nifti,dicom-seg")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
@@ -85,12 +87,13 @@ def test_infer_on_an_export_segments_every_series_and_lists_the_skipped(tmp_path
     assert sum("skipped" in line for line in res.stderr.splitlines() if "WARNING" in line) == len(summary["skipped"])
 
 
+@pytest.mark.slow
 def test_a_broken_series_in_a_study_is_skipped_and_the_others_go_on(tmp_path):
     make_export(tmp_path / "export")
     ct_files = sorted((tmp_path / "export/PAT/ST1/C").glob("ct*"))
     ct_files[2].write_bytes(ct_files[2].read_bytes()[:300])  # truncated mid-header: a gap in the CT series
     run_dir = make_run(tmp_path / "run")
-    res = _cli("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"))
+    res = cli_infer("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "out/inference.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["3_T2_SPIR_ax"]
@@ -103,14 +106,14 @@ def test_a_broken_series_in_a_study_is_skipped_and_the_others_go_on(tmp_path):
 def test_a_tree_without_images_fails_with_one_line_naming_what_was_skipped(tmp_path):
     (tmp_path / "t/sub").mkdir(parents=True)
     (tmp_path / "t/sub/a.txt").write_text("x")
-    res = _cli_error("--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "t"), "--out",
+    res = infer_in_process("--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "t"), "--out",
                str(tmp_path / "out"))
-    _assert_one_line_error(res, "no CT or MR image series", "not a DICOM file")
+    assert_one_line_error(res, "no CT or MR image series", "not a DICOM file")
     assert not (tmp_path / "out").exists()
 
 
 def test_series_option_picks_one_series_of_a_study(tmp_path):
-    from pipeline.infer import collect_cases
+    from pipeline.infer.inputs import collect_cases
 
     make_export(tmp_path)
     cases = collect_cases(tmp_path, series_uid=STUDY + ".20")
@@ -121,6 +124,7 @@ def test_series_option_picks_one_series_of_a_study(tmp_path):
     assert [c.case for c in collect_cases(tmp_path, series_uid="3_T2_SPIR_ax")] == ["3_T2_SPIR_ax"]  # by name
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_series_mixed_in_one_tree_are_found_and_read_as_from_their_folders(tmp_path, real_chaos):
     """Three real series, their files linked into shared folders (as an export by date would put them)."""
@@ -142,11 +146,12 @@ def test_real_series_mixed_in_one_tree_are_found_and_read_as_from_their_folders(
         assert found.modality == geom.modality
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_export_gets_nifti_seg_and_rtstruct_per_series_all_valid(tmp_path, real_chaos):
     """The issue's end point: a PACS-style export of real series in, NIfTI + SEG + RTSTRUCT out for
     each image series, every DICOM object dciodvfy-clean and holding the NIfTI mask's voxels."""
-    from tests.test_dicom_out import check_rtstruct_against_source, check_seg_against_source
+    from helpers import check_rtstruct_against_source, check_seg_against_source
 
     folders = {p: real_chaos / "Train_Sets" / p / "DICOM_anon" for p in ("CT/3", "MR/1/T2SPIR")}
     for k, folder in enumerate(folders.values()):
@@ -156,7 +161,7 @@ def test_real_export_gets_nifti_seg_and_rtstruct_per_series_all_valid(tmp_path, 
             target.symlink_to(f)
     (tmp_path / "export" / "DICOMDIR").write_bytes(b"\0" * 132)
     run_dir = make_run(tmp_path / "run")
-    res = _cli("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
+    res = cli_infer("--run-dir", str(run_dir), "--input", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
                "--format", "nifti,dicom-seg,rtstruct", "--set", "infer.montage=false")
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "out" / "inference.json").read_text())

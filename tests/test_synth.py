@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from pipeline.config import SynthConfig
-from pipeline.errors import PipelineError
-from pipeline.synth import CT_IDS, MR_IDS, MR_LEVELS, generate_dataset
+from pipeline.core.config import SynthConfig
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.synthetic.generate import CT_IDS, MR_IDS, MR_LEVELS, generate_dataset
 
 # Tiny in-plane matrices keep the suite fast; the slice counts still cover dome to kidneys.
 TINY = dict(ct_size=48, mr_size=48, ct_slices=[30, 34], mr_slices=[24, 28])
@@ -43,6 +43,7 @@ def read_ground(folder: Path) -> np.ndarray:
     return np.stack([np.array(Image.open(f)) for f in sorted(folder.glob("*.png"))])
 
 
+@pytest.mark.slow
 def test_layout_has_the_official_train_sets_folders_and_chaos_ids(root):
     assert root.name == "Train_Sets"
     assert sorted(int(p.name) for p in (root / "CT").iterdir()) == CT_IDS[:2]
@@ -142,6 +143,7 @@ def test_organs_come_and_go_across_slices(root):
         assert kidney_z < liver_z, "MR slices ascend, so the kidneys must sit below the liver"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_and_another_seed_different_data(root, tmp_path):
     # `root` was written by one process per core (2 on CI), `again` by one process
     again = generate_dataset(tmp_path / "again", tiny(workers=1))
@@ -192,6 +194,7 @@ def test_invalid_sizes_raise_a_pipeline_error_naming_the_key(tmp_path):
     assert not (tmp_path / "Train_Sets").exists()
 
 
+@pytest.mark.slow
 def test_cli_synth_writes_the_requested_number_of_patients(tmp_path):
     from run import main
 
@@ -203,7 +206,7 @@ def test_cli_synth_writes_the_requested_number_of_patients(tmp_path):
 
 
 def test_an_interrupted_run_leaves_only_complete_patients(tmp_path, monkeypatch):
-    import pipeline.synth as synth
+    import pipeline.datasets.synthetic.generate as synth
 
     calls = {"n": 0}
     real = synth.write_series
@@ -224,7 +227,7 @@ def test_an_interrupted_run_leaves_only_complete_patients(tmp_path, monkeypatch)
 
 
 def test_montage_shows_four_sequences_as_a_png(root, tmp_path):
-    from pipeline.synth import save_montage
+    from pipeline.datasets.synthetic.generate import save_montage
 
     out = save_montage(root, tmp_path / "montage.png")
     img = Image.open(out)
@@ -232,7 +235,7 @@ def test_montage_shows_four_sequences_as_a_png(root, tmp_path):
 
 
 def test_ivc_lies_in_a_groove_behind_the_liver_never_inside_it():
-    from pipeline.synth import IVC, IVC_DY, IVC_RADII, IVC_X, LIVER, VESSEL, Anatomy
+    from pipeline.datasets.synthetic.anatomy import IVC, IVC_DY, IVC_RADII, IVC_X, LIVER, VESSEL, Anatomy
 
     hits = 0
     for seed in range(4):
@@ -254,10 +257,11 @@ def test_ivc_lies_in_a_groove_behind_the_liver_never_inside_it():
     assert hits > 0  # the check saw slices where liver and IVC meet
 
 
+@pytest.mark.slow
 def test_gallbladder_sits_in_a_fossa_open_in_front():
     from scipy import ndimage
 
-    from pipeline.synth import GALL, LIVER, VESSEL, Anatomy
+    from pipeline.datasets.synthetic.anatomy import GALL, LIVER, VESSEL, Anatomy
 
     for seed in range(3):
         anat = Anatomy(np.random.default_rng(seed))

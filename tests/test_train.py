@@ -7,13 +7,15 @@ import pytest
 import torch
 import yaml
 
-import pipeline.train as train_mod
-from pipeline.datalist import read_datalist
-from pipeline.errors import PipelineError
-from pipeline.model import build_model
-from pipeline.train import run_training
+import pipeline.train.fold as fold_mod
+from pipeline.train import budget, cv, distributed, epochs, records
+from pipeline.train import state as state_mod
+from pipeline.core.errors import PipelineError
+from pipeline.datasets.datalist import read_datalist
+from pipeline.model.networks import build_model
+from pipeline.train.cv import run_training
 
-from tests.nifti_fixtures import make_prepared_dataset
+from helpers import make_prepared_dataset
 
 ARTEFACTS = ["config.yaml", "split.json", "labels.json", "normalisation.json", "best.pt", "last.pt", "train.log",
              "metrics.csv", "curves.png"]
@@ -21,15 +23,15 @@ ARTEFACTS = ["config.yaml", "split.json", "labels.json", "normalisation.json", "
 
 def interrupt_after(monkeypatch, epoch):
     """Training stops like Ctrl-C (or a kill) right after `epoch` is saved; returns the undo."""
-    finish = train_mod.finish_epoch
+    finish = fold_mod.finish_epoch
 
     def killed(fold_dir, state, *args):
         finish(fold_dir, state, *args)
         if state.epoch == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "finish_epoch", killed)
-    return lambda: monkeypatch.setattr(train_mod, "finish_epoch", finish)
+    monkeypatch.setattr(fold_mod, "finish_epoch", killed)
+    return lambda: monkeypatch.setattr(fold_mod, "finish_epoch", finish)
 
 
 def read_metrics(fold_dir):
@@ -63,7 +65,7 @@ def straight_run(data_dir, tmp_path_factory, tiny_config):
 def test_auto_pixel_spacing_fits_the_median_field_of_view_whatever_the_stored_axis_order(tmp_path, tiny_config):
     import nibabel as nib
 
-    from pipeline.train import auto_pixel_spacing
+    from pipeline.train.cv import auto_pixel_spacing
 
     def volume(name, shape, affine):
         path = tmp_path / f"{name}.nii.gz"
@@ -84,9 +86,11 @@ def test_auto_pixel_spacing_fits_the_median_field_of_view_whatever_the_stored_ax
     assert auto_pixel_spacing(fixed, entries) is fixed and fixed.train.pixel_spacing == 1.25
 
 
+@pytest.mark.slow
 def test_a_run_trained_with_auto_spacing_saves_the_number_and_infer_resamples_to_it(straight_run, data_dir):
-    from pipeline.infer import load_run, preprocess_case
-    from pipeline.volume import read_nifti
+    from pipeline.dicom.volume import read_nifti
+    from pipeline.infer.loaded import load_run
+    from pipeline.infer.segment import preprocess_case
 
     run, _ = straight_run
     # make_prepared_dataset: 40 x 36 voxels of 1.5 mm (60 x 54 mm) into a 32 x 32 roi: 1.875 mm, as saved
@@ -141,12 +145,14 @@ def test_checkpoints_load_with_weights_only_and_restore_the_model(straight_run, 
     assert torch.load(run / "fold_0" / "last.pt", weights_only=True)["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_same_seed_and_config_give_the_same_metrics(straight_run, data_dir, tmp_path, tiny_config):
     run, _ = straight_run
     run_training(data_dir, tmp_path, "0", tiny_config())
     assert without_times(read_metrics(tmp_path / "fold_0")) == without_times(read_metrics(run / "fold_0"))
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_continues_exactly(straight_run, data_dir, tmp_path, monkeypatch, tiny_config):
     resume_normally = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +165,7 @@ def test_resume_after_an_interruption_continues_exactly(straight_run, data_dir, 
     assert resumed == without_times(read_metrics(straight_run[0] / "fold_0"))
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_pixel_spacing_the_run_was_trained_at(data_dir, tmp_path, monkeypatch, tiny_config):
     """A run begun with slices resized (pixel_spacing 0, as every run before "auto") and resumed with
     the default config goes on resized: its models must be fed as they were trained."""
@@ -172,18 +179,20 @@ def test_resume_keeps_the_pixel_spacing_the_run_was_trained_at(data_dir, tmp_pat
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "fold_0")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_training_again_into_a_used_fold_needs_resume(straight_run, data_dir, tiny_config):
     with pytest.raises(PipelineError, match="last.pt.*--resume"):
         run_training(data_dir, straight_run[0], "0", tiny_config())
 
 
+@pytest.mark.slow
 def test_fold_all_trains_every_fold_and_writes_the_cv_summary(data_dir, tmp_path, capsys, tiny_config):
     results = run_training(data_dir, tmp_path, "all", tiny_config("train.epochs=1"))
     with open(tmp_path / "cv_summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["patient"] for r in rows) == ["CT_1", "CT_2", "CT_3", "MR_1", "MR_2", "MR_3"]
     assert {r["fold"] for r in rows} == {"0", "1"}
-    table = train_mod.format_cv_summary(results)
+    table = cv.format_cv_summary(results)
     last = [r.dice_last[p] for r in results for p in r.dice_last]
     assert f"all folds, last checkpoint: Dice {sum(last) / len(last):.4f}" in table
     assert "all folds, best checkpoint: Dice" in table and "mean ± std over 6 patients" in table
@@ -220,14 +229,14 @@ class _BlockAndIsland(torch.nn.Module):
 
 @pytest.mark.parametrize("cleaned", [True, False])
 def test_validation_scores_the_mask_that_infer_would_write(data_dir, cleaned, tiny_config):
-    from pipeline.model import build_loss
+    from pipeline.model.networks import build_loss
 
     flags = "true" if cleaned else "false"
     cfg = tiny_config(f"infer.largest_component={flags}", f"infer.fill_holes={flags}")
     train, val = read_datalist(data_dir).split(0)
-    *_, val_items, refs, val_tf = train_mod.build_loaders(cfg, train, val, train_mod.Dist())
-    inverter = train_mod.source_grid_inverter(val_tf)
-    _, dice, raw = train_mod.validate(_BlockAndIsland(), val_items, refs, inverter, build_loss(cfg.train), cfg,
+    *_, val_items, refs, val_tf = fold_mod.build_loaders(cfg, train, val, distributed.Dist())
+    inverter = fold_mod.source_grid_inverter(val_tf)
+    _, dice, raw = epochs.validate(_BlockAndIsland(), val_items, refs, inverter, build_loss(cfg.train), cfg,
                                       torch.device("cpu"))
     assert set(dice) == set(raw) == {"CT_2", "MR_1", "MR_3"}
     for patient in dice:
@@ -238,6 +247,7 @@ def test_validation_scores_the_mask_that_infer_would_write(data_dir, cleaned, ti
             assert dice[patient] == raw[patient]
 
 
+@pytest.mark.slow
 def test_weight_average_is_validated_saved_and_resumed_exactly(data_dir, tmp_path, monkeypatch, tiny_config):
     cfg = tiny_config("train.ema_decay=0.9")
     straight = tmp_path / "straight"
@@ -262,19 +272,20 @@ def test_weight_average_is_validated_saved_and_resumed_exactly(data_dir, tmp_pat
 def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog, tmp_path, native, warned, tiny_config):
     from types import SimpleNamespace
 
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(records, "cpu_has_native_bf16", lambda: native)
     cfg = tiny_config("train.amp=bf16")
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        train_mod.log_settings(cfg, 0, [], [], torch.device("cpu"), SimpleNamespace(world=1), 1, tmp_path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.records"):
+        records.log_settings(cfg, 0, [], [], torch.device("cpu"), SimpleNamespace(world=1), 1, tmp_path, tmp_path)
     assert any("emulated" in r.getMessage() for r in caplog.records) == warned
 
 
+@pytest.mark.slow
 def test_a_model_with_the_modality_channel_trains_validates_and_segments(data_dir, tmp_path, tiny_config):
     import json
 
     import numpy as np
 
-    from pipeline.infer import run_inference
+    from pipeline.infer.inference import run_inference
 
     results = run_training(data_dir, tmp_path / "run", "0", tiny_config("model.modality_channel=true",
                                                                           "train.epochs=2"))
@@ -290,6 +301,7 @@ def test_a_model_with_the_modality_channel_trains_validates_and_segments(data_di
     assert json.loads((tmp_path / "out" / "inference.json").read_text())["cases"]
 
 
+@pytest.mark.slow
 def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_dir, tmp_path, monkeypatch,
                                                                           tiny_config):
     import yaml
@@ -299,7 +311,7 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
     cfg = tiny_config("train.epochs=200", "train.budget_minutes=0.12", "train.val_every=2")
     # measured right after the warm-up here (when 5% of the budget has passed is a time, not an epoch:
     # test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up tests that rule)
-    monkeypatch.setattr(train_mod, "CALIBRATION_SHARE", 0.0)
+    monkeypatch.setattr(budget, "CALIBRATION_SHARE", 0.0)
     resume_normally = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_training(data_dir, tmp_path, "0", cfg)
@@ -319,10 +331,11 @@ def test_a_time_budget_fixes_the_epochs_saves_them_and_resume_keeps_them(data_di
     assert results[0].dice_last and cfg.train.epochs == 200  # the caller's config is left as it was
 
 
+@pytest.mark.slow
 def test_sgd_is_nnunets_nesterov_momentum_and_is_resumed_with_its_state(data_dir, tmp_path, tiny_config):
     cfg = tiny_config("train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.01", "train.schedule=poly",
                       "train.epochs=2")
-    state = train_mod.make_state(cfg, torch.device("cpu"), train_mod.Dist(), steps_per_epoch=3)
+    state = state_mod.make_state(cfg, torch.device("cpu"), distributed.Dist(), steps_per_epoch=3)
     assert isinstance(state.optimizer, torch.optim.SGD)
     group = state.optimizer.param_groups[0]
     assert group["nesterov"] and group["momentum"] == 0.9 and group["lr"] == pytest.approx(0.01 / 3)  # warm-up
@@ -357,7 +370,7 @@ def test_tensorboard_events_hold_the_metrics_and_overlays(straight_run):
 def test_overlay_marks_the_prediction_red_and_the_reference_outline_green():
     import numpy as np
 
-    from pipeline.tracking import overlay
+    from pipeline.train.tracking import overlay
 
     image = np.full((9, 9), 0.5, np.float32)
     truth = np.zeros((9, 9), bool)
@@ -371,9 +384,10 @@ def test_overlay_marks_the_prediction_red_and_the_reference_outline_green():
     assert rgb[8, 8].tolist() == pytest.approx([0.5, 0.5, 0.5])
 
 
+@pytest.mark.slow
 def test_without_tensorboard_the_run_says_so_once_and_writes_no_events(data_dir, tmp_path, monkeypatch, caplog,
                                                                        tiny_config):
-    import pipeline.tracking as tracking
+    import pipeline.train.tracking as tracking
 
     monkeypatch.setattr(tracking, "_summary_writer", lambda: None)
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -388,15 +402,15 @@ def test_without_tensorboard_the_run_says_so_once_and_writes_no_events(data_dir,
 def test_native_bf16_is_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, tmp_path, native, tiny_config):
     from types import SimpleNamespace
 
-    import pipeline.device
+    import pipeline.core.device
 
-    monkeypatch.setattr(pipeline.device, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(pipeline.core.device, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert pipeline.device.amp_dtype(cpu, "native_bf16") == (torch.bfloat16 if native else None)
-    assert pipeline.device.amp_dtype(torch.device("cuda"), "native_bf16") == torch.float16  # as "auto" on a GPU
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        train_mod.log_settings(tiny_config("train.amp=native_bf16"), 0, [], [], cpu, SimpleNamespace(world=1), 1,
-                               tmp_path, tmp_path)
+    assert pipeline.core.device.amp_dtype(cpu, "native_bf16") == (torch.bfloat16 if native else None)
+    assert pipeline.core.device.amp_dtype(torch.device("cuda"), "native_bf16") == torch.float16  # as "auto" on a GPU
+    with caplog.at_level(logging.INFO, logger="pipeline.train.records"):
+        records.log_settings(tiny_config("train.amp=native_bf16"), 0, [], [], cpu, SimpleNamespace(world=1), 1,
+                             tmp_path, tmp_path)
     assert any(f"amp native_bf16 ({'bfloat16' if native else 'float32'})" in r.getMessage() for r in caplog.records)
     assert not any("emulated" in r.getMessage() for r in caplog.records)
 
@@ -406,7 +420,7 @@ def test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up(tiny_
 
     cfg = tiny_config("train.budget_minutes=10", "train.warmup_epochs=2", "train.epochs=280")
     fresh, fixed = SimpleNamespace(budget_epochs=None), SimpleNamespace(budget_epochs=150)
-    calibrates = train_mod.budget_calibrates_now
+    calibrates = budget.budget_calibrates_now
     assert not calibrates(cfg, fresh, 1, 100.0)  # still warming up
     assert not calibrates(cfg, fresh, 2, 8.0)  # warm-up over, but 8 s of 600 is too short a sample
     assert calibrates(cfg, fresh, 9, 30.0)  # 5% of ten minutes
@@ -416,8 +430,8 @@ def test_the_budget_is_measured_over_its_first_twentieth_after_the_warm_up(tiny_
 
 
 def test_auto_compiles_only_where_the_compile_pays_back(tiny_config, monkeypatch):
-    cpu, compiles = torch.device("cpu"), train_mod.compiles
-    monkeypatch.setattr(train_mod.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cpu, compiles = torch.device("cpu"), budget.compiles
+    monkeypatch.setattr(budget.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert compiles(tiny_config("train.budget_minutes=10"), cpu, 10)
     assert not compiles(tiny_config("train.budget_minutes=1"), cpu, 10)
     # 10 steps per epoch
@@ -425,10 +439,11 @@ def test_auto_compiles_only_where_the_compile_pays_back(tiny_config, monkeypatch
     assert not compiles(tiny_config("train.epochs=99"), cpu, 10)
     assert compiles(tiny_config("train.compile=on"), cpu, 1)
     assert not compiles(tiny_config("train.compile=off", "train.budget_minutes=10"), cpu, 10)
-    monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    monkeypatch.setattr(budget.shutil, "which", lambda name: None)  # no C++ compiler for inductor
     assert not compiles(tiny_config("train.budget_minutes=10"), cpu, 10)
 
 
+@pytest.mark.slow
 def test_a_compiled_fold_trains_as_the_eager_one_saves_plain_weights_and_resumes(data_dir, tmp_path, monkeypatch,
                                                                                 caplog, tiny_config):
     # dynamo + AOTAutograd as under inductor (graph capture, buffer updates, the backward), without
@@ -454,6 +469,7 @@ def test_a_compiled_fold_trains_as_the_eager_one_saves_plain_weights_and_resumes
     build_model(compiled.model, compiled.train.roi_size).load_state_dict(weights)
 
 
+@pytest.mark.slow
 def test_a_compile_that_fails_leaves_one_warning_and_trains_uncompiled(data_dir, tmp_path, monkeypatch, caplog,
                                                                        tiny_config):
     def broken(model, **kwargs):
@@ -476,9 +492,9 @@ def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
     cfg, cpu = tiny_config("model.norm=batch", "train.compile=on"), torch.device("cpu")
-    state = train_mod.make_state(cfg, cpu, train_mod.Dist(), steps_per_epoch=3)
+    state = state_mod.make_state(cfg, cpu, distributed.Dist(), steps_per_epoch=3)
     before, rng = {k: v.clone() for k, v in state.module.state_dict().items()}, torch.get_rng_state()
-    train_mod.compile_network(state, cfg, cpu, fold=0)
+    budget.compile_network(state, cfg, cpu, fold=0)
     assert state.compiled is not None
     after = state.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # batch norm's running statistics too
@@ -487,10 +503,10 @@ def test_the_compiles_trial_batch_leaves_weights_statistics_gradients_and_draws_
 
 
 def test_an_epochs_smaller_last_batch_runs_uncompiled_instead_of_compiling_again(tiny_config):
-    from pipeline.model import build_loss
+    from pipeline.model.networks import build_loss
 
     cfg = tiny_config()
-    state = train_mod.make_state(cfg, torch.device("cpu"), train_mod.Dist(), steps_per_epoch=2)
+    state = state_mod.make_state(cfg, torch.device("cpu"), distributed.Dist(), steps_per_epoch=2)
     calls = []
 
     class Recording(torch.nn.Module):  # stands for torch.compile's module: same parameters, counted calls
@@ -500,16 +516,17 @@ def test_an_epochs_smaller_last_batch_runs_uncompiled_instead_of_compiling_again
 
     state.compiled, state.compiled_batch = Recording(), 8
     loader = [{"image": torch.rand(n, 1, 32, 32), "label": (torch.rand(n, 1, 32, 32) > 0.5).float()} for n in (8, 8, 4)]
-    train_mod.train_one_epoch(state, loader, build_loss(cfg.train), torch.device("cpu"), "off",
+    epochs.train_one_epoch(state, loader, build_loss(cfg.train), torch.device("cpu"), "off",
                               torch.amp.GradScaler("cpu", enabled=False), "epoch", False)
     assert calls == [8, 8]  # the batch of 4 went to the plain network
     assert state.scheduler.last_epoch == 3  # and was trained on all the same
 
 
+@pytest.mark.slow
 def test_patches_train_on_random_crops_while_validation_and_infer_see_the_whole_roi(data_dir, tmp_path, tiny_config):
     from monai.networks.nets import UNet
 
-    from pipeline.infer import run_inference
+    from pipeline.infer.inference import run_inference
 
     seen = []
 

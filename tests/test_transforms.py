@@ -7,11 +7,11 @@ import pytest
 import torch
 from monai.transforms import Compose, Invertd
 
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import PipelineError
-from pipeline.transforms import deterministic_transforms, image_transforms, random_transforms, without_metadata
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.model.transforms import deterministic_transforms, image_transforms, random_transforms, without_metadata
 
-from tests.nifti_fixtures import make_prepared_dataset
+from helpers import make_prepared_dataset
 
 SHAPE = (40, 36, 10)
 
@@ -143,6 +143,7 @@ def test_random_chain_without_metadata_gives_the_same_plain_tensors(prepared):
             torch.testing.assert_close(a[key].as_tensor(), b[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("roi", [[40, 36], [32, 32]])
 def test_deterministic_chain_inverts_back_to_the_source_grid(prepared, roi):
     """What infer does: predict on the model grid, Invertd back, compare on the source voxels."""
@@ -187,7 +188,7 @@ def test_orienting_after_the_resize_gives_the_same_image_and_inverse(flips):
     same affine, and Invertd brings a prediction back to the same source voxels."""
     from monai.data import MetaTensor
 
-    from pipeline.transforms import flips_only
+    from pipeline.model.transforms import flips_only
 
     cfg = cfg_with("train.roi_size=[24,20]")
     rng = np.random.default_rng(0)
@@ -215,7 +216,7 @@ def test_orienting_after_the_resize_gives_the_same_image_and_inverse(flips):
 
 
 def test_flips_only_is_false_when_the_axes_must_be_permuted():
-    from pipeline.transforms import flips_only
+    from pipeline.model.transforms import flips_only
 
     sagittal = np.array([[0, 0, -2.0, 0], [0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1]])
     assert not flips_only(sagittal)
@@ -228,7 +229,7 @@ def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border(
     from monai.data import MetaTensor
     from monai.transforms import Resize
 
-    from pipeline.fast_transforms import InPlaneResize
+    from pipeline.model.fast_transforms import InPlaneResize
 
     img = MetaTensor(torch.rand(1, 64, 48, 5), affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0])))
     ours = InPlaneResize((16, 16))(img)
@@ -245,12 +246,13 @@ def test_in_plane_resize_matches_monai_anti_aliased_resize_away_from_the_border(
     np.testing.assert_allclose(np.asarray(up), np.asarray(Resize((96, 80, -1), mode="bilinear")(img)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_in_plane_resize_band_by_band_equals_the_dense_matrix_product():
     """Several bands of 32 output rows per axis, both memory layouts, shrinking and enlarging."""
     import torch
     from monai.data import MetaTensor
 
-    from pipeline.fast_transforms import InPlaneResize
+    from pipeline.model.fast_transforms import InPlaneResize
 
     x = torch.rand(1, 200, 150, 3)
     for roi in [(70, 40), (230, 96)]:
@@ -267,7 +269,7 @@ def test_in_plane_resize_is_undone_by_invertd_to_the_source_grid():
     from monai.data import MetaTensor
     from monai.transforms import Compose, Invertd, Orientationd
 
-    from pipeline.transforms import InPlaneResized
+    from pipeline.model.transforms import InPlaneResized
 
     affine = torch.tensor([[-0.7, 0, 0, 10.0], [0, 0.8, 0, -5.0], [0, 0, -2.5, 30.0], [0, 0, 0, 1.0]])
     img = MetaTensor(torch.rand(1, 64, 48, 5), affine=affine)
@@ -290,7 +292,7 @@ def test_in_plane_resize_inverse_equals_monai_resize_inverse():
     import torch
     from monai.data import MetaTensor
 
-    from pipeline.fast_transforms import InPlaneResize
+    from pipeline.model.fast_transforms import InPlaneResize
 
     affine = torch.tensor([[0.7, 0, 0, 10.0], [0, 0.8, 0, -5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1.0]])
     resize = InPlaneResize((16, 24))
@@ -312,7 +314,7 @@ def test_one_buffer_intensity_window_equals_monai_and_keeps_metadata(monkeypatch
     from monai.data import MetaTensor
     from monai.transforms import ScaleIntensityRange
 
-    from pipeline.fast_transforms import ScaleIntensityRangeOneBuffer
+    from pipeline.model.fast_transforms import ScaleIntensityRangeOneBuffer
 
     hu = MetaTensor(torch.linspace(-1200, 1500, 2 * 30 * 20 * 4).reshape(1, 30, 20, 8), affine=torch.eye(4) * 2)
     for kwargs in ({"a_min": -150.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
@@ -336,7 +338,7 @@ def test_one_pass_percentile_scaling_equals_monai(shape, fortran):
     from monai.data import MetaTensor
     from monai.transforms import ScaleIntensityRangePercentiles
 
-    from pipeline.fast_transforms import ScaleIntensityRangePercentilesOnePass
+    from pipeline.model.fast_transforms import ScaleIntensityRangePercentilesOnePass
 
     gen = torch.Generator().manual_seed(0)
     values = torch.rand(shape, generator=gen) ** 3 * 900.0
@@ -374,7 +376,7 @@ def test_neighbour_slices_stack_the_slices_above_and_below_as_channels():
     import torch
     from monai.data import MetaTensor
 
-    from pipeline.transforms import NeighbourSlicesd
+    from pipeline.model.transforms import NeighbourSlicesd
 
     vol = MetaTensor(torch.arange(4.0).view(1, 1, 1, 4).expand(1, 2, 3, 4).clone(), affine=torch.eye(4))
     out = NeighbourSlicesd("image", context=1)({"image": vol})["image"]
@@ -417,7 +419,7 @@ def test_grey_curve_joins_the_chain_last_and_only_when_asked():
 
 
 def test_grey_curve_is_a_seeded_piecewise_linear_curve_spanning_zero_to_one_on_every_channel():
-    from pipeline.transforms import RandGreyCurved, grey_curve
+    from pipeline.model.intensity import RandGreyCurved, grey_curve
 
     # the curve itself: control values at 0, 1/2, 1; linear between them; clamped outside [0, 1]
     x = torch.tensor([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0])
@@ -451,7 +453,7 @@ def test_grey_curve_is_a_seeded_piecewise_linear_curve_spanning_zero_to_one_on_e
 
 
 def test_organ_intensity_moves_each_organ_to_its_own_level_and_training_labels_stay_liver_only(prepared):
-    from pipeline.transforms import RandOrganIntensityd
+    from pipeline.model.intensity import RandOrganIntensityd
 
     image = torch.rand(1, 12, 12) * 0.1 + 0.5
     label = torch.zeros(1, 12, 12, dtype=torch.uint8)
@@ -489,7 +491,7 @@ def test_organ_intensity_shared_gives_every_organ_one_level_and_off_keeps_the_ra
     """train.organ_intensity_shared: on the slices it picks, liver and spleen get the same level (each its
     own texture factor); at 0 the draws are those of the transform without the option, so runs keep
     their augmentation."""
-    from pipeline.transforms import RandOrganIntensityd
+    from pipeline.model.intensity import RandOrganIntensityd
 
     image = torch.rand(1, 12, 12) * 0.1 + 0.5
     label = torch.zeros(1, 12, 12, dtype=torch.uint8)
@@ -533,7 +535,7 @@ def test_organ_intensity_shared_gives_every_organ_one_level_and_off_keeps_the_ra
 def test_organ_intensity_of_a_2p5d_slice_moves_each_channel_by_its_own_slice_outline(prepared):
     """With context slices, a neighbour channel's organs move by the neighbour's own organ map: the
     centre slice's outline must not appear in the other channels (a label cue no real scan has)."""
-    from pipeline.transforms import RandOrganIntensityd
+    from pipeline.model.intensity import RandOrganIntensityd
 
     image = torch.rand(3, 12, 12) * 0.1 + 0.5  # slices z - 1, z, z + 1
     maps = torch.zeros(3, 12, 12, dtype=torch.uint8)
@@ -574,7 +576,7 @@ def test_organ_intensity_of_a_2p5d_slice_moves_each_channel_by_its_own_slice_out
 
 
 def test_slice_indices_count_liver_slices_only_in_organ_maps():
-    from pipeline.transforms import SliceIndicesd
+    from pipeline.model.transforms import SliceIndicesd
 
     label = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
     label[0, 1, 1, 0] = 1  # liver on slice 0

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.infer import run_inference
-from pipeline.labels import LIVER_RGB
-from pipeline.train import run_training
-from pipeline.viewer import CaseView, create_app, start, Viewer
+from pipeline.app.view_case import CaseView
+from pipeline.app.viewer import Viewer, create_app, start
+from pipeline.core.config import load_config
+from pipeline.core.labels import LIVER_RGB
+from pipeline.infer.inference import run_inference
+from pipeline.train.cv import run_training
 from tests.conftest import TINY_TRAIN
-from tests.dicom_fixtures import write_tiny
-from tests.nifti_fixtures import make_prepared_dataset
+
+from helpers import make_prepared_dataset, write_tiny
 
 
 # --------------------------------------------------------------------------- display geometry
@@ -98,6 +99,7 @@ def _wait(client, timeout=120):
     return job
 
 
+@pytest.mark.slow
 def test_the_api_segments_a_folder_as_infer_does_and_keeps_to_its_roots(setup):
     root, run_dir, scans = setup
     viewer = Viewer(run_dir, [scans])
@@ -164,7 +166,7 @@ def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_pa
     root, run_dir, _ = setup
     prepared = root / "prepared"
     run_inference(run_dir, prepared, tmp_path / "infer", ["infer.montage=false"], patients="MR_1")
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluate.evaluation import run_evaluation
 
     scored = run_evaluation(tmp_path / "infer", prepared / "labelsTr", tmp_path / "evaluate",
                             cfg=load_config(None, ["evaluate.missing=skip"]))
@@ -183,6 +185,7 @@ def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_pa
 
 
 # --------------------------------------------------------------------------- the page
+@pytest.mark.slow
 def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

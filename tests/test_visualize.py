@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.visualize import LIVER_RGB, _to_display, montage
+from pipeline.infer.montage import LIVER_RGB, montage, to_display
 
 SHAPE = (32, 32, 16)  # (X, Y, Z)
 ALPHA = 0.45  # opacity of the liver overlay in montage
@@ -126,7 +126,7 @@ def test_montage_looks_the_same_whatever_the_storage_order(tmp_path):
     assert np.array_equal(plain, flipped)
 
 
-# ---------------------------------------------------------------- _to_display
+# ---------------------------------------------------------------- to_display
 
 
 def ramp(shape=(5, 7, 3)) -> np.ndarray:
@@ -135,7 +135,7 @@ def ramp(shape=(5, 7, 3)) -> np.ndarray:
 
 
 def test_display_is_slices_by_rows_by_columns():
-    assert _to_display(ramp((5, 7, 3)), np.eye(4)).shape == (3, 7, 5)
+    assert to_display(ramp((5, 7, 3)), np.eye(4)).shape == (3, 7, 5)
 
 
 def test_display_follows_the_radiological_convention():
@@ -145,7 +145,7 @@ def test_display_follows_the_radiological_convention():
     vol[4, 6, 1] = 1  # right, anterior
     vol[0, 6, 1] = 2  # left, anterior
     vol[4, 0, 1] = 3  # right, posterior
-    disp = _to_display(vol, np.eye(4))
+    disp = to_display(vol, np.eye(4))
     assert disp[1, 0, 0] == 1
     assert disp[1, 0, -1] == 2
     assert disp[1, -1, 0] == 3
@@ -159,11 +159,11 @@ def test_display_honours_an_affine_that_flips_axes(flip):
     affine = np.diag(signs * [0.7, 0.7, 2.5, 1.0])  # anisotropic voxels, as in a real series
     affine[:3, 3] = [10.0, -20.0, 30.0]  # an origin does not change the orientation
     stored = np.flip(vol, axis=flip)  # the same voxels in the opposite storage order
-    assert np.array_equal(_to_display(stored, affine), _to_display(vol, np.eye(4)))
+    assert np.array_equal(to_display(stored, affine), to_display(vol, np.eye(4)))
 
 
 def test_display_honours_an_affine_that_swaps_the_in_plane_axes():
     vol = ramp()
     affine = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
     stored = vol.transpose(1, 0, 2)  # stored[i, j, k] sits at world (j, i, k)
-    assert np.array_equal(_to_display(stored, affine), _to_display(vol, np.eye(4)))
+    assert np.array_equal(to_display(stored, affine), to_display(vol, np.eye(4)))

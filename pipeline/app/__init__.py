@@ -1,0 +1,1 @@
+"""What users drive: the CLI's body, compare, demo, report, viewer."""

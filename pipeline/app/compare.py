@@ -1,0 +1,209 @@
+"""Configurations side by side on the same folds: `python run.py compare`.
+
+    python run.py compare --data PREPARED --configs A.yaml,B.yaml,... --out DIR [--folds 0,1|all] [--jobs N]
+
+For every configuration (a YAML as --config takes it; named by its file stem) and every fold: train
+the fold, segment the fold's validation patients with the LAST checkpoint (the best one is chosen on
+those very patients and would flatter them), and score them against the prepared labels with the
+CHAOS metrics. Folds run side by side as separate processes with `jobs` > 1 (torch threads split
+between them). Each finished fold leaves DIR/<config>/fold_<k>/compare.json, so an interrupted
+comparison resumes where it stopped.
+
+Outputs (DIR): leaderboard.csv (one row per configuration: Dice mean and std over patients, HD95,
+ASSD, minutes of training per fold, parameters, inference seconds per volume), per_patient.csv,
+leaderboard.png (Dice per patient, one box per configuration); `leaderboard_table` gives the text
+table `run.py` prints; `run.py report --compare DIR` shows them in the HTML report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from pipeline.core.config import load_config
+from pipeline.core.console import progress
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import atomic_path, csv_text, safe_name, write_json, write_text
+from pipeline.datasets.datalist import read_datalist
+
+log = logging.getLogger(__name__)
+
+LEADERBOARD = "leaderboard.csv"
+PER_PATIENT = "per_patient.csv"
+BOXPLOT = "leaderboard.png"
+FOLD_RESULT = "compare.json"
+COLUMNS = ["config", "model", "patients", "dice_mean", "dice_std", "dice_min", "hd95_mm", "assd_mm",
+           "train_minutes_per_fold", "epochs_per_fold", "parameters", "infer_seconds_per_volume"]
+
+
+def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | Path, folds: str = "all",
+                   overrides: list[str] = (), jobs: int = 1) -> list[dict]:
+    """Train and score every configuration on the same folds; returns the leaderboard rows."""
+    data, out_dir = Path(data), Path(out_dir)
+    datalist = read_datalist(data)
+    fold_list = datalist.parse_folds(folds)
+    names = []
+    for path in configs:
+        load_config(path, overrides)  # every config is checked before anything trains
+        names.append(safe_name(Path(path).stem, "config name"))
+    if len(set(names)) != len(names):
+        raise PipelineError(f"--configs: two configurations share a file name ({', '.join(names)})")
+    # fold by fold, so that with --jobs N the configurations of one fold train side by side in time
+    tasks = [(str(data), str(path), name, list(overrides), k, str(out_dir))
+             for k in fold_list for path, name in zip(configs, names)]
+    jobs = max(1, min(int(jobs), len(tasks)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    if jobs == 1:
+        for task in progress(tasks, desc="compare", unit="fold"):
+            results.append(_fold_task(*task))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
+            futures = [pool.submit(_fold_task, *task) for task in tasks]
+            for future in progress(as_completed(futures), total=len(futures), desc="compare", unit="fold"):
+                results.append(future.result())
+    rows, per_patient = leaderboard(results, names)
+    write_text(out_dir / LEADERBOARD, csv_text(rows, COLUMNS))
+    write_text(out_dir / PER_PATIENT, csv_text(per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"]))
+    plot_leaderboard(per_patient, names, out_dir / BOXPLOT)
+    return rows
+
+
+def _worker_init(threads: int, parent: int) -> None:
+    import threading
+
+    import torch
+
+    from pipeline.core.console import hide_progress_bars
+
+    torch.set_num_threads(threads)
+    # a fresh interpreter: the pipeline logger's INFO lines reach each fold's train.log (console: warnings
+    # only); the epochs' bars stay in the worker, the comparison's own bar counts the folds
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    hide_progress_bars()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Stop this worker when the comparison that started it is gone (killed, or stopped with Ctrl-C):
+    a worker would otherwise train on, unseen, beside the rerun. Checkpoints are written atomically,
+    so the rerun resumes the fold from its last epoch."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: int, out_dir: str) -> dict:
+    """Train one fold of one configuration, segment its validation patients with the last
+    checkpoint and score them; the result is saved so that a rerun skips the fold."""
+    from pipeline.core import runs
+    from pipeline.evaluate.evaluation import run_evaluation
+    from pipeline.infer.inference import run_inference
+    from pipeline.model.networks import build_model, count_parameters
+    from pipeline.train.cv import run_training
+
+    run_dir = Path(out_dir) / name
+    fold_dir = runs.fold_dir(run_dir, fold)
+    done = fold_dir / FOLD_RESULT
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(config, overrides)
+    resume = runs.checkpoint_path(fold_dir, "last").is_file()
+    result = run_training(data, run_dir, str(fold), cfg, resume=resume)[0]
+    datalist = read_datalist(data)
+    patients = datalist.patients(fold)
+    infer_dir = fold_dir / "val_last"
+    rows = run_inference(run_dir, Path(data), infer_dir, fold=str(fold), patients=",".join(patients),
+                         overrides=["infer.checkpoint=last", "infer.montage=false"])
+    cfg.evaluate.missing = "skip"  # only this fold's patients were segmented
+    scored = run_evaluation(pred=infer_dir, ref=Path(data) / "labelsTr", out_dir=infer_dir / "evaluate", cfg=cfg)
+    patient_of = {e["case"]: e["patient"] for e in datalist.entries}
+    cases = [{"patient": patient_of[c["case"]], "dice": c["dice"], "hd95_mm": c["hd95_mm"], "assd_mm": c["assd_mm"]}
+             for c in scored["cases"]]
+    summary = {
+        "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
+        "epochs": runs.read_config(fold_dir).train.epochs,  # as the budget fixed them
+        "parameters": count_parameters(build_model(cfg.model, cfg.train.roi_size)),
+        "infer_seconds": statistics.mean(r["seconds"] for r in rows), "cases": cases,
+    }
+    write_json(done, summary)
+    return summary
+
+
+def leaderboard(results: list[dict], names: list[str]) -> tuple[list[dict], list[dict]]:
+    """(one row per configuration, one row per configuration, fold and patient); a patient's value
+    is the mean over its cases (sequences)."""
+    per_patient, rows = [], []
+    for name in names:
+        mine = sorted((r for r in results if r["config"] == name), key=lambda r: r["fold"])
+        if not mine:
+            continue
+        patients = []
+        for r in mine:
+            by_patient: dict[str, list[dict]] = {}
+            for c in r["cases"]:
+                by_patient.setdefault(c["patient"], []).append(c)
+            for patient, cases in sorted(by_patient.items()):
+                patients.append({"config": name, "fold": r["fold"], "patient": patient,
+                                 **{k: _mean(c[k] for c in cases) for k in ("dice", "hd95_mm", "assd_mm")}})
+        per_patient += patients
+        dice = [p["dice"] for p in patients]
+        rows.append({
+            "config": name, "model": mine[0]["model"], "patients": len(patients),
+            "dice_mean": _mean(dice), "dice_std": statistics.stdev(dice) if len(dice) > 1 else 0.0,
+            "dice_min": min(dice), "hd95_mm": _mean(p["hd95_mm"] for p in patients),
+            "assd_mm": _mean(p["assd_mm"] for p in patients),
+            "train_minutes_per_fold": _mean(r["minutes"] for r in mine), "epochs_per_fold": _mean(r["epochs"] for r in mine),
+            "parameters": mine[0]["parameters"],
+            "infer_seconds_per_volume": _mean(r["infer_seconds"] for r in mine),
+        })
+    rows.sort(key=lambda r: -r["dice_mean"])
+    return rows, per_patient
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(statistics.mean(values)) if values else float("nan")
+
+
+def leaderboard_table(rows: list[dict]) -> str:
+    """The leaderboard as aligned text, best mean Dice first."""
+    head = (f"{'config':<20} {'model':<14} {'patients':>8} {'Dice':>15} {'min':>6} {'HD95 mm':>8} {'ASSD mm':>8} "
+            f"{'min/fold':>8} {'params':>9} {'s/volume':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['config']:<20} {r['model']:<14} {r['patients']:>8} "
+                     f"{r['dice_mean']:>8.4f} ± {r['dice_std']:<6.4f}{r['dice_min']:>6.3f} {r['hd95_mm']:>8.2f} "
+                     f"{r['assd_mm']:>8.2f} {r['train_minutes_per_fold']:>8.1f} {r['parameters']:>9,d} "
+                     f"{r['infer_seconds_per_volume']:>8.2f}")
+    return "\n".join(lines)
+
+
+def plot_leaderboard(per_patient: list[dict], names: list[str], path: Path) -> Path:
+    """Box plot of the per-patient Dice of each configuration (points on top), best median first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {n: [p["dice"] for p in per_patient if p["config"] == n] for n in names}
+    groups = dict(sorted(((n, v) for n, v in groups.items() if v), key=lambda kv: -statistics.median(kv[1])))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 4.2), constrained_layout=True)
+    ax.boxplot(list(groups.values()), showfliers=False)
+    ax.set_xticks(range(1, len(groups) + 1), list(groups), rotation=20, ha="right")
+    for i, values in enumerate(groups.values(), start=1):
+        ax.scatter([i] * len(values), values, s=12, alpha=0.6, zorder=3)
+    ax.set(ylabel="liver Dice per patient (last checkpoint)", title="Configurations on the same folds")
+    ax.grid(axis="y", alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""The synthetic CHAOS generator: anatomy, rendering to CT / MR, writing DICOM series and Ground PNGs."""

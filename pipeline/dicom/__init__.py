@@ -1,0 +1,1 @@
+"""Volumes with their geometry: DICOM series (single- and multi-frame), study scanning, NIfTI."""

@@ -1,0 +1,1 @@
+"""Training: the loop, fold state and checkpoints, distributed, budget, cross-validation, tracking, curves."""
