@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core import runs
 from pipeline.core.device import autocast_context
 from pipeline.core.labels import LIVER
 from pipeline.datasets.chaos import find_cases
@@ -104,7 +104,7 @@ def throughput(run, cases, repeats: int) -> None:
 
 
 def quality(run_dir: Path, data: Path) -> None:
-    splits = sorted(run_dir.glob("fold_*/split.json"))
+    splits = [(str(k), split) for k, d in runs.fold_dirs(run_dir) if (split := runs.read_split(d)) is not None]
     if not splits:
         print("\nquality: no fold_<k>/split.json in the run, skipped")
         return
@@ -113,10 +113,9 @@ def quality(run_dir: Path, data: Path) -> None:
                 ("fp32 +lcc+fill", "off", True, True), ("bf16 +lcc+fill", "bf16", True, True)]
     print(f"{'case':<16}" + "".join(f"{v[0]:>16}" for v in variants))
     table = {v[0]: [] for v in variants}
-    runs = {}
-    for split_file in splits:
-        fold = split_file.parent.name.split("_")[1]
-        val_cases = set(json.loads(split_file.read_text())["val"]["cases"])
+    loaded = {}
+    for fold, split in splits:
+        val_cases = set(split["val"]["cases"])
         sources = [s for s in find_cases(data) if s.case in val_cases]
         for src in sources:
             case = chaos_case(src)
@@ -127,9 +126,9 @@ def quality(run_dir: Path, data: Path) -> None:
             probs = {}
             for name, amp, lcc, fill in variants:
                 if amp not in probs:
-                    if (fold, amp) not in runs:  # one checkpoint load per fold and precision
-                        runs[(fold, amp)] = load_run(run_dir, fold, [f"infer.amp={amp}"])
-                    run = runs[(fold, amp)]
+                    if (fold, amp) not in loaded:  # one checkpoint load per fold and precision
+                        loaded[(fold, amp)] = load_run(run_dir, fold, [f"infer.amp={amp}"])
+                    run = loaded[(fold, amp)]
                     with torch.inference_mode():
                         probs[amp] = predict_case(run, volume, affine, geom.modality)
                 mask = postprocess(probs[amp] >= 0.5, lcc, fill)

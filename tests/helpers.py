@@ -17,12 +17,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 
-from pipeline.core.config import load_config, save_config
+from pipeline.core.config import load_config
 from pipeline.datasets.synthetic.dicom_writer import write_series
 from pipeline.dicom.series import read_series
-from pipeline.model.networks import build_model
 
 from conftest import ROOT, run_main
 
@@ -198,15 +196,33 @@ TINY = ["model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0", "t
         "infer.amp=off", "infer.device=cpu", "infer.montage=false"]
 
 
-def make_run(run_dir: Path, folds=(0,), seed=0) -> Path:
-    """A run folder with random-weight checkpoints: geometry tests need a model, not a good one."""
-    cfg = load_config(None, TINY)
-    save_config(cfg, run_dir / "config.yaml")
+_TRAINED_RUN: list[Path] = []  # trained once per test session, copied for each test that asks
+
+
+def make_run(run_dir: Path, folds=(0,)) -> Path:
+    """A run folder made by the real training path (`run_training`): two folds of a tiny UNet trained for
+    one epoch on a tiny prepared set. Geometry and output tests need a model that went through training's
+    own checkpoints and config, not a good one. The folds asked for are copied into `run_dir`."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from pipeline.train.cv import run_training
+
+    if not _TRAINED_RUN:
+        root = Path(tempfile.mkdtemp(prefix="tiny-run-"))
+        atexit.register(shutil.rmtree, root, True)
+        data = make_prepared_dataset(root / "prepared", n_mr=2, n_ct=2, folds=2)
+        cfg = load_config(None, [*TINY, "model.dropout=0.0", "train.slices_per_volume=4", "train.batch_size=4",
+                                 "train.epochs=1", "train.warmup_epochs=0", "train.val_every=1", "train.tensorboard=false",
+                                 "train.compile=off", "train.pixel_spacing=0"])
+        run_training(data, root / "run", "all", cfg)
+        _TRAINED_RUN.append(root / "run")
+    source = _TRAINED_RUN[0]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "config.yaml", run_dir / "config.yaml")
     for k in folds:
-        torch.manual_seed(seed + k)
-        model = build_model(cfg.model)
-        (run_dir / f"fold_{k}").mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "epoch": 1}, run_dir / f"fold_{k}" / "best.pt")
+        shutil.copytree(source / f"fold_{k}", run_dir / f"fold_{k}", dirs_exist_ok=True)
     return run_dir
 
 

@@ -60,18 +60,36 @@ def test_a_rerun_resumes_from_the_finished_folds(setup, monkeypatch):
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(pipeline.train.cv, "run_training", no_training)
+    from concurrent.futures import Future
+
     import pipeline.app.compare
 
-    order, fold_task = [], pipeline.app.compare._fold_task
+    order, pools = [], []
 
-    def recorded(data, config, name, overrides, fold, out_dir):
-        order.append((name, fold))
-        return fold_task(data, config, name, overrides, fold, out_dir)
+    class RecordingPool:
+        """The process pool of --jobs N, run in this process: records what it is given, in order."""
 
-    monkeypatch.setattr(pipeline.app.compare, "_fold_task", recorded)
-    run_comparison(data, configs, out, folds="0,1", jobs=1)
+        def __init__(self, jobs, **kwargs):
+            pools.append(jobs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *task):
+            order.append((task[2], task[4]))  # (configuration, fold)
+            future = Future()
+            future.set_result(fn(*task))
+            return future
+
+    monkeypatch.setattr(pipeline.app.compare, "ProcessPoolExecutor", RecordingPool)
+    run_comparison(data, configs, out, folds="0,1", jobs=2)
     assert (out / LEADERBOARD).read_text() == before
-    # fold by fold: with --jobs 2 the configurations of a fold train side by side, at the same speed
+    # fold by fold: a pool of two workers takes both configurations of fold 0 first, so they train side
+    # by side at the same speed of the hour
+    assert pools == [2]
     assert order == [("plain_unet", 0), ("nnunet_like", 0), ("plain_unet", 1), ("nnunet_like", 1)]
 
 

@@ -80,5 +80,16 @@ def test_off_is_a_word_for_string_options():
 def test_every_shipped_config_loads_and_builds_its_network(name):
     from pipeline.model.networks import build_model
 
+    import torch
+
+    from pipeline.core.labels import model_output
+    from pipeline.model.networks import in_channels
+
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
-    assert build_model(cfg.model, cfg.train.roi_size) is not None
+    model = build_model(cfg.model, cfg.train.roi_size).eval()
+    x = torch.zeros(1, in_channels(cfg.model), *cfg.train.roi_size)
+    with torch.inference_mode():
+        out = model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    # one slice in, one logit map per class of the model's output at the slice's size
+    assert tuple(out.shape) == (1, len(model_output(cfg.model.organs)), *cfg.train.roi_size)

@@ -74,7 +74,7 @@ def test_nifti_folders_are_matched_by_case_and_scored(nifti_folders, tmp_path, c
     assert json.loads((out / "metrics.json").read_text())["cases"][1]["dice"] == pytest.approx(0.75)
     assert (out / "config.yaml").is_file()
     assert not list(out.glob(".partial-*"))
-    assert "MR_2_T2SPIR" in result["table"] and "mean+-std" in result["table"]
+    assert "MR_2_T2SPIR" in result["table"] and "mean ± std" in result["table"]
     assert capsys.readouterr().out == ""  # the API returns the table; run.py prints it
 
 

@@ -1,4 +1,4 @@
-"""Network and loss built from the config (pipeline/model.py)."""
+"""Network and loss built from the config (pipeline/model/networks.py)."""
 
 import dataclasses
 

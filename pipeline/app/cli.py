@@ -100,9 +100,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    import json
     import time
 
+    from pipeline.core import results
     from pipeline.infer.inference import format_inference_table, run_inference
 
     tune_process_for_inference()
@@ -112,9 +112,9 @@ def cmd_infer(args) -> int:
         config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
         series=args.series, fmt=args.format, shard=args.shard,
     )
-    summary = args.out / "inference.json"
+    summary = args.out / results.SUMMARY
     if summary.exists() and (args.shard is None or summary.stat().st_mtime >= started):  # merged by this process
-        _show(args, format_inference_table(json.loads(summary.read_text())))
+        _show(args, format_inference_table(results.read_summary(summary)))
     return 0
 
 

@@ -24,9 +24,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from pipeline.core.config import load_config
-from pipeline.core.console import progress
+from pipeline.core.console import format_table, progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import atomic_path, csv_text, safe_name, write_json, write_text
+from pipeline.core.figures import new_figure, save_png
+from pipeline.core.files import safe_name, write_csv, write_json
 from pipeline.datasets.datalist import read_datalist
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
             for future in progress(as_completed(futures), total=len(futures), desc="compare", unit="fold"):
                 results.append(future.result())
     rows, per_patient = leaderboard(results, names)
-    write_text(out_dir / LEADERBOARD, csv_text(rows, COLUMNS))
-    write_text(out_dir / PER_PATIENT, csv_text(per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"]))
+    write_csv(out_dir / LEADERBOARD, rows, COLUMNS)
+    write_csv(out_dir / PER_PATIENT, per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"])
     plot_leaderboard(per_patient, names, out_dir / BOXPLOT)
     return rows
 
@@ -176,34 +177,23 @@ def _mean(values) -> float:
 
 def leaderboard_table(rows: list[dict]) -> str:
     """The leaderboard as aligned text, best mean Dice first."""
-    head = (f"{'config':<20} {'model':<14} {'patients':>8} {'Dice':>15} {'min':>6} {'HD95 mm':>8} {'ASSD mm':>8} "
-            f"{'min/fold':>8} {'params':>9} {'s/volume':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['config']:<20} {r['model']:<14} {r['patients']:>8} "
-                     f"{r['dice_mean']:>8.4f} ± {r['dice_std']:<6.4f}{r['dice_min']:>6.3f} {r['hd95_mm']:>8.2f} "
-                     f"{r['assd_mm']:>8.2f} {r['train_minutes_per_fold']:>8.1f} {r['parameters']:>9,d} "
-                     f"{r['infer_seconds_per_volume']:>8.2f}")
-    return "\n".join(lines)
+    return format_table(
+        ["config", "model", "patients", "Dice", "min", "HD95 mm", "ASSD mm", "min/fold", "params", "s/volume"],
+        [[r["config"], r["model"], r["patients"], f"{r['dice_mean']:.4f} ± {r['dice_std']:.4f}", f"{r['dice_min']:.3f}",
+          f"{r['hd95_mm']:.2f}", f"{r['assd_mm']:.2f}", f"{r['train_minutes_per_fold']:.1f}", f"{r['parameters']:,d}",
+          f"{r['infer_seconds_per_volume']:.2f}"] for r in rows])
 
 
 def plot_leaderboard(per_patient: list[dict], names: list[str], path: Path) -> Path:
     """Box plot of the per-patient Dice of each configuration (points on top), best median first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = {n: [p["dice"] for p in per_patient if p["config"] == n] for n in names}
     groups = dict(sorted(((n, v) for n, v in groups.items() if v), key=lambda kv: -statistics.median(kv[1])))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 4.2), constrained_layout=True)
+    fig = new_figure(figsize=(1.6 + 1.4 * len(groups), 4.2), layout="constrained")
+    ax = fig.subplots()
     ax.boxplot(list(groups.values()), showfliers=False)
     ax.set_xticks(range(1, len(groups) + 1), list(groups), rotation=20, ha="right")
     for i, values in enumerate(groups.values(), start=1):
         ax.scatter([i] * len(values), values, s=12, alpha=0.6, zorder=3)
     ax.set(ylabel="liver Dice per patient (last checkpoint)", title="Configurations on the same folds")
     ax.grid(axis="y", alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)

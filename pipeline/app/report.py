@@ -14,10 +14,8 @@ file. Every string taken from a file (case ids, config values, CSV cells) is HTM
 """
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import functools
-import io
 import logging
 import math
 import statistics
@@ -28,9 +26,10 @@ import yaml
 
 from pipeline.app.report_html import (CSS, NOT_AVAILABLE, ArtefactUnavailable, Table, esc, fmt_cell, html_table, img,
                                       mean_std, number, png_data_uri, read_csv_table, read_json, read_yaml, unavailable)
-from pipeline.core import runs
+from pipeline.core import results, runs
 from pipeline.core.console import progress
 from pipeline.core.errors import PipelineError
+from pipeline.core.figures import figure_data_uri, new_figure
 from pipeline.core.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ REPORT_NAME = runs.REPORT
 _SUMMARY_LABELS = {"mean", "std", "overall", "all", "summary", "median"}
 
 
-_FOLD_ARTEFACTS = (runs.CONFIG, runs.SPLIT, runs.LABELS, runs.NORMALISATION,
+_FOLD_ARTEFACTS = (runs.CONFIG, runs.SPLIT,
                    *(runs.checkpoint_path("", c).name for c in runs.CHECKPOINTS), runs.TRAIN_LOG, runs.METRICS,
                    runs.CURVES)
 
@@ -107,10 +106,9 @@ def _summary_section(run_dir: Path, folds: list[tuple[int, Path]]) -> str:
 
 def _best_epoch_dice(metrics: Table) -> tuple[dict[str, str], dict[str, float]]:
     """The row of the best mean validation Dice and its per-patient Dice (from val_dice_<patient>)."""
-    scored = [r for r in metrics.rows if math.isfinite(number(r.get("val_dice_mean")))]
-    if not scored:
+    best = runs.best_row(metrics.rows)
+    if best is None:
         raise ArtefactUnavailable("metrics.csv has no epoch with a val_dice_mean value")
-    best = max(scored, key=lambda r: number(r["val_dice_mean"]))
     per_patient = {c[len("val_dice_"):]: number(best[c]) for c in metrics.columns
                    if c.startswith("val_dice_") and c != "val_dice_mean"}
     return best, per_patient
@@ -164,11 +162,10 @@ def _cv_section(run_dir: Path, folds: list[tuple[int, Path]]) -> str:
 
 def _draw_curves(metrics: Table, title: str) -> str:
     """Loss, Dice and LR panels drawn from metrics.csv when train left no curves.png."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend needed
     from matplotlib.ticker import MaxNLocator
 
     epochs = [number(r.get("epoch")) for r in metrics.rows]
-    fig = Figure(figsize=(12, 3.4), dpi=90, layout="constrained")
+    fig = new_figure(figsize=(12, 3.4), dpi=90, layout="constrained")
     panels = [("loss", ["train_loss", "val_loss"]), ("Dice", ["val_dice_mean"]), ("learning rate", ["lr"])]
     for ax, (name, cols) in zip(fig.subplots(1, 3), panels):
         for col in cols:
@@ -184,18 +181,16 @@ def _draw_curves(metrics: Table, title: str) -> str:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return figure_data_uri(fig)
 
 
 def _split_html(fold_dir: Path) -> str:
     try:
-        split = read_json(fold_dir / runs.SPLIT)
-    except ArtefactUnavailable as exc:
+        split = runs.read_split(fold_dir)
+    except PipelineError as exc:
         return unavailable("split", str(exc))
-    if not isinstance(split, dict):
-        return unavailable("split", f"{fold_dir / runs.SPLIT}: expected a mapping")
+    if split is None:
+        return unavailable("split", f"{fold_dir / runs.SPLIT}: not found")
     items = []
     for key, value in split.items():
         if isinstance(value, dict):  # {"patients": [...], "cases": [...]}
@@ -321,7 +316,7 @@ def _find_montages(run_dir: Path, eval_dir: Path | None, montage_dir: Path | Non
     seen: dict[Path, Path] = {}
     for folder in folders:
         if folder.is_dir():
-            for path in sorted(folder.glob("*_montage.png")):
+            for path in sorted(folder.glob("*" + results.MONTAGE_SUFFIX)):
                 seen.setdefault(path.resolve(), path)
     return list(seen.values())
 
@@ -330,10 +325,9 @@ def _find_montages(run_dir: Path, eval_dir: Path | None, montage_dir: Path | Non
 def _qc_flags(infer_dir: Path) -> dict[str, list[str]]:
     """{case: infer's quality-control flags} from infer_dir/inference.json ({} when absent)."""
     try:
-        data = read_json(infer_dir / "inference.json")
-    except ArtefactUnavailable:
+        cases = results.read_summary(infer_dir / results.SUMMARY)["cases"]
+    except PipelineError:
         return {}
-    cases = data.get("cases", []) if isinstance(data, dict) else []
     return {str(c.get("case")): [str(f) for f in c.get("qc") or []] for c in cases if isinstance(c, dict)}
 
 
@@ -349,7 +343,7 @@ def _montage_section(paths: list[Path], evaluation: Table | None) -> str:
         return head + unavailable("montages", "no *_montage.png found (run infer with montages)") + "</section>"
     figures = []
     for path in progress(paths, desc="montages", unit="image", leave=False):
-        case = path.name[: -len("_montage.png")]
+        case = results.case_of(path.name, results.MONTAGE_SUFFIX)
         flags = _qc_flags(path.parent).get(case, [])
         try:
             figures.append(f"<figure>{img(png_data_uri(path), f'overlay montage of {case}', 'montage')}"

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.figures import display_window
 from pipeline.core.labels import LIVER_RGB
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -79,7 +80,7 @@ class CaseView:
     def presets(self) -> dict[str, list[float]]:
         if self.modality == "CT":
             return {k: list(v) for k, v in PRESETS.items()}
-        low, high = np.percentile(self.image, [1.0, 99.0])
+        low, high = display_window(self.image)
         return {"MR auto": [float(max(high - low, 1e-3)), float((high + low) / 2)]}
 
     def info(self) -> dict:

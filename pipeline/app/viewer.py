@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 from pipeline.app.view_case import CaseView
+from pipeline.core import results as infer_results
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import is_zip_link, safe_name
 from pipeline.core.labels import LIVER
@@ -115,10 +116,10 @@ class Viewer:
         """The cases an earlier `run.py infer` wrote into `results` (its inference.json)."""
         from pipeline.infer.inputs import collect_inputs
 
-        summary_path = results / "inference.json"
-        if not summary_path.is_file():
-            raise PipelineError(f"--results {results}: no inference.json (a `run.py infer` output folder expected)")
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary = infer_results.read_summary(results)
+        except PipelineError as exc:
+            raise PipelineError(f"--results {results}: {exc}") from None
         metrics = _metrics_beside(results)
         found: dict[str, object] = {}
         if summary.get("input") and Path(summary["input"]).exists():
@@ -129,12 +130,12 @@ class Viewer:
         for row in summary.get("cases", []):
             name, mask_file = row["case"], results / row["mask"]
             source = found.get(name)
-            image_file = results / f"{name}_image.nii.gz"
+            image_file = results / infer_results.image_name(name)
             if source is None and not image_file.is_file():
                 log.warning("%s: its image is not available (inference.json names no input), not listed", name)
                 continue
-            extra = {n: results / f"{name}_liver.{s}.dcm" for n, s in (("seg.dcm", "seg"), ("rtstruct.dcm", "rtstruct"))
-                     if (results / f"{name}_liver.{s}.dcm").is_file()}
+            extra = {infer_results.dicom_name(name, fmt).removeprefix(f"{name}_liver."): results / infer_results.dicom_name(name, fmt)
+                     for fmt in infer_results.DICOM_SUFFIXES if (results / infer_results.dicom_name(name, fmt)).is_file()}
             self._register(name, str(results), _loader(name, source, image_file, mask_file, extra, row.get("qc", [])),
                            dice=row.get("dice"), liver_ml=row.get("liver_ml"), metrics=metrics.get(name))
 
@@ -322,7 +323,7 @@ def create_app(viewer: Viewer):
         view = viewer.view(case_id)
         name = safe_name(view.name, "case name")
         if what == "mask.nii.gz" and view.mask_file is not None:
-            return send_file(view.mask_file, as_attachment=True, download_name=f"{name}_liver.nii.gz")
+            return send_file(view.mask_file, as_attachment=True, download_name=infer_results.mask_name(name))
         if what in view.extra_files:
             return send_file(view.extra_files[what], as_attachment=True, download_name=f"{name}_liver.{what}")
         raise PipelineError(f"{view.name}: nothing to download as {what}")

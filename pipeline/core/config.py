@@ -131,8 +131,8 @@ class TrainConfig:
     organ_intensity_shared: float = 0.0  # of those slices, the fraction where every organ gets one level (organs alike)
     # the moved organ's texture scaled by a factor drawn in this range
     organ_intensity_texture: list[float] = field(default_factory=lambda: [0.25, 1.5])
-    # gamma of the contrast augmentation (p 0.3): wider than nnU-Net's [0.7, 1.5], which left real MR under gamma 2 /
-    # 0.5 0.024 / 0.013 Dice lower at the same unperturbed Dice (README, session 18)
+    # gamma of the contrast augmentation (p 0.3): wider than nnU-Net's [0.7, 1.5], which left the model weaker on
+    # real MR under strong gamma changes at the same unperturbed Dice (docs/decisions.md#gamma-range)
     gamma_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     tensorboard: bool = True  # TensorBoard event files in each fold folder (when tensorboard is installed)
     # torch.compile of the training network: auto = on for a fold of >= 1000 steps or a budget of >= 5 minutes
@@ -149,13 +149,13 @@ class InferConfig:
     batch_size: int = 32  # slices per forward pass
     largest_component: bool = True  # keep only the largest connected liver component
     # fill enclosed holes in the liver mask. Off by default: on held-out data it made no measurable
-    # difference (README) and costs a labelling of the background around the liver per series
+    # difference (docs/decisions.md#fill-holes) and costs a labelling of the background around the liver per series
     fill_holes: bool = False
     # through-plane consistency: each slice's liver probability averaged with this many neighbouring
-    # slices on each side before the 0.5 threshold (0 = off); measured on real MR (README)
+    # slices on each side before the 0.5 threshold (0 = off; docs/decisions.md#slice-smoothing)
     slice_smoothing: int = 1
     # test-time augmentation: each slice also predicted zoomed by these factors about its centre, the
-    # liver probabilities zoomed back and averaged ([1.0] = off; measured on real MR: README)
+    # liver probabilities zoomed back and averaged ([1.0] = off; docs/decisions.md#test-time-zooms)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N

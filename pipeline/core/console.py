@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 LOGGER = "pipeline"
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -17,6 +18,9 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # terminal's level while a command runs (command_output), which decides the bars: a fold's train.log
 # takes INFO lines even under -q, so the "pipeline" logger's own level cannot say what the terminal shows
 _terminal: dict = {"bars": True, "level": None}
+
+
+_NUMBER = re.compile(r"-|[-+]?[\d,]*\.?\d+(e[-+]?\d+)?( ± [\d.]+)?")
 
 
 def progress(iterable=None, **kwargs):
@@ -99,3 +103,25 @@ def quiet_known_library_noise() -> None:
     logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     if not any(isinstance(f, _DropMessage) for f in logger.filters):
         logger.addFilter(_DropMessage("nvImageCodec is not available; skipping pydicom decoder plugin registration"))
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], footer: Iterable[Sequence[object]] = ()) -> str:
+    """The pipeline's one console table: each column as wide as its widest cell, two spaces apart,
+    a rule under the header and one above the footer (totals, means). A column whose body cells are
+    all numbers (or '-') is right-aligned, any other left-aligned."""
+    body = [[str(c) for c in r] for r in rows]
+    foot = [[str(c) for c in r] for r in footer]
+    every = [list(header), *body, *foot]
+    n = max(len(r) for r in every)
+    every = [r + [""] * (n - len(r)) for r in every]
+    widths = [max(len(r[i]) for r in every) for i in range(n)]
+    numeric = [bool(body) and all(_NUMBER.fullmatch(r[i]) for r in body if i < len(r)) for i in range(n)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(cells, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [line(every[0]), rule, *(line(r) for r in every[1:1 + len(body)])]
+    if foot:
+        out += [rule, *(line(r) for r in every[1 + len(body):])]
+    return "\n".join(out)

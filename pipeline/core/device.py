@@ -32,7 +32,7 @@ def cpu_has_native_bf16() -> bool:
 
 def inference_amp(amp: str, device: torch.device) -> str:
     """infer.amp with "auto" resolved: bf16 on CPUs with native bf16 (same Dice as float32 on
-    held-out data, and faster: README), otherwise left to `amp_dtype`'s "auto"."""
+    held-out data, and faster: docs/decisions.md#inference-precision), otherwise left to `amp_dtype`'s "auto"."""
     if amp == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return amp
@@ -43,9 +43,9 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
     "auto" is fp16 CUDA AMP on GPU and float32 on CPU (inference resolves it with `inference_amp`
     first). bf16 training on CPU is opt-in (train.amp=bf16): faster, with a cross-validated Dice
-    within noise of float32's (README), but not yet the default. "native_bf16" is bf16 on CPUs with
-    AVX512-BF16/AMX and "auto" elsewhere: emulated bf16 is several times slower than float32 (measured on
-    an AVX2-only AMD EPYC: 2.6 s against 0.21 s per UNet training step of 16 slices at 128 x 128).
+    within noise of float32's, but not yet the default. "native_bf16" is bf16 on CPUs with
+    AVX512-BF16/AMX and "auto" elsewhere: emulated bf16 is several times slower than float32
+    (docs/decisions.md#training-precision).
     """
     if amp == "off":
         return None

@@ -8,7 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pipeline.core.errors import PipelineError
 
@@ -60,14 +60,16 @@ def safe_name(text: str, what: str = "name") -> str:
     return cleaned[:128]
 
 
-def csv_text(rows: list[dict], columns: list[str]) -> str:
-    """`rows` as CSV text with a header of `columns` (other keys ignored; floats to 6 significant digits)."""
+def write_csv(path: str | Path, rows: Iterable[dict], columns: list[str]) -> Path:
+    """The pipeline's one CSV writer: a header of `columns`, one line per row (other keys ignored, a
+    missing or None value left empty, floats to 10 significant digits), written atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
+        writer.writerow({k: "" if row.get(k) is None else f"{row[k]:.10g}" if isinstance(row[k], float) else row[k]
+                         for k in columns})
+    return write_text(path, buf.getvalue())
 
 
 def is_zip_link(member) -> bool:

@@ -4,30 +4,37 @@ through it.
     RUN_DIR/config.yaml            resolved config of the run
     RUN_DIR/cv_summary.csv         --fold all: fold, patient, Dice (best and last checkpoint)
     RUN_DIR/report.html            `run.py report`
-    RUN_DIR/fold_<k>/config.yaml, split.json, labels.json, normalisation.json,
-                     best.pt, last.pt, train.log, metrics.csv, curves.png
+    RUN_DIR/fold_<k>/config.yaml   the fold's resolved config: the model, and the normalisation recipe
+                                   (train.ct_window, train.mr_percentiles, roi_size, pixel_spacing)
+                     split.json    patients and cases of training and validation, the modalities trained on
+                     best.pt, last.pt, train.log, metrics.csv (one row per epoch), curves.png
+
+Runs trained before hold labels.json and normalisation.json beside them; nothing reads those (the
+config states both), and such runs still load.
 
 Checkpoints hold tensors and plain Python types only and load with `torch.load(weights_only=True)`;
 "model" is the state dict to predict with.
 """
 from __future__ import annotations
 
+import csv
+import json
+import math
 import pickle
 import re
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import yaml
 
 from pipeline.core.config import Config, ConfigError, config_from_dict, save_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import atomic_path, is_zip_link, write_json
+from pipeline.core.files import atomic_path, is_zip_link, write_csv, write_json
 
 CONFIG = "config.yaml"
 CV_SUMMARY = "cv_summary.csv"
 REPORT = "report.html"
 SPLIT = "split.json"
-LABELS = "labels.json"
-NORMALISATION = "normalisation.json"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
 TRAIN_LOG = "train.log"
@@ -122,9 +129,8 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
     save_config(cfg, Path(run_dir) / CONFIG)
 
 
-def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict], val: list[dict],
-                        labels: dict, model_output: dict, normalisation: dict) -> None:
-    """What infer needs besides the weights: config, split, label map and normalisation."""
+def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict], val: list[dict]) -> None:
+    """What infer needs besides the weights: the fold's config and its split."""
     save_config(cfg, folder / CONFIG)
     write_json(folder / SPLIT, {
         "fold": fold,
@@ -132,14 +138,76 @@ def write_fold_metadata(folder: Path, cfg: Config, fold: int, train: list[dict],
         "val": {"patients": sorted({e["patient"] for e in val}), "cases": sorted(e["case"] for e in val)},
         "modalities": sorted({e["modality"] for e in train}),  # what the model was trained on (export reads it)
     })
-    liver = next(int(k) for k, v in model_output.items() if v == "liver")
-    write_json(folder / LABELS, {"labels": labels, "liver": liver,
-                                 "model_output": {str(k): v for k, v in model_output.items()}})
-    write_json(folder / NORMALISATION, normalisation)
+
+
+def read_split(fold_folder: str | Path) -> dict | None:
+    """A fold's split.json ({"fold", "train": {"patients", "cases"}, "val": {...}, "modalities"}); None
+    when the fold has none, a one-line error when it cannot be read."""
+    path = Path(fold_folder) / SPLIT
+    if not path.is_file():
+        return None
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(split, dict):
+        raise PipelineError(f"{path}: expected a mapping")
+    return split
+
+
+# --------------------------------------------------------------------------- metrics.csv
+def metrics_columns(patients: list[str]) -> list[str]:
+    """metrics.csv's columns: one row per epoch; the validation columns are empty on epochs without one.
+    val_dice_* are the Dice of the mask infer would write (post-processed), val_raw_dice_mean before it."""
+    return ["epoch", "train_loss", "val_loss", "val_dice_mean", *[f"val_dice_{p}" for p in patients],
+            "val_raw_dice_mean", "val_confidence_min", "lr", "epoch_time_s"]
+
+
+def write_metrics(fold_folder: str | Path, rows: list[dict], patients: list[str]) -> Path:
+    return write_csv(Path(fold_folder) / METRICS, rows, metrics_columns(patients))
+
+
+def read_metrics(fold_folder: str | Path) -> list[dict]:
+    """metrics.csv's rows with numbers as floats (epoch as int) and empty cells as None; a one-line
+    error when the file is missing or not a metrics.csv."""
+    path = Path(fold_folder) / METRICS
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if rows and "epoch" not in rows[0]:
+        raise PipelineError(f"{path}: not a metrics.csv (no epoch column)")
+    return [{k: _cell(k, v) for k, v in r.items() if k is not None} for r in rows]
+
+
+def _cell(column: str, text: str | None):
+    if text is None or not str(text).strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if column == "epoch" else value
+
+
+def best_row(rows: Iterable[Mapping]) -> Mapping | None:
+    """The best epoch of a fold: the first row with the highest val_dice_mean (numbers or their text);
+    None when no epoch was validated. Training saves best.pt by this rule; report and curves read it."""
+    best, best_dice = None, -math.inf
+    for row in rows:
+        try:
+            dice = float(row.get("val_dice_mean"))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(dice) and dice > best_dice:
+            best, best_dice = row, dice
+    return best
 
 
 # --------------------------------------------------------------------------- a run as one file
-ZIP_FILES = (CONFIG, LABELS, NORMALISATION, SPLIT)  # per fold, beside the checkpoints; the run's config.yaml too
+ZIP_FILES = (CONFIG, SPLIT)  # per fold, beside the checkpoints; the run's config.yaml too
+# labels.json and normalisation.json: written by runs trained before, accepted so that their zips still load
 _ZIP_MEMBER = re.compile(r"^(config\.yaml|fold_\d+/(config\.yaml|labels\.json|normalisation\.json|split\.json|"
                          r"best\.pt|last\.pt))$")
 _OPENED: dict[str, Path] = {}  # zip path -> folder it was unpacked into (for this process)
@@ -147,7 +215,7 @@ _OPENED: dict[str, Path] = {}  # zip path -> folder it was unpacked into (for th
 
 def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: str = "best") -> Path:
     """The run as one zip holding only what inference needs: the run's config.yaml and, per chosen
-    fold, its metadata (config, labels, normalisation, split) and its `which` checkpoint."""
+    fold, its config, split and `which` checkpoint."""
     import zipfile
 
     run_dir, out = Path(run_dir), Path(out)

@@ -10,17 +10,15 @@ NIfTI voxel order and affine are dcm2niix's for the same series (see pipeline.di
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.config import Config, save_config
-from pipeline.core.console import progress
+from pipeline.core.console import format_table, progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import safe_name, write_json, write_text
+from pipeline.core.files import safe_name, write_csv, write_json
 from pipeline.core.labels import LIVER, ORGANS
 from pipeline.datasets.chaos import CaseSource, find_cases, read_ground
 from pipeline.datasets.datalist import FILE_NAME as DATALIST
@@ -200,9 +198,9 @@ def prepare_dataset(data_root: str | Path | list, out_dir: str | Path, cfg: Conf
         "training": entries,
     }
     write_json(out_dir / DATALIST, datalist)
-    write_text(out_dir / "summary.csv", _csv(rows))
+    write_csv(out_dir / "summary.csv", rows, SUMMARY_FIELDS)
     save_config(cfg, out_dir / "config.yaml")
-    return datalist | {"table": format_table(rows)}
+    return datalist | {"table": format_summary_table(rows)}
 
 
 def _warn_stale(out_dir: Path, entries: list[dict]) -> None:
@@ -215,24 +213,9 @@ def _warn_stale(out_dir: Path, entries: list[dict]) -> None:
                     out_dir, len(stale), stale[0].name)
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def format_table(rows: list[dict]) -> str:
+def format_summary_table(rows: list[dict]) -> str:
     """The summary rows as an aligned text table, with a total line."""
-    header = SUMMARY_FIELDS
-    lines = [[str(r[h]) for h in header] for r in rows]
     patients = len({r["patient"] for r in rows})
     total = ["total", f"{patients} patients", f"{len(rows)} cases", "", "", str(sum(r["slices"] for r in rows)),
              "", "", ""]
-    widths = [max(len(h), *(len(line[i]) for line in [*lines, total])) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    out.append(fmt.format(*total))
-    return "\n".join(out)
+    return format_table(SUMMARY_FIELDS, [[r[h] for h in SUMMARY_FIELDS] for r in rows], [total])

@@ -37,10 +37,11 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core import results
 from pipeline.core.config import Config, save_config
-from pipeline.core.console import progress
+from pipeline.core.console import format_table, progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import csv_text, safe_name, write_json, write_text
+from pipeline.core.files import safe_name, write_csv, write_json
 from pipeline.core.labels import LIVER
 from pipeline.datasets.chaos import is_chaos_root, list_pngs, png_stack_liver
 from pipeline.dicom.volume import is_nifti, nifti_stem, read_dicom_series, read_nifti
@@ -126,7 +127,7 @@ def _nifti_sources(files: list[Path], reference: bool) -> dict[str, MaskSource]:
     sources: dict[str, MaskSource] = {}
     for f in files:
         stem = nifti_stem(f)
-        case = stem[: -len("_liver")] if not reference and stem.endswith("_liver") else stem
+        case = (results.case_of(f"{stem}.nii.gz", results.MASK_SUFFIX) if not reference else None) or stem
         if case in sources:
             raise PipelineError(f"{f}: a second mask for case {case} (also {sources[case].path.name})")
         sources[case] = MaskSource(case, f, lambda f=f: read_nifti_mask(f))
@@ -142,7 +143,7 @@ def _png_case_name(folder: Path, dicom_dir: Path | None = None) -> str:
         if parts[-4] == "MR" and parts[-3].isdigit():
             phase = f"_{dicom_dir.name}" if dicom_dir is not None and dicom_dir.name in ("InPhase", "OutPhase") else ""
             return safe_name(f"MR_{int(parts[-3])}_{parts[-2]}{phase}", "PNG folder name")
-    name = folder.name[: -len("_png")] if folder.name.endswith("_png") else folder.name
+    name = results.case_of(folder.name, results.PNG_SUFFIX) or folder.name
     return safe_name(name, "PNG folder name")
 
 
@@ -245,21 +246,14 @@ def summarise(rows: list[dict], columns: list[str]) -> dict[str, dict[str, float
     return out
 
 
-def format_table(rows: list[dict], summary: dict, columns: list[str]) -> str:
+def format_metrics_table(rows: list[dict], summary: dict, columns: list[str]) -> str:
     """Plain-text table: one line per case, then mean +- std."""
-    width = max([len("case")] + [len(r["case"]) for r in rows])
-    head = f"{'case':<{width}}" + "".join(f" {c:>13}" for c in columns)
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        lines.append(f"{row['case']:<{width}}" + "".join(f" {row[c]:>13.4g}" for c in columns))
-    lines.append("-" * len(head))
-
     def cell(stat):
         mean, std = stat["mean"], stat["std"]
-        return f" {'n/a':>13}" if mean is None or std is None else f" {f'{mean:.4g}+-{std:.2g}':>13}"
+        return "n/a" if mean is None or std is None else f"{mean:.4g} ± {std:.2g}"
 
-    lines.append(f"{'mean+-std':<{width}}" + "".join(cell(summary[c]) for c in columns))
-    return "\n".join(lines)
+    body = [[row["case"], *(f"{row[c]:.4g}" for c in columns)] for row in rows]
+    return format_table(["case", *columns], body, [["mean ± std", *(cell(summary[c]) for c in columns)]])
 
 
 def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom: str | Path | None = None,
@@ -299,7 +293,7 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     metric_cols = ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "dice_points", "ravd_points",
                    "assd_points", "mssd_points", "score", "pred_ml", "ref_ml"]
     summary = summarise(rows, metric_cols)
-    write_text(out_dir / "metrics.csv", csv_text(rows, ["case", *metric_cols, "pred_file", "ref_file"]))
+    write_csv(out_dir / "metrics.csv", rows, ["case", *metric_cols, "pred_file", "ref_file"])
     result = {
         "cases": [{k: _finite_or_none(v) for k, v in row.items()} for row in rows],
         "summary": summary, "missing": absent, "hd_percentile": cfg.evaluate.hd_percentile,
@@ -307,5 +301,5 @@ def run_evaluation(pred: str | Path, ref: str | Path, out_dir: str | Path, dicom
     }
     write_json(out_dir / "metrics.json", result)
     save_config(cfg, out_dir / "config.yaml")
-    table = format_table(rows, summary, ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "score"])
+    table = format_metrics_table(rows, summary, ["dice", "ravd_pct", "assd_mm", "mssd_mm", hd, "score"])
     return result | {"table": f"{table}\nmetrics written to {out_dir / 'metrics.csv'} and {out_dir / 'metrics.json'}"}

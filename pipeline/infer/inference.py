@@ -8,14 +8,14 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pipeline.core.console import progress
+from pipeline.core import results
+from pipeline.core.console import format_table, progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import write_json
 from pipeline.dicom.volume import Volume, write_nifti
 from pipeline.infer.inputs import InferCase, collect_inputs
 from pipeline.infer.loaded import LoadedRun, load_run
 from pipeline.infer.segment import Segmentation, Stages, segment_volume
-from pipeline.infer.shards import SHARDS_DIR, merge_shards, parse_shard, torchrun_shard
+from pipeline.infer.shards import merge_shards, parse_shard, torchrun_shard
 from pipeline.infer.writers import parse_formats, write_chaos_png, write_label_descriptions
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,13 @@ def write_case(run: LoadedRun, case: InferCase, volume: Volume, seg: Segmentatio
 
     array, affine, geom = volume.array, volume.affine, volume.geometry
     with stages("write"):
-        mask_path = write_nifti(out_dir / f"{case.case}_liver.nii.gz", seg.mask, affine, np.uint8)
+        mask_path = write_nifti(out_dir / results.mask_name(case.case), seg.mask, affine, np.uint8)
         if run.cfg.infer.save_image:
-            write_nifti(out_dir / f"{case.case}_image.nii.gz", array, affine, np.float32)
+            write_nifti(out_dir / results.image_name(case.case), array, affine, np.float32)
         formats = parse_formats(fmt)
         if "chaos-png" in formats:
             write_chaos_png(out_dir, case.case, seg.mask, geom)
-    for name, suffix in (("dicom-seg", "seg"), ("rtstruct", "rtstruct")):
+    for name in results.DICOM_SUFFIXES:
         if name not in formats:
             continue
         with stages(name):
@@ -45,13 +45,13 @@ def write_case(run: LoadedRun, case: InferCase, volume: Volume, seg: Segmentatio
             from pipeline.outputs.dicom_objects import write_rtstruct, write_seg
 
             writer = write_seg if name == "dicom-seg" else write_rtstruct
-            writer(out_dir / f"{case.case}_liver.{suffix}.dcm", seg.mask, geom, case=case.case, run_name=run.name)
+            writer(out_dir / results.dicom_name(case.case, name), seg.mask, geom, case=case.case, run_name=run.name)
     mask_seconds = time.perf_counter() - started  # DICOM read -> mask NIfTI written
     with stages("truth"):  # scoring and figures, not part of producing the mask
         truth = case.truth(volume) if case.truth is not None else None
     if run.cfg.infer.montage:
         with stages("montage"):
-            montage(out_dir / f"{case.case}_montage.png", array, affine, seg.mask, truth,
+            montage(out_dir / results.montage_name(case.case), array, affine, seg.mask, truth,
                     title=f"{case.case}  ({'+'.join(run.folds)})")
     row = {"case": case.case, "mask": mask_path.name, "slices": int(array.shape[2]), "liver_ml": seg.liver_ml}
     if truth is not None:
@@ -148,9 +148,9 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
     if n == 1:
         if not rows:
             raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")
-        write_json(out_dir / "inference.json", {**head, "cases": rows, "skipped": skipped})
+        results.write_summary(out_dir / results.SUMMARY, head, rows, skipped)
         return rows
-    write_json(out_dir / SHARDS_DIR / f"inference.{k}-of-{n}.json", {**head, "cases": rows, "skipped": skipped})
+    results.write_summary(results.shard_part(out_dir, k, n), head, rows, skipped)
     if under_torchrun:
         import torch.distributed as dist
 
@@ -163,22 +163,21 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
         dist.barrier()
         if started:
             dist.destroy_process_group()
-    elif all((out_dir / SHARDS_DIR / f"inference.{i}-of-{n}.json").exists() for i in range(n)):
+    elif all(results.shard_part(out_dir, i, n).exists() for i in range(n)):
         merge_shards(out_dir, n, [c.case for c in all_cases], run)  # the last shard to finish
     return rows
 
 
 def format_inference_table(summary: dict) -> str:
     """inference.json's content as the table `run.py infer` prints: what was segmented, what was skipped."""
-    lines = [f"{'case':<32}{'slices':>7}{'liver ml':>10}{'Dice':>8}{'confidence':>11}{'seconds':>9}  qc"]
+    rows = []
     for row in summary.get("cases", []):
         dice_text = f"{row['dice']:.4f}" if row.get("dice") is not None else "-"
         sure = f"{row['confidence']:.3f}" if row.get("confidence") is not None else "-"  # older runs lack it
-        lines.append(f"{row['case']:<32}{row['slices']:>7}{row['liver_ml']:>10.0f}{dice_text:>8}{sure:>11}"
-                     f"{row['seconds']:>9.2f}  {'; '.join(row.get('qc') or []) or 'ok'}")
-    for item in summary.get("skipped", []):
-        lines.append(f"{item['input']:<32}{'skipped':>7}  {item['reason']}")
-    return "\n".join(lines)
+        rows.append([row["case"], row["slices"], f"{row['liver_ml']:.0f}", dice_text, sure, f"{row['seconds']:.2f}",
+                     "; ".join(row.get("qc") or []) or "ok"])
+    skipped = [[item["input"], "skipped", "", "", "", "", item["reason"]] for item in summary.get("skipped", [])]
+    return format_table(["case", "slices", "liver ml", "Dice", "confidence", "seconds", "qc"], rows, skipped)
 
 
 def _split(text: str | None) -> list[str] | None:

@@ -65,7 +65,7 @@ def validation_confidence(checkpoints: list[dict]) -> float | None:
 def qc_confidence_threshold(cfg, reference: float | None) -> float:
     """infer.qc_min_confidence, raised to the run's own validation level less infer.qc_confidence_margin
     when that is higher: models trained longer are surer of every mask, their failures included
-    (README, session 13), so one fixed level would let those through."""
+    (docs/decisions.md#confidence-margin), so one fixed level would let those through."""
     if reference is None:
         return cfg.qc_min_confidence
     return max(cfg.qc_min_confidence, reference - cfg.qc_confidence_margin)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.files import atomic_path
+from pipeline.core.figures import display_window, new_figure, save_png
 
 LIVER_RGB = (221, 130, 101)  # the colour 3D Slicer's GenericAnatomyColors gives the liver
 
@@ -40,11 +40,6 @@ def montage(
 
     `image` float (X, Y, Z); `pred` and `truth` binary liver masks on the same grid.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     img = to_display(np.asarray(image, dtype=np.float32), affine)
     prd = to_display(np.asarray(pred) > 0, affine)
     tru = to_display(np.asarray(truth) > 0, affine) if truth is not None else None
@@ -53,9 +48,10 @@ def montage(
     if zs.size == 0:
         zs = np.arange(img.shape[0])
     picks = np.unique(np.linspace(zs[0], zs[-1], n_slices + 2).round().astype(int)[1:-1]) if zs.size > 2 else zs
-    lo, hi = np.percentile(img, [1, 99])
+    lo, hi = display_window(img)
     cols = 3 if tru is not None else 2
-    fig, axes = plt.subplots(len(picks), cols, figsize=(3.0 * cols, 3.0 * len(picks)), squeeze=False)
+    fig = new_figure(figsize=(3.0 * cols, 3.0 * len(picks)))
+    axes = fig.subplots(len(picks), cols, squeeze=False)
     colour = np.array(LIVER_RGB) / 255.0
     for row, z in enumerate(picks):
         panels = [("image", None), ("prediction", prd[z])] + ([("ground truth", tru[z])] if tru is not None else [])
@@ -75,8 +71,4 @@ def montage(
                 ax.set_ylabel(f"slice {z}", fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=80)

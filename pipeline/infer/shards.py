@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.core import results
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import write_json
 from pipeline.infer.loaded import LoadedRun
 from pipeline.infer.writers import write_label_descriptions
 
@@ -27,16 +27,11 @@ def torchrun_shard() -> tuple[int, int] | None:
     return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
 
 
-SHARDS_DIR = "shards"  # out_dir/shards/inference.<K>-of-<N>.json: each shard's rows until they are merged
-
-
 def merge_shards(out_dir: Path, n: int, order: list[str], run: LoadedRun) -> None:
     """inference.json from the N shards' parts, cases in the order of a single-process run."""
-    import json
-
     from pipeline.core.config import save_config
 
-    parts = [json.loads((out_dir / SHARDS_DIR / f"inference.{i}-of-{n}.json").read_text()) for i in range(n)]
+    parts = [results.read_summary(results.shard_part(out_dir, i, n)) for i in range(n)]
     rank = {name: i for i, name in enumerate(order)}
     rows = sorted((r for p in parts for r in p["cases"]), key=lambda r: rank.get(r["case"], len(rank)))
     skipped = [s for p in parts for s in p["skipped"]]
@@ -45,6 +40,5 @@ def merge_shards(out_dir: Path, n: int, order: list[str], run: LoadedRun) -> Non
     if not (out_dir / "config.yaml").exists():  # shard 0 had no case to write it with
         save_config(run.cfg, out_dir / "config.yaml")
         write_label_descriptions(out_dir)
-    write_json(out_dir / "inference.json", {**{k: parts[0][k] for k in ("run", "input", "folds") if k in parts[0]},
-                                             "cases": rows,
-                                             "skipped": skipped, "shards": n})
+    head = {k: parts[0][k] for k in ("run", "input", "folds") if k in parts[0]}
+    results.write_summary(out_dir / results.SUMMARY, head, rows, skipped, shards=n)

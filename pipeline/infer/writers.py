@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core import results
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_path, write_text
 from pipeline.core.labels import LIVER_RGB
@@ -38,7 +39,7 @@ def write_chaos_png(out_dir: Path, case: str, mask: np.ndarray, geom) -> Path:
         raise PipelineError(f"{case}: --format chaos-png needs DICOM input (NIfTI input has no DICOM files)")
     if len(set(geom.files)) != len(geom.files):
         raise PipelineError(f"{case}: --format chaos-png needs single-frame DICOM files (one PNG per file)")
-    folder = out_dir / f"{case}_png"
+    folder = out_dir / results.png_folder_name(case)
     folder.mkdir(parents=True, exist_ok=True)
     for src, plane in geom.unstack(mask).items():
         png = (np.asarray(plane) > 0).astype(np.uint8) * CHAOS_PNG_LIVER

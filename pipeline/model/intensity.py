@@ -115,8 +115,7 @@ class RandOrganIntensityd(RandomizableTransform, MapTransform):
     With probability `prob` per slice, every organ present gets its mean intensity moved to a level
     drawn uniformly in [0, 1] (the slice's scaled range), its texture around the mean kept, scaled by
     a factor drawn in `texture` (a darkened organ's texture shrinks with its signal, to a third at a
-    third of the brightness; down to 0.25 rather than 0.5 lifted real MR with a dark liver and spleen
-    by 0.10 Dice at the same unperturbed Dice, README). A liver and spleen darkened together (iron
+    third of the brightness; the range's evidence: docs/decisions.md#organ-texture). A liver and spleen darkened together (iron
     overload), a liver brighter or darker than its neighbours, organs alike: the model must use the
     organ's shape and place, not its grey level. MONAI has no label-wise intensity transform.
 

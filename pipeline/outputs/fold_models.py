@@ -3,7 +3,6 @@ for, the input channels, the preprocessing described in words and numbers, logit
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,9 @@ def fold_model(checkpoint: Path):
 def fold_modalities(fold_dir: Path) -> list[str]:
     """The modalities a fold was trained on: split.json's "modalities", or (older runs) the CT_ / MR_
     prefixes of its training cases, CHAOS's naming; [] when neither says."""
-    path = fold_dir / runs.SPLIT
-    if not path.is_file():
+    split = runs.read_split(fold_dir)
+    if split is None:
         return []
-    split = json.loads(path.read_text())
     if split.get("modalities"):
         return sorted(split["modalities"])
     prefixes = {str(c).split("_")[0] for c in split.get("train", {}).get("cases", [])}

@@ -76,9 +76,9 @@ CALIBRATION_SHARE = 0.05  # of train.budget_minutes measured before the epochs a
 def budget_calibrates_now(cfg: Config, state: FoldState, epoch: int, elapsed_s: float) -> bool:
     """Whether this epoch fixes the budget's epoch count: after the warm-up, once 5% of the budget has
     passed (or one epoch before train.epochs would end the run). Measured over the warm-up alone (two
-    epochs, seconds), a moment's load from another process had moved the count by 15% between the
-    folds of one run (132-170 epochs at 10 minutes, session 10); the median of the epochs in the first
-    30 s of ten minutes is steadier, and the cosine schedule is then barely past its start."""
+    epochs, seconds), a moment's load from another process moves the count between the folds of one
+    run; the median of the epochs over the first twentieth of the budget is steadier, and the cosine
+    schedule is then barely past its start (docs/decisions.md#epochs-and-budget)."""
     if cfg.train.budget_minutes <= 0 or state.budget_epochs is not None or epoch < max(1, cfg.train.warmup_epochs):
         return False
     return elapsed_s >= CALIBRATION_SHARE * cfg.train.budget_minutes * 60 or epoch >= cfg.train.epochs - 1

@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.files import atomic_path
+from pipeline.core import runs
+from pipeline.core.figures import new_figure, save_png
 
 
 def plot_curves(rows: list[dict], patients: list[str], path: str | Path, title: str = "") -> Path:
     """rows: metrics.csv rows (epoch, train_loss, val_loss, val_dice_mean, val_dice_<p>, lr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in rows]
     val = [r for r in rows if r.get("val_dice_mean") is not None]
-    fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    fig = new_figure(figsize=(13, 3.8), layout="constrained")
+    ax_loss, ax_dice, ax_lr = fig.subplots(1, 3)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train", color="tab:blue")
     ax_loss.plot([r["epoch"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation",
                  color="tab:orange")
@@ -25,7 +22,7 @@ def plot_curves(rows: list[dict], patients: list[str], path: str | Path, title: 
         ax_dice.plot([r["epoch"] for r in val], [r.get(f"val_dice_{p}") for r in val], lw=0.8, alpha=0.6, label=p)
     ax_dice.plot([r["epoch"] for r in val], [r["val_dice_mean"] for r in val], "k-", lw=2, label="mean")
     if val:
-        best = max(val, key=lambda r: r["val_dice_mean"])
+        best = runs.best_row(val)
         ax_dice.axvline(best["epoch"], color="grey", ls=":", lw=1)
         ax_dice.text(0.02, 0.97, f"best mean {best['val_dice_mean']:.3f} @ epoch {int(best['epoch'])}",
                      transform=ax_dice.transAxes, va="top", fontsize=8)
@@ -39,8 +36,4 @@ def plot_curves(rows: list[dict], patients: list[str], path: str | Path, title: 
         ax.spines[["top", "right"]].set_visible(False)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=150)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import logging
 import statistics
 from pathlib import Path
@@ -14,7 +12,8 @@ import numpy as np
 
 from pipeline.core import runs
 from pipeline.core.config import Config
-from pipeline.core.files import safe_name, write_text
+from pipeline.core.console import format_table
+from pipeline.core.files import safe_name, write_csv
 from pipeline.datasets.datalist import read_datalist
 from pipeline.train.distributed import distributed
 from pipeline.train.fold import FoldResult, train_fold
@@ -24,26 +23,21 @@ log = logging.getLogger(__name__)
 
 def write_cv_summary(run_dir: Path, results: list[FoldResult]) -> None:
     """cv_summary.csv: fold, patient, Dice at the best checkpoint and at the last validation."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["fold", "patient", "dice", "dice_last"])
-    for r in results:
-        for p, d in sorted(r.dice_best.items()):
-            writer.writerow([r.fold, p, f"{d:.6f}", f"{r.dice_last.get(p, float('nan')):.6f}"])
-    write_text(run_dir / runs.CV_SUMMARY, buf.getvalue())
+    rows = [{"fold": r.fold, "patient": p, "dice": d, "dice_last": r.dice_last.get(p, float("nan"))}
+            for r in results for p, d in sorted(r.dice_best.items())]
+    write_csv(run_dir / runs.CV_SUMMARY, rows, ["fold", "patient", "dice", "dice_last"])
 
 
 def format_cv_summary(results: list[FoldResult]) -> str:
     """The cross-validation table: one line per fold, then the means over every patient. The best
     checkpoint is chosen on the validation patients, which flatters it: the last one is beside it."""
-    lines = [f"{'fold':>4}  {'patients':>8}  {'best Dice':>9}  {'min':>6}  {'best epoch':>10}  {'last Dice':>9}  "
-             f"{'minutes':>7}"]
-    best_all, last_all = [], []
+    rows, best_all, last_all = [], [], []
     for r in results:
         best, last = list(r.dice_best.values()), list(r.dice_last.values())
         best_all, last_all = best_all + best, last_all + last
-        lines.append(f"{r.fold:>4}  {len(best):>8}  {np.mean(best):>9.4f}  {min(best):>6.4f}  {r.best_epoch:>10}  "
-                     f"{np.mean(last):>9.4f}  {r.minutes:>7.1f}")
+        rows.append([r.fold, len(best), f"{np.mean(best):.4f}", f"{min(best):.4f}", r.best_epoch, f"{np.mean(last):.4f}",
+                     f"{r.minutes:.1f}"])
+    lines = [format_table(["fold", "patients", "best Dice", "min", "best epoch", "last Dice", "minutes"], rows)]
     for name, values in (("best checkpoint", best_all), ("last checkpoint", last_all)):
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"all folds, {name}: Dice {np.mean(values):.4f} ± {std:.4f} "
@@ -58,7 +52,7 @@ def auto_pixel_spacing(cfg: Config, entries: list[dict], announce: bool = True) 
     Every fold of a run shares it (infer preprocesses a case once for its fold ensemble), so it comes
     from all the volumes, not from one fold's. A model then sees a liver at one size in pixels
     whatever field of view a scanner chose: resizing every slice to roi_size instead shrank livers on
-    wider fields of view (real MR padded to 1.5x its field of view lost 0.09 Dice: README).
+    wider fields of view (docs/decisions.md#pixel-spacing).
     Headers only (nibabel reads no voxels); the axes as RAS orientation will put them. `announce`:
     log the choice (one process of several does).
     """

@@ -23,15 +23,15 @@ from pipeline.core.config import Config, config_to_dict, save_config
 from pipeline.core.console import quiet_known_library_noise
 from pipeline.core.device import amp_dtype
 from pipeline.core.errors import PipelineError
-from pipeline.core.labels import LIVER, model_output
+from pipeline.core.labels import LIVER
 from pipeline.datasets.datalist import Datalist
 from pipeline.model.networks import build_loss
 from pipeline.model.predict import source_grid_inverter
-from pipeline.model.transforms import ORIENTATION, deterministic_transforms, random_transforms
+from pipeline.model.transforms import deterministic_transforms, random_transforms
 from pipeline.train.budget import budget_calibrates_now, compile_network, compiles, epochs_within_budget, fix_epochs
 from pipeline.train.distributed import Dist
 from pipeline.train.epochs import train_one_epoch, validate
-from pipeline.train.records import finish_epoch, fold_log_file, log_settings, write_metrics
+from pipeline.train.records import finish_epoch, fold_log_file, log_settings
 from pipeline.train.state import FoldState, config_changes, load_checkpoint, make_state, seed_epoch
 from pipeline.train.tracking import EventLog
 
@@ -122,9 +122,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         elif resume:
             log.warning("fold %d: --resume but %s does not exist; starting from scratch", fold, last_path)
         if dd.main:
-            runs.write_fold_metadata(fold_dir, cfg, fold, train, val, datalist.labels, model_output(cfg.model.organs), {
-                "ct_window": cfg.train.ct_window, "mr_percentiles": cfg.train.mr_percentiles,
-                "roi_size": cfg.train.roi_size, "orientation": ORIENTATION, "output_range": [0.0, 1.0]})
+            runs.write_fold_metadata(fold_dir, cfg, fold, train, val)
             log_settings(cfg, fold, train, val, device, dd, steps, datalist.folder, fold_dir)
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
@@ -178,6 +176,6 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         if dd.main:
             from pipeline.train.curves import plot_curves
 
-            write_metrics(fold_dir / runs.METRICS, state.history, patients)
+            runs.write_metrics(fold_dir, state.history, patients)
             plot_curves(state.history, patients, fold_dir / runs.CURVES, title=f"fold {fold}")
     return fold_result(fold, state, patients, minutes)

@@ -1,8 +1,6 @@
 """What a fold records as it trains: metrics.csv, train.log, the settings it ran with."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,22 +11,10 @@ from pipeline.core.config import Config, pixel_spacing_mm
 from pipeline.core.console import FORMAT as LOG_FORMAT
 from pipeline.core.console import terminal_level
 from pipeline.core.device import amp_dtype, cpu_has_native_bf16
-from pipeline.core.files import write_text
 from pipeline.train.distributed import Dist
 from pipeline.train.state import FoldState, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def write_metrics(path: Path, rows: list[dict], patients: list[str]) -> None:
-    columns = ["epoch", "train_loss", "val_loss", "val_dice_mean", *[f"val_dice_{p}" for p in patients],
-               "val_raw_dice_mean", "val_confidence_min", "lr", "epoch_time_s"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    write_text(path, buf.getvalue())
 
 
 @contextmanager
@@ -86,7 +72,7 @@ def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patie
         state.best_dice, state.best_epoch = dice, state.epoch
         save_checkpoint(runs.checkpoint_path(fold_dir, "best"), state, cfg)
     save_checkpoint(runs.checkpoint_path(fold_dir, "last"), state, cfg)
-    write_metrics(fold_dir / runs.METRICS, state.history, patients)
+    runs.write_metrics(fold_dir, state.history, patients)
     val = "" if dice is None else (f"  val loss {row['val_loss']:.4f}  val Dice {dice:.4f}"
                                     f" (raw {row['val_raw_dice_mean']:.4f})")
     log.info("epoch %3d/%d  train loss %.4f%s  lr %.2e  %.1fs  (best %.4f @ %d)", state.epoch, cfg.train.epochs,

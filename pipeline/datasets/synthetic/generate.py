@@ -37,6 +37,7 @@ from pydicom.uid import generate_uid
 from pipeline.core.config import SynthConfig
 from pipeline.core.console import progress
 from pipeline.core.errors import PipelineError
+from pipeline.core.figures import display_window, new_figure, save_png
 from pipeline.core.files import atomic_path
 from pipeline.core.labels import ORGANS
 from pipeline.datasets.chaos import CHAOS_PNG_LIVER, MR_GREY_LEVELS
@@ -261,11 +262,6 @@ def save_montage(train_sets: str | Path, out_png: str | Path, ct_id: int | None 
     Reads back the written files (DICOM pixel array as stored, Ground PNG), so it also shows that
     images and masks line up. The first CT and MR patient are used unless ids are given.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(train_sets)
     ct_id = ct_id if ct_id is not None else min(int(d.name) for d in (root / "CT").iterdir())
     mr_id = mr_id if mr_id is not None else min(int(d.name) for d in (root / "MR").iterdir())
@@ -287,8 +283,9 @@ def save_montage(train_sets: str | Path, out_png: str | Path, ct_id: int | None 
         g = sorted(gfolder.glob("*.png"))
         k = mid_liver(g)
         img = _read_slice(sorted(folder.glob("*.dcm"))[k])
-        panels.append((f"MR_{mr_id} {seq}", img, np.array(Image.open(g[k])), tuple(np.percentile(img, (1, 99.5)))))
-    fig, axes = plt.subplots(2, 4, figsize=(12, 6.4), dpi=80)
+        panels.append((f"MR_{mr_id} {seq}", img, np.array(Image.open(g[k])), display_window(img, (1.0, 99.5))))
+    fig = new_figure(figsize=(12, 6.4), dpi=80)
+    axes = fig.subplots(2, 4)
     for col, (title, img, ground, (lo, hi)) in enumerate(panels):
         for row in range(2):
             ax = axes[row, col]
@@ -301,8 +298,4 @@ def save_montage(train_sets: str | Path, out_png: str | Path, ct_id: int | None 
             ax.set_title(title if row == 0 else "Ground outline", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
