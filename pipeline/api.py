@@ -26,6 +26,7 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
+from pipeline.core import runs
 from pipeline.core.errors import PipelineError
 from pipeline.dicom.volume import Volume, is_nifti, read_dicom_series, read_nifti
 
@@ -86,8 +87,11 @@ _CACHE: dict[tuple, Segmenter] = {}
 def segment(scan: str | Path | np.ndarray, run: str | Path, affine: np.ndarray | None = None,
             modality: str | None = None, fold: str | int | None = None) -> nib.Nifti1Image:
     """`Segmenter(run, fold)(scan, affine, modality)`, the models loaded once per (run, fold) and reused."""
-    key = (str(Path(run).resolve()), None if fold is None else str(fold))
+    # keyed by what the run holds now: a run trained or exported again is loaded again
+    key = (str(Path(run).resolve()), None if fold is None else str(fold), runs.signature(run))
     if key not in _CACHE:
+        for stale in [k for k in _CACHE if k[:2] == key[:2]]:
+            del _CACHE[stale]
         _CACHE[key] = Segmenter(run, fold)
     return _CACHE[key](scan, affine, modality)
 

@@ -133,3 +133,25 @@ def test_a_mask_the_quality_check_doubts_comes_with_its_flag_and_a_warning(case,
         qc = doubtful(series).extra["qc"]
     assert [f.split(" ")[0] for f in qc["flags"]] == ["liver", "low"]  # volume, then confidence
     assert "check this mask" in caplog.text and str(series) in caplog.text
+
+
+def test_segment_loads_a_run_again_once_it_was_trained_again(tmp_path):
+    import os
+    import shutil
+
+    from pipeline import api
+
+    run = make_run(tmp_path / "run", folds=(0, 1))
+    volume = ellipsoid_volume()
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    api.segment(volume, run, affine, "MR", fold=0)
+    cached = [s for k, s in api._CACHE.items() if k[0] == str(run.resolve())]
+    api.segment(volume, run, affine, "MR", fold=0)
+    assert [s for k, s in api._CACHE.items() if k[0] == str(run.resolve())] == cached  # loaded once
+    checkpoint = run / "fold_0" / "best.pt"
+    shutil.copy2(run / "fold_1" / "best.pt", checkpoint)  # fold 0 trained again
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    api.segment(volume, run, affine, "MR", fold=0)
+    now = [s for k, s in api._CACHE.items() if k[0] == str(run.resolve())]
+    assert len(now) == 1 and now[0] is not cached[0]

@@ -210,7 +210,7 @@ ZIP_FILES = (CONFIG, SPLIT)  # per fold, beside the checkpoints; the run's confi
 # labels.json and normalisation.json: written by runs trained before, accepted so that their zips still load
 _ZIP_MEMBER = re.compile(r"^(config\.yaml|fold_\d+/(config\.yaml|labels\.json|normalisation\.json|split\.json|"
                          r"best\.pt|last\.pt))$")
-_OPENED: dict[str, Path] = {}  # zip path -> folder it was unpacked into (for this process)
+_OPENED: dict[tuple, Path] = {}  # (zip path, its signature) -> folder it was unpacked into (for this process)
 
 
 def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: str = "best") -> Path:
@@ -231,6 +231,15 @@ def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: 
     return out
 
 
+def signature(path: str | Path) -> tuple:
+    """What a cache of a loaded run is keyed by, beside its path: the size and modification time of the
+    zip, or of the run folder's config and checkpoints, so that a run trained or exported again is
+    loaded again."""
+    path = Path(path)
+    files = [path] if path.is_file() else [path / CONFIG, *sorted(path.glob("fold_*/*.pt")), *sorted(path.glob("fold_*/" + CONFIG))]
+    return tuple((f.name, s.st_size, s.st_mtime_ns) for f in files if f.exists() for s in [f.stat()])
+
+
 def open_run(path: str | Path) -> Path:
     """A run folder as it is, or a zip of one (export_zip) unpacked once per process into a temporary
     folder. Members are checked before anything is written: only the run layout's own file names
@@ -243,7 +252,7 @@ def open_run(path: str | Path) -> Path:
     path = Path(path)
     if not (path.is_file() and zipfile.is_zipfile(path)):
         return path
-    key = str(path.resolve())
+    key = (str(path.resolve()), signature(path))  # a zip written again is unpacked again
     if key in _OPENED:
         return _OPENED[key]
     try:
