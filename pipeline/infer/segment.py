@@ -40,8 +40,9 @@ class Stages:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str):
-    """(Compose, image MetaTensor) of `volume` through the run's deterministic image transforms."""
+def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, reference: bool = False):
+    """(Compose, image MetaTensor) of `volume` through the run's deterministic image transforms
+    (`reference`: MONAI's own spatial steps instead of InPlaneResampled, for comparisons)."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Compose
@@ -50,7 +51,8 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
                                    modality_channel=run.cfg.model.modality_channel,
-                                   orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine)))
+                                   orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine),
+                                   reference=reference))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 
@@ -96,29 +98,32 @@ def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages
 def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
     """Boolean liver mask (X, Y, Z), liver probability >= 0.5 on the source grid.
 
-    When the in-plane resize was the first spatial step (preprocess_case's chain for axial series),
-    the steps after it are undone with MONAI's Invertd on the model's grid and the resize by
-    `InPlaneResize.inverse_mask`, which interpolates only the liver's box (equal to thresholding the
-    full inversion up to float32 rounding at 0.5; tests/test_infer.py). Otherwise: the full
-    inversion, then the threshold.
+    When the first spatial step was the in-plane resize (train.pixel_spacing 0) or the in-plane
+    resampling to the run's pixel spacing (`InPlaneResampled`, axial series), the steps after it are
+    undone with MONAI's Invertd on the model's grid and that step by its `inverse_mask`, which
+    interpolates only the liver's box (equal to thresholding the full inversion up to float32 rounding
+    at 0.5; tests/test_infer.py, tests/test_resample.py). Otherwise: the full inversion, then the
+    threshold.
     """
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
     from pipeline.model.predict import source_grid_inverter
+    from pipeline.model.resample import InPlaneResampled
     from pipeline.model.transforms import InPlaneResized
 
     steps = list(transform.transforms)
-    resize = [i for i, t in enumerate(steps) if isinstance(t, InPlaneResized)]
+    first = [i for i, t in enumerate(steps) if isinstance(t, (InPlaneResized, InPlaneResampled))]
     ops = [op["class"] for op in image.applied_operations]
-    if not resize or not ops or ops[0] != "InPlaneResize":
+    if not first or not ops or ops[0] not in ("InPlaneResize", "InPlaneResampled"):
         return liver_on_source_grid(probs, image, transform, shape, stages) >= 0.5
     with stages("invert"):
         pred = MetaTensor(probs, meta=image.meta, applied_operations=list(image.applied_operations))
-        later = steps[resize[0] + 1:]
+        later = steps[first[0] + 1:]
         if len(ops) > 1:
             pred = source_grid_inverter(Compose(later))({"pred": pred, "image": image})["pred"]
-        mask = steps[resize[0]].resizer.inverse_mask(pred, 0.5)
+        step = steps[first[0]]
+        mask = step.inverse_mask(pred, 0.5) if isinstance(step, InPlaneResampled) else step.resizer.inverse_mask(pred, 0.5)
     if mask.shape != tuple(shape):
         raise RuntimeError(f"inverted prediction {mask.shape} != image {tuple(shape)}")
     return mask

@@ -38,6 +38,7 @@ from pipeline.model.fast_transforms import InPlaneResize
 from pipeline.model.intensity import (LABEL_CONTEXT, NormalizeIntensityByModalityd, RandGreyCurved, RandOrganIntensityd,
                                       stack_channels)
 from pipeline.model.predict import plain
+from pipeline.model.resample import InPlaneResampled
 
 ORIENTATION = "RAS"  # one convention for every volume the network sees
 
@@ -167,16 +168,18 @@ class ModalityChanneld(MapTransform):
 
 
 def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
-                     modality_channel: bool = False, orient_last: bool = False) -> list[Transform]:
+                     modality_channel: bool = False, orient_last: bool = False, reference: bool = False) -> list[Transform]:
     """The deterministic chain for "image" only (what infer applies before prediction).
 
     load=False starts from an in-memory channel-first MetaTensor (infer reads DICOM itself).
     orient_last=True reorients on the model's grid, after the in-plane resize, instead of on the
     source grid: the same image (to float32 rounding) when the reorientation only flips axes
     (`flips_only`), and two full-resolution copies fewer at inference (the flip and its inverse).
+    reference=True: MONAI's own Orientationd, Spacingd and ResizeWithPadOrCropd where the chain would
+    use InPlaneResampled (what bench/bench_infer.py compares the masks with).
     """
     return deterministic_transforms(cfg, keys=("image",), load=load, context=context,
-                                    modality_channel=modality_channel, orient_last=orient_last)
+                                    modality_channel=modality_channel, orient_last=orient_last, reference=reference)
 
 
 def neighbour_organ_maps(cfg: TrainConfig, context: int) -> bool:
@@ -214,7 +217,7 @@ def flips_only(affine: np.ndarray) -> bool:
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
                              with_indices: bool = False, load: bool = True, context: int = 0,
                              modality_channel: bool = False, orient_last: bool = False,
-                             keep_organs: bool = False) -> list[Transform]:
+                             keep_organs: bool = False, reference: bool = False) -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keep_organs`: leave the label's organ map (1 liver, 2 / 3 kidneys, 4 spleen), for the random chain's
@@ -239,6 +242,15 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     # source pixel, which misaligned labels with images and inverted masks with the source grid.
     if load:
         quiet_known_library_noise()  # LoadImaged builds readers that warn about a codec it never uses
+    spacing = pixel_spacing_mm(cfg)
+    if spacing > 0 and keys == ("image",) and not reference:
+        # image-only (inference): orientation, spacing and pad / crop in one separable pass, with an
+        # inverse restricted to the liver's box (InPlaneResampled computes what the three MONAI steps
+        # of the branch below compute; the scaling commutes with the orientation, which only moves voxels)
+        chain = [*([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
+                 NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
+                 InPlaneResampled("image", spacing, roi)]
+        return _after_spatial(chain, cfg, keys, with_indices, context, modality_channel)
     chain: list[Transform] = [
         *([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
         *([] if orient_last else [orient]),
@@ -248,7 +260,6 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
         # LabelFilter keeps value 1 as 1 and zeroes everything else: liver vs rest for MR organ
         # maps (1..4) and CT maps (0/1) alike.
         chain.append(LabelFilterd("label", applied_labels=[LIVER]))
-    spacing = pixel_spacing_mm(cfg)
     if spacing > 0:
         # nnU-Net's way: every slice resampled to one pixel spacing (the liver the same size in pixels
         # whatever the field of view), then padded or cropped about the centre to roi_size. Slices
@@ -263,6 +274,13 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
             chain.append(Resized("label", spatial_size=(*roi, -1), mode="nearest-exact"))
     if orient_last:
         chain.append(orient)
+    return _after_spatial(chain, cfg, keys, with_indices, context, modality_channel)
+
+
+def _after_spatial(chain: list, cfg: TrainConfig, keys: tuple, with_indices: bool, context: int,
+                   modality_channel: bool) -> list:
+    """The deterministic chain's steps after the spatial ones: neighbour slices, slice indices, modality."""
+    has_label = "label" in keys
     chain.append(NeighbourSlicesd("image", context))  # model.context_slices (2.5D); a no-op at 0
     if has_label and with_indices and neighbour_organ_maps(cfg, context):
         # the training volumes of a 2.5D model: the neighbour slices' organ maps for RandOrganIntensityd
