@@ -65,9 +65,12 @@ def test_segment_an_array_or_a_nifti_file_with_its_modality(case, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
+    import io
     import subprocess
     import sys
     import zipfile
+
+    import torch
 
     from helpers import ROOT, assert_one_line_error, cli_infer, infer_in_process
 
@@ -78,11 +81,23 @@ def test_a_run_exported_as_zip_infers_the_same_masks(case, tmp_path):
     names = sorted(zipfile.ZipFile(tmp_path / "model.zip").namelist())
     assert "config.yaml" in names and "fold_0/best.pt" in names and "fold_1/best.pt" in names
     assert not any(n.endswith(("last.pt", "train.log", "metrics.csv")) for n in names)  # inference only
-    res = cli_infer("--run-dir", str(tmp_path / "model.zip"), "--input", str(series), "--out", str(tmp_path / "out"),
-               "--set", "infer.montage=false", "-q")
-    assert res.returncode == 0, res.stderr
-    got = nib.load(str(tmp_path / "out" / "s_liver.nii.gz"))
-    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj))
+    with zipfile.ZipFile(tmp_path / "model.zip") as z, z.open("fold_0/best.pt") as f:
+        zipped = torch.load(io.BytesIO(f.read()), weights_only=True)
+    full = torch.load(run_dir / "fold_0" / "best.pt", weights_only=True)
+    assert "optimizer" in full and not {"optimizer", "scheduler", "rng"} & set(zipped)  # no resume state
+    assert zipped["history"] == full["history"][-1:] and all(torch.equal(zipped["model"][k], v) for k, v in full["model"].items())
+    # a zip as earlier versions wrote it (whole checkpoints) still loads, and both give the folder's masks
+    with zipfile.ZipFile(tmp_path / "old.zip", "w") as z:
+        z.write(run_dir / "config.yaml", "config.yaml")
+        for k in (0, 1):
+            for name in ("config.yaml", "split.json", "best.pt"):
+                z.write(run_dir / f"fold_{k}" / name, f"fold_{k}/{name}")
+    for zip_name in ("model.zip", "old.zip"):
+        res = cli_infer("--run-dir", str(tmp_path / zip_name), "--input", str(series), "--out", str(tmp_path / f"out_{zip_name}"),
+                        "--set", "infer.montage=false", "-q")
+        assert res.returncode == 0, res.stderr
+        got = nib.load(str(tmp_path / f"out_{zip_name}" / "s_liver.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj))
     # a zip with a member outside the run layout is refused before anything is unpacked
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as z:
         z.writestr("config.yaml", "{}")

@@ -215,7 +215,7 @@ _OPENED: dict[tuple, Path] = {}  # (zip path, its signature) -> folder it was un
 
 def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: str = "best") -> Path:
     """The run as one zip holding only what inference needs: the run's config.yaml and, per chosen
-    fold, its config, split and `which` checkpoint."""
+    fold, its config, split and `which` checkpoint reduced to what inference reads (inference_checkpoint)."""
     import zipfile
 
     run_dir, out = Path(run_dir), Path(out)
@@ -227,8 +227,27 @@ def export_zip(run_dir: str | Path, out: str | Path, folds: str = "all", which: 
             for name in ZIP_FILES:
                 if (ck.parent / name).is_file():
                     z.write(ck.parent / name, f"{ck.parent.name}/{name}")
-            z.write(ck, f"{ck.parent.name}/{ck.name}")
+            z.writestr(f"{ck.parent.name}/{ck.name}", inference_checkpoint(load_checkpoint(ck)))
     return out
+
+
+# What inference reads of a checkpoint: the weights, and the last validation's confidence (history's last
+# row) for the quality check; the epoch counters for the record. Not the optimizer, scheduler, random
+# streams or raw weights of a weight average: training's resume state, most of a checkpoint's size.
+INFERENCE_KEYS = ("model", "epoch", "best_dice", "best_epoch", "config")
+
+
+def inference_checkpoint(ckpt: dict) -> bytes:
+    """A checkpoint reduced to what inference reads (INFERENCE_KEYS and the last history row), serialised."""
+    import io
+
+    import torch
+
+    slim = {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}
+    slim["history"] = list(ckpt.get("history") or [])[-1:]
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    return buf.getvalue()
 
 
 def signature(path: str | Path) -> tuple:
