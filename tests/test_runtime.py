@@ -23,12 +23,27 @@ def test_loading_a_run_leaves_the_garbage_collector_alone(tmp_path):
     assert run.models and gc.get_freeze_count() == 0
 
 
-def test_the_infer_command_freezes_the_objects_alive(monkeypatch):
-    from pipeline.app import cli
-
+def test_freezing_takes_the_objects_alive_out_of_the_collectors_sight():
     gc.unfreeze()
-    cli.tune_process_for_inference()
+    runtime.freeze_long_lived_objects()
     try:
         assert gc.get_freeze_count() > 1000  # modules, torch and MONAI internals
     finally:
         gc.unfreeze()
+
+
+def test_the_infer_command_tunes_the_process_once_the_run_is_loaded(tmp_path, monkeypatch):
+    import pipeline.infer.inference as inference
+
+    from conftest import run_main
+    from helpers import ellipsoid_volume, write_tiny
+
+    events = []
+    load_run = inference.load_run
+    monkeypatch.setattr(inference, "load_run", lambda *a, **k: events.append("loaded") or load_run(*a, **k))
+    monkeypatch.setattr(runtime, "freeze_long_lived_objects", lambda: events.append("frozen"))
+    write_tiny(tmp_path / "s", ellipsoid_volume())
+    res = run_main("infer", "--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "s"),
+                   "--out", str(tmp_path / "out"), "-q", "--set", "infer.montage=false")
+    assert res.returncode == 0, res.stderr
+    assert events == ["loaded", "frozen"]

@@ -32,10 +32,11 @@ def _show(args, text: str) -> None:
         print(text)
 
 
-def tune_process_for_inference() -> None:
-    """Allocator and garbage-collector settings for a process that segments (pipeline.core.runtime):
-    made here, at the command's entry, once torch and MONAI are imported, never by a library call
-    (the Python API and the benches leave the caller's process as it is unless they ask)."""
+def tune_process_for_inference(*_loaded) -> None:
+    """Allocator and garbage-collector settings for a process that segments (pipeline.core.runtime),
+    made by the commands that segment (infer, view) once their run is loaded, never by a library call
+    (the Python API leaves the caller's process as it is). Freezing before the models and what loading
+    them creates would leave those for every full collection to walk again while series are read."""
     from pipeline.core.runtime import freeze_long_lived_objects, keep_freed_memory
 
     keep_freed_memory()
@@ -105,12 +106,11 @@ def cmd_infer(args) -> int:
     from pipeline.core import results
     from pipeline.infer.inference import format_inference_table, run_inference
 
-    tune_process_for_inference()
     started = time.time()
     run_inference(
         run_dir=args.run, input_path=args.input, out_dir=args.out, overrides=args.overrides,
         config_path=args.config, fold=args.fold, patients=args.patients, sequences=args.sequences,
-        series=args.series, fmt=args.format, shard=args.shard,
+        series=args.series, fmt=args.format, shard=args.shard, on_loaded=tune_process_for_inference,
     )
     summary = args.out / results.SUMMARY
     if summary.exists() and (args.shard is None or summary.stat().st_mtime >= started):  # merged by this process
@@ -153,10 +153,12 @@ def cmd_export(args) -> int:
 def cmd_view(args) -> int:
     from pipeline.app.viewer import serve
 
-    tune_process_for_inference()
+    def ready(url: str) -> None:  # the run is loaded and the server listens
+        tune_process_for_inference()
+        _show(args, f"liver viewer at {url} (Ctrl-C stops it)")
+
     serve(args.run, args.results, args.root or [Path.cwd()], host=args.host, port=args.port,
-          max_upload_mb=args.max_upload_mb,
-          ready=lambda url: _show(args, f"liver viewer at {url} (Ctrl-C stops it)"))
+          max_upload_mb=args.max_upload_mb, ready=ready)
     return 0
 
 

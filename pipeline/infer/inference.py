@@ -119,8 +119,9 @@ def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: st
 def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
                   config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
                   sequences: str | None = None, series: str | None = None, fmt: str = "nifti",
-                  shard: str | None = None) -> list[dict]:
+                  shard: str | None = None, on_loaded: Callable[[LoadedRun], None] | None = None) -> list[dict]:
     """Segment every selected case of `input_path` with the run's model(s); returns one row per case.
+    `on_loaded(run)` is called once the run's models are loaded, before the first case.
 
     shard "K/N": only every N-th case from the K-th (for a scheduler's array jobs); under torchrun
     with several processes each rank takes its share the same way. Each shard writes its rows to
@@ -141,6 +142,8 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
             log.warning("%s: skipped, %s", what, why)
         skipped = [{"input": what, "reason": why} for what, why in skipped_inputs]
     run = load_run(run_dir, fold, overrides, config_path)
+    if on_loaded is not None:
+        on_loaded(run)
     rows, failed = segment_cases(run, cases, out_dir, fmt, desc="infer" if n == 1 else f"infer {k}/{n}",
                                  shared_files=k == 0)
     skipped += failed
