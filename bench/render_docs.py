@@ -31,7 +31,7 @@ def render_bench_infer(report: dict, head: str) -> str:
     for row in report["speed"]:
         st = row["stages_s"]
         lines.append(f"| {row['case']} | {row['slices']} | {_median(row['e2e_s']):.3f} ({', '.join(f'{v:.3f}' for v in row['e2e_s'])}) "
-                     f"| {_median(row['bare_s']):.3f} ({', '.join(f'{v:.3f}' for v in row['bare_s'])}) | **{row['ratio']:.2f}** "
+                     f"| {_median(row['bare_s']):.3f} ({', '.join(f'{v:.3f}' for v in row['bare_s'])}) | **{row['ratio']:.2f}** | "
                      + " | ".join(f"{st.get(s, 0.0):.3f}" for s in ("read", "preprocess", "network", "invert", "postprocess", "write"))
                      + " |")
     lines.append("")

@@ -4,7 +4,7 @@ Each class here computes what the named MONAI transform computes (tests/test_tra
 tests/test_infer.py compare them on the same inputs) and records the same metadata, so that
 `Invertd` undoes it; they differ only in how the arithmetic is laid out (one buffer instead of
 several temporaries, one partition for two percentiles, separable matrix products instead of
-3-D convolutions). `pipeline/transforms.py` holds the recipe that uses them.
+3-D convolutions). `pipeline/model/transforms.py` holds the recipe that uses them.
 """
 from __future__ import annotations
 
@@ -135,10 +135,10 @@ class InPlaneResize(Resize):
         if x.permute(0, 3, 2, 1).is_contiguous():
             # Fortran-ordered in plane, as read from DICOM/NIfTI: work on the (C, Z, W, H) view
             # rather than paying for a transposing copy
-            y = _banded_left(m1, _banded_right(x.permute(0, 3, 2, 1), m0, b0), b1)  # (C, Z, roi1, roi0)
+            y = banded_left(m1, banded_right(x.permute(0, 3, 2, 1), m0, b0), b1)  # (C, Z, roi1, roi0)
             return MetaTensor(y.permute(0, 3, 2, 1).contiguous()).copy_meta_from(meta)
-        y = _banded_left(m0, x.reshape(c, h, w * z), b0).reshape(c, self.roi[0], w, z)
-        y = _banded_left(m1, y, b1)  # (b, w) @ (..., w, z) -> (C, roi0, roi1, Z)
+        y = banded_left(m0, x.reshape(c, h, w * z), b0).reshape(c, self.roi[0], w, z)
+        y = banded_left(m1, y, b1)  # (b, w) @ (..., w, z) -> (C, roi0, roi1, Z)
         return MetaTensor(y.contiguous()).copy_meta_from(meta)
 
     @classmethod
@@ -218,7 +218,7 @@ class InPlaneResize(Resize):
         return out
 
 
-def _banded_left(matrix: "torch.Tensor", x: "torch.Tensor", bands) -> "torch.Tensor":
+def banded_left(matrix: "torch.Tensor", x: "torch.Tensor", bands) -> "torch.Tensor":
     """matrix @ x (contracting x's second-last axis) for a banded matrix, band by band."""
 
     out = x.new_empty(*x.shape[:-2], matrix.shape[0], x.shape[-1])
@@ -227,7 +227,7 @@ def _banded_left(matrix: "torch.Tensor", x: "torch.Tensor", bands) -> "torch.Ten
     return out
 
 
-def _banded_right(x: "torch.Tensor", matrix: "torch.Tensor", bands) -> "torch.Tensor":
+def banded_right(x: "torch.Tensor", matrix: "torch.Tensor", bands) -> "torch.Tensor":
     """x @ matrix.T (contracting x's last axis) for a banded matrix, band by band."""
 
     out = x.new_empty(*x.shape[:-1], matrix.shape[0])

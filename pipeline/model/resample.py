@@ -27,7 +27,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import InvertibleTransform, MapTransform, Orientationd, ResizeWithPadOrCropd, Spacingd
 
-from pipeline.model.fast_transforms import _banded_left, _banded_right
+from pipeline.model.fast_transforms import banded_left, banded_right
 
 ORIENTATION = "RAS"
 
@@ -151,12 +151,12 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
         m0, m1 = forward_matrix(ax0), forward_matrix(ax1)
         x = img.as_tensor().float()
         if x.permute(0, 3, 2, 1).is_contiguous():  # Fortran-ordered in plane, as read from DICOM / NIfTI
-            y = _banded_left(m1, _banded_right(x.permute(0, 3, 2, 1), m0, _bands(m0)), _bands(m1))  # (C, Z, r1, r0)
+            y = banded_left(m1, banded_right(x.permute(0, 3, 2, 1), m0, _bands(m0)), _bands(m1))  # (C, Z, r1, r0)
             y = y.permute(0, 3, 2, 1)
         else:
             c, h, w, z = x.shape
-            y = _banded_left(m0, x.reshape(c, h, w * z), _bands(m0)).reshape(c, ax0.roi, w, z)
-            y = _banded_left(m1, y, _bands(m1))
+            y = banded_left(m0, x.reshape(c, h, w * z), _bands(m0)).reshape(c, ax0.roi, w, z)
+            y = banded_left(m1, y, _bands(m1))
         if flip_z:
             y = y.flip(3)
         xform = np.linalg.solve(np.asarray(img.affine, dtype=np.float64), found[4])  # output index -> source index
@@ -191,8 +191,8 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
         if flip_z:
             x = x.flip(3)
         i0, i1 = inverse_matrix(ax0), inverse_matrix(ax1)
-        y = _banded_right(x.permute(0, 3, 2, 1).contiguous(), i0, _bands(i0))  # (C, Z, r1, n0)
-        y = _banded_left(i1, y, _bands(i1))  # (C, Z, n1, n0): NIfTI's memory layout once permuted
+        y = banded_right(x.permute(0, 3, 2, 1).contiguous(), i0, _bands(i0))  # (C, Z, r1, n0)
+        y = banded_left(i1, y, _bands(i1))  # (C, Z, n1, n0): NIfTI's memory layout once permuted
         return MetaTensor(y.permute(0, 3, 2, 1)).copy_meta_from(meta)
 
     def inverse_mask(self, img, threshold: float) -> np.ndarray:
