@@ -46,8 +46,8 @@ from pipeline.evaluate.metrics import dice
 from pipeline.infer.inference import segment_case
 from pipeline.infer.inputs import chaos_case
 from pipeline.infer.loaded import load_run
-from pipeline.infer.segment import (Stages, liver_on_source_grid, network_probs, predict_case, preprocess_case,
-                                    segment_volume)
+from pipeline.infer.segment import Stages, network_probs, predict_case, preprocess_case, segment_volume
+from pipeline.model.inversion import liver_on_source_grid
 from pipeline.model.postprocess import postprocess
 from pipeline.model.predict import as_slices
 
@@ -111,7 +111,7 @@ def masks(run, cases, report: dict) -> None:
             vol = case.load()
             seg = segment_volume(run, vol, vol.modality, case.case)
             pre, image = preprocess_case(run, vol.array, vol.affine, vol.modality, reference=True)
-            raw = liver_on_source_grid(network_probs(run, image, Stages()), image, pre, vol.array.shape, Stages()) >= 0.5
+            raw = liver_on_source_grid(network_probs(run, image, Stages()), image, pre, vol.array.shape) >= 0.5
             ref = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
             differ = int(np.count_nonzero((seg.mask > 0) != (ref > 0)))
             d = dice(seg.mask > 0, ref > 0)

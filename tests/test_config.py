@@ -78,12 +78,10 @@ def test_off_is_a_word_for_string_options():
 
 @pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "gpu.yaml"])
 def test_every_shipped_config_loads_and_builds_its_network(name):
-    from pipeline.model.networks import build_model
-
     import torch
 
     from pipeline.core.labels import model_output
-    from pipeline.model.networks import in_channels
+    from pipeline.model.networks import build_model, in_channels
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     model = build_model(cfg.model, cfg.train.roi_size).eval()

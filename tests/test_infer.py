@@ -162,7 +162,8 @@ def test_slice_smoothing_averages_each_slice_with_its_neighbours():
 
 
 def test_infer_smooths_the_ensemble_probability_through_the_slices(tmp_path):
-    from pipeline.infer.segment import Stages, liver_on_source_grid, network_probs, preprocess_case
+    from pipeline.infer.segment import Stages, network_probs, preprocess_case
+    from pipeline.model.inversion import liver_on_source_grid
     from pipeline.model.predict import smooth_through_slices
 
     series = tmp_path / "s"
@@ -173,7 +174,7 @@ def test_infer_smooths_the_ensemble_probability_through_the_slices(tmp_path):
         plain_run = load_run(run_dir, None, ["infer.slice_smoothing=0"])
         pre, image = preprocess_case(plain_run, volume, geom.affine, "MR")
         unsmoothed = network_probs(plain_run, image, Stages())
-        expected = liver_on_source_grid(smooth_through_slices(unsmoothed, 2), image, pre, volume.shape, Stages())
+        expected = liver_on_source_grid(smooth_through_slices(unsmoothed, 2), image, pre, volume.shape)
         got = predict_case(load_run(run_dir, None, ["infer.slice_smoothing=2"]), volume, geom.affine, "MR")
     assert not np.allclose(got, predict_case(plain_run, volume, geom.affine, "MR"), atol=1e-3)
     np.testing.assert_allclose(got, expected, atol=1e-6)
@@ -303,7 +304,8 @@ def test_boxed_mask_inversion_equals_thresholding_the_full_inversion(tmp_path, n
     from the full inversion (others); both must give the voxels of `full inversion >= 0.5`."""
     from scipy.ndimage import gaussian_filter
 
-    from pipeline.infer.segment import Stages, liver_mask_on_source_grid, liver_on_source_grid, preprocess_case
+    from pipeline.infer.segment import preprocess_case
+    from pipeline.model.inversion import liver_mask_on_source_grid, liver_on_source_grid
     from pipeline.model.transforms import flips_only
 
     run = load_run(make_run(tmp_path / "run"), None, ["train.roi_size=[20,16]"])
@@ -321,12 +323,12 @@ def test_boxed_mask_inversion_equals_thresholding_the_full_inversion(tmp_path, n
             liver = np.full(image.shape[1:], 0.45)
             liver[0, 3, 1] = liver[-1, -1, -1] = liver[7, 5, 2] = 1.0
         probs = torch.as_tensor(liver, dtype=torch.float32)[None]
-        expected = liver_on_source_grid(probs, image, pre, volume.shape, Stages()) >= 0.5
+        expected = liver_on_source_grid(probs, image, pre, volume.shape) >= 0.5
         assert 0 < expected.sum() < expected.size
-        mask = liver_mask_on_source_grid(probs, image, pre, volume.shape, Stages())
+        mask = liver_mask_on_source_grid(probs, image, pre, volume.shape)
         assert mask.shape == volume.shape and mask.dtype == bool
         np.testing.assert_array_equal(mask, expected)
-    empty = liver_mask_on_source_grid(torch.zeros_like(probs), image, pre, volume.shape, Stages())
+    empty = liver_mask_on_source_grid(torch.zeros_like(probs), image, pre, volume.shape)
     assert not empty.any()
 
 

@@ -238,8 +238,7 @@ def test_validation_scores_the_mask_that_infer_would_write(data_dir, cleaned, ti
     cfg = tiny_config(f"infer.largest_component={flags}", f"infer.fill_holes={flags}")
     train, val = read_datalist(data_dir).split(0)
     *_, val_items, refs, val_tf = fold_mod.build_loaders(cfg, train, val, distributed.Dist())
-    inverter = fold_mod.source_grid_inverter(val_tf)
-    _, dice, raw = epochs.validate(_BlockAndIsland(), val_items, refs, inverter, build_loss(cfg.train), cfg,
+    _, dice, raw = epochs.validate(_BlockAndIsland(), val_items, refs, val_tf, build_loss(cfg.train), cfg,
                                       torch.device("cpu"))
     assert set(dice) == set(raw) == {"CT_2", "MR_1", "MR_3"}
     for patient in dice:

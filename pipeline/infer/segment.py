@@ -19,6 +19,7 @@ from pipeline.core.config import pixel_spacing_mm
 from pipeline.dicom.volume import Volume
 from pipeline.infer.loaded import LoadedRun
 from pipeline.infer.qc import flag_mask
+from pipeline.model.inversion import liver_mask_on_source_grid, liver_on_source_grid
 from pipeline.model.postprocess import postprocess
 
 
@@ -82,60 +83,15 @@ def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
     return probs, fold_agreement(masks, probs), ensemble_confidence(confidences)
 
 
-def liver_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
-    """Liver probability (X, Y, Z float32) on the source grid: MONAI Invertd through `transform`,
-    the Compose that made `image`."""
-    from pipeline.model.predict import source_grid_inverter, to_source_grid
-
-    with stages("invert"):
-        inv = to_source_grid(probs, image, source_grid_inverter(transform))
-        liver = np.asarray(inv[0], dtype=np.float32)
-    if liver.shape != tuple(shape):
-        raise RuntimeError(f"inverted prediction {liver.shape} != image {tuple(shape)}")
-    return liver
-
-
-def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...], stages: Stages) -> np.ndarray:
-    """Boolean liver mask (X, Y, Z), liver probability >= 0.5 on the source grid.
-
-    When the first spatial step was the in-plane resize (train.pixel_spacing 0) or the in-plane
-    resampling to the run's pixel spacing (`InPlaneResampled`, axial series), the steps after it are
-    undone with MONAI's Invertd on the model's grid and that step by its `inverse_mask`, which
-    interpolates only the liver's box (equal to thresholding the full inversion up to float32 rounding
-    at 0.5; tests/test_infer.py, tests/test_resample.py). Otherwise: the full inversion, then the
-    threshold.
-    """
-    from monai.data import MetaTensor
-    from monai.transforms import Compose
-
-    from pipeline.model.predict import source_grid_inverter
-    from pipeline.model.resample import InPlaneResampled
-    from pipeline.model.transforms import InPlaneResized
-
-    steps = list(transform.transforms)
-    first = [i for i, t in enumerate(steps) if isinstance(t, (InPlaneResized, InPlaneResampled))]
-    ops = [op["class"] for op in image.applied_operations]
-    if not first or not ops or ops[0] not in ("InPlaneResize", "InPlaneResampled"):
-        return liver_on_source_grid(probs, image, transform, shape, stages) >= 0.5
-    with stages("invert"):
-        pred = MetaTensor(probs, meta=image.meta, applied_operations=list(image.applied_operations))
-        later = steps[first[0] + 1:]
-        if len(ops) > 1:
-            pred = source_grid_inverter(Compose(later))({"pred": pred, "image": image})["pred"]
-        step = steps[first[0]]
-        mask = step.inverse_mask(pred, 0.5) if isinstance(step, InPlaneResampled) else step.resizer.inverse_mask(pred, 0.5)
-    if mask.shape != tuple(shape):
-        raise RuntimeError(f"inverted prediction {mask.shape} != image {tuple(shape)}")
-    return mask
-
-
 def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str,
                  stages: Stages | None = None) -> np.ndarray:
     """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
     stage = stages or Stages()
     with stage("preprocess"):
         pre, image = preprocess_case(run, volume, affine, modality)
-    return liver_on_source_grid(network_probs(run, image, stage), image, pre, volume.shape, stage)
+    probs = network_probs(run, image, stage)
+    with stage("invert"):
+        return liver_on_source_grid(probs, image, pre, volume.shape)
 
 
 @dataclass
@@ -164,7 +120,8 @@ def segment_volume(run: LoadedRun, volume: Volume, modality: str, name: str,
         with stages("preprocess"):
             transform, image = preprocess_case(run, volume.array, volume.affine, modality)
         probs, agreement, confidence = checked_network_probs(run, image, stages)
-        raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape, stages)
+        with stages("invert"):
+            raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape)
     with stages("postprocess"):
         mask = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     liver_ml = float(mask.sum() * volume.voxel_ml)

@@ -10,9 +10,8 @@ from pipeline.core.console import progress
 from pipeline.core.device import autocast_context
 from pipeline.core.labels import LIVER
 from pipeline.evaluate.metrics import dice
-from pipeline.model.postprocess import postprocess
-from pipeline.model.predict import (liver_probability, mask_confidence, plain, slice_logits, smooth_through_slices,
-                                    to_source_grid)
+from pipeline.model.inversion import source_masks
+from pipeline.model.predict import liver_probability, mask_confidence, plain, slice_logits, smooth_through_slices
 from pipeline.model.transforms import without_metadata
 from pipeline.train.state import FoldState
 
@@ -39,7 +38,7 @@ def train_one_epoch(state: FoldState, loader, loss_fn, device, amp: str, scaler,
     return total / max(1, n)
 
 
-def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss_fn, cfg: Config,
+def validate(model: nn.Module, val_items: list[dict], refs: list, transform, loss_fn, cfg: Config,
              device, overlays: dict | None = None,
              confidences: dict | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
     """(mean val loss, Dice per patient, raw Dice per patient) on whole held-out volumes.
@@ -75,8 +74,8 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, inverter, loss
             # RAS model grid shown radiologically: the patient's right on the left, anterior at the top
             view = [a[:, ::-1].T for a in (centre, truth_grid[:, :, z], np.asarray(liver[0, :, :, z]) >= 0.5)]
             overlays[item["patient"]] = overlay(*view)
-        raw = np.asarray(to_source_grid(liver, item["image"], inverter)[0]) >= 0.5
-        cleaned = postprocess(raw, cfg.infer.largest_component, cfg.infer.fill_holes)
+        # back on the label's grid the way infer does it (`transform`: the Compose that made the item)
+        raw, cleaned = source_masks(liver, item["image"], transform, tuple(ref.shape[1:]), cfg.infer)
         for masks, by_patient in ((raw, raw_by_patient), (cleaned, dice_by_patient)):
             by_patient.setdefault(item["patient"], []).append(dice(masks, ref[0]))
     model.train()

@@ -26,7 +26,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.labels import LIVER
 from pipeline.datasets.datalist import Datalist
 from pipeline.model.networks import build_loss
-from pipeline.model.predict import source_grid_inverter
 from pipeline.model.transforms import deterministic_transforms, random_transforms
 from pipeline.train.budget import budget_calibrates_now, compile_network, compiles, epochs_within_budget, fix_epochs
 from pipeline.train.distributed import Dist
@@ -126,7 +125,6 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
             log_settings(cfg, fold, train, val, device, dd, steps, datalist.folder, fold_dir)
         loss_fn = build_loss(cfg.train)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
-        inverter = source_grid_inverter(val_tf)
         events = EventLog(fold_dir, enabled=dd.main and cfg.train.tensorboard)
         t_start = time.perf_counter()  # the budget counts the compile's time too
         if compiled:
@@ -147,7 +145,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                 t_val = time.perf_counter()
                 images = {} if events.writer is not None else None
                 confidence: dict = {}
-                val_loss, dice, raw = validate(state.eval_model, val_items, refs, inverter, loss_fn, cfg, device,
+                val_loss, dice, raw = validate(state.eval_model, val_items, refs, val_tf, loss_fn, cfg, device,
                                                overlays=images, confidences=confidence)
                 events.overlays(images or {}, epoch)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
