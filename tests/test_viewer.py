@@ -6,6 +6,8 @@ import io
 import json
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 
@@ -90,6 +92,13 @@ def setup(tmp_path_factory):
     return root, run_dir, scans
 
 
+def _client(viewer):
+    """A test client of the viewer's app that sends what the page sends: the XSRF token on writes."""
+    client = create_app(viewer).test_client()
+    client.environ_base["HTTP_X_XSRF_TOKEN"] = viewer.xsrf
+    return client
+
+
 def _wait(client, timeout=120):
     deadline = time.time() + timeout
     job = client.get("/api/job").get_json()
@@ -104,7 +113,7 @@ def test_the_api_segments_a_folder_as_infer_does_and_keeps_to_its_roots(setup):
     root, run_dir, scans = setup
     viewer = Viewer(run_dir, [scans])
     try:
-        client = create_app(viewer).test_client()
+        client = _client(viewer)
         listing = client.get("/api/browse", query_string={"path": str(scans)}).get_json()
         assert [f["name"] for f in listing["folders"]] == ["notes", "patient"]  # the link out is not listed
         for path in (str(root / "secret"), str(scans / "escape"), str(scans / ".." / "secret"), "/"):
@@ -142,7 +151,7 @@ def test_uploads_are_checked_and_a_bad_one_leaves_the_server_running(setup):
     root, run_dir, scans = setup
     viewer = Viewer(run_dir, [scans], max_upload_mb=1)
     try:
-        client = create_app(viewer).test_client()
+        client = _client(viewer)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
             z.writestr("../../evil.dcm", b"x")
@@ -172,7 +181,7 @@ def test_results_of_infer_are_listed_with_their_reference_and_dice(setup, tmp_pa
                             cfg=load_config(None, ["evaluate.missing=skip"]))
     viewer = Viewer(run_dir, [root], results=tmp_path / "infer")
     try:
-        client = create_app(viewer).test_client()
+        client = _client(viewer)
         cases = client.get("/api/cases").get_json()["cases"]
         assert [c["name"] for c in cases] == ["MR_1_T2SPIR"]
         info = client.get(f"/api/case/{cases[0]['id']}").get_json()
@@ -192,10 +201,11 @@ def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, brows
 
     root, run_dir, scans = setup
     server, viewer, url = start(run_dir, None, [scans], port=0)
+    base, token = url.split("?token=")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        browser.get(url)
+        browser.get(url)  # the printed URL: its token becomes the page's cookie
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#folders li"))
         # the folder browser, root first; the list is rebuilt after every click, so the entry is found and
@@ -219,13 +229,13 @@ def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, brows
         z = int(browser.find_element(By.ID, "axial-slider").get_attribute("value"))
         _, mask, _, _ = viewer.view("c1").plane("axial", z)
         assert mask.any(), "the middle slice of this series holds liver"
-        shown = Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB")
+        shown = Image.open(io.BytesIO(urllib.request.urlopen(f"{src}&token={token}").read())).convert("RGB")
         small = np.asarray(shown.resize(mask.shape[::-1], Image.NEAREST)).astype(int)
         grey = (small[..., 0] == small[..., 1]) & (small[..., 1] == small[..., 2])
         assert not grey[mask].any() and grey[~mask].all()
         tint = small[mask].mean(axis=0)
         assert tint[0] > tint[1] > tint[2]  # towards the liver colour (221, 130, 101)
-        info = json.loads(urllib.request.urlopen(url + "api/case/c1").read())
+        info = json.loads(urllib.request.urlopen(f"{base}api/case/c1?token={token}").read())
         assert info["liver_ml"] > 0
         assert browser.find_element(By.ID, "liver-ml").text == f"{info['liver_ml']:.1f}"
         # moving the axial slider shows another slice
@@ -245,7 +255,10 @@ def test_the_page_segments_and_shows_three_linked_views_in_chromium(setup, brows
         answer = browser.execute_script(
             "return fetch('/api/browse?path=' + encodeURIComponent('/')).then(r => r.status)")
         assert answer == 400
-        assert json.loads(urllib.request.urlopen(url + "api/cases").read())["cases"]
+        assert json.loads(urllib.request.urlopen(f"{base}api/cases?token={token}").read())["cases"]
+        with pytest.raises(urllib.error.HTTPError) as refused:  # without the token (another local user)
+            urllib.request.urlopen(f"{base}api/cases")
+        assert refused.value.code == 403
     finally:
         server.shutdown()
         server.server_close()
@@ -262,3 +275,103 @@ def test_view_command_line_errors_are_one_line(setup, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), "view", "--run-dir", str(run_dir), "--root",
                            str(tmp_path / "missing"), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: --root {tmp_path / 'missing'}: not a folder"]
+
+
+# --------------------------------------------------------------------------- only its user can drive it
+@pytest.fixture(scope="module")
+def guarded(setup):
+    """A viewer with an access token and one small case on display."""
+    from pipeline.app.view_case import CaseView
+
+    _, run_dir, scans = setup
+    viewer = Viewer(run_dir, [scans], token="t0ken")
+    image = np.arange(8 * 6 * 4, dtype=np.float32).reshape(8, 6, 4)
+    case = CaseView.from_arrays("tiny", image, np.diag([1.0, 1.0, 2.0, 1.0]), image > 100, "MR")
+    viewer._register("tiny", "test", lambda: case)
+    yield viewer
+    viewer.close()
+
+
+def test_a_foreign_host_is_refused_as_a_dns_rebinding_page_would_send_it(guarded):
+    client = _client(guarded)
+    for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example:8765", "localhost.evil:8765"):
+        answer = client.get("/api/cases?token=t0ken", headers={"Host": host})
+        assert answer.status_code == 403 and "not this viewer's address" in answer.get_json()["error"]
+    for host in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "LOCALHOST"):
+        assert client.get("/api/cases?token=t0ken", headers={"Host": host}).status_code == 200, host
+
+
+def test_without_the_token_nothing_is_served_and_the_printed_url_leaves_a_cookie(guarded):
+    client = _client(guarded)
+    for path in ("/", "/api/cases", "/api/browse", "/api/case/c1", "/api/case/c1/slice.png"):
+        answer = client.get(path)
+        assert answer.status_code == 403 and "access token" in answer.get_json()["error"], path
+    assert client.get("/api/cases?token=wrong").status_code == 403
+    first = client.get("/?token=t0ken")
+    assert first.status_code == 200 and "HttpOnly" in first.headers["Set-Cookie"]
+    assert client.get("/api/cases").status_code == 200  # the cookie from here on
+    assert client.get("/api/case/c1/slice.png").status_code == 200
+
+
+def test_writes_from_another_site_or_without_the_pages_token_are_refused(guarded):
+    client = _client(guarded)
+    client.get("/?token=t0ken")
+    page = client.get("/").get_data(as_text=True)
+    assert f'content="{guarded.xsrf}"' in page  # the page carries the token it must send back
+    for origin in ("http://evil.example", "null", "http://localhost:9999.evil", "file://"):
+        answer = client.post("/api/segment", json={"path": "x"}, headers={"Origin": origin})
+        assert answer.status_code == 403 and "refused" in answer.get_json()["error"], origin
+    bare = create_app(guarded).test_client()  # no XSRF header, as a form on another site would post
+    bare.get("/?token=t0ken")
+    answer = bare.post("/api/upload", data={"files": (io.BytesIO(b"x"), "a.dcm")})
+    assert answer.status_code == 403 and "XSRF" in answer.get_json()["error"]
+    # the page's own request (same origin, its token) gets through to the checks of the request itself
+    answer = client.post("/api/segment", json={}, headers={"Origin": "http://localhost"})
+    assert answer.status_code == 400 and "choose a folder" in answer.get_json()["error"]
+
+
+@pytest.mark.parametrize("query", ["index=abc", "window=abc", "level=1e999", "opacity=abc", "index=1.5"])
+def test_bad_slice_values_answer_400_naming_the_value(guarded, query):
+    client = _client(guarded)
+    client.get("/?token=t0ken")
+    answer = client.get(f"/api/case/c1/slice.png?{query}")
+    assert answer.status_code == 400 and query.split("=")[0] in answer.get_json()["error"]
+
+
+@pytest.mark.parametrize("query", ["x=abc", "y=", "z=1e3"])
+def test_bad_voxel_values_answer_400(guarded, query):
+    client = _client(guarded)
+    client.get("/?token=t0ken")
+    assert client.get(f"/api/case/c1/voxel?{query}").status_code == 400
+
+
+def test_any_query_or_body_on_any_route_answers_2xx_or_4xx(guarded):
+    """Property-based: whatever a page or a script sends, the viewer answers with a result or a 4xx, never 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = _client(guarded)
+    client.get("/?token=t0ken")
+    text = st.text(max_size=12)
+    gets = st.sampled_from(["/", "/api/cases", "/api/browse", "/api/job", "/api/case/{c}", "/api/case/{c}/slice.png",
+                            "/api/case/{c}/voxel", "/api/case/{c}/download/{w}"])
+    keys = st.sampled_from(["path", "plane", "index", "window", "level", "overlay", "opacity", "reference", "x", "y",
+                            "z", "token"])
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(route=gets, case=st.one_of(st.just("c1"), text), what=text, query=st.dictionaries(keys, text, max_size=4))
+    def get_anything(route, case, what, query):
+        query.pop("token", None)  # the cookie authenticates; a wrong token in the URL is a 403, also fine
+        path = route.format(c=urllib.parse.quote(case, safe="") or "c1", w=urllib.parse.quote(what, safe="") or "x")
+        status = client.get(path, query_string=query).status_code
+        assert 200 <= status < 500 and status != 500, (path, query, status)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(body=st.one_of(st.none(), st.dictionaries(st.sampled_from(["path", "x"]), st.one_of(text, st.integers())),
+                          st.lists(text, max_size=3)))
+    def post_anything(body):
+        status = client.post("/api/segment", json=body, headers={"Origin": "http://localhost"}).status_code
+        assert 200 <= status < 500, (body, status)
+
+    get_anything()
+    post_anything()

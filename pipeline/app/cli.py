@@ -158,7 +158,7 @@ def cmd_view(args) -> int:
         _show(args, f"liver viewer at {url} (Ctrl-C stops it)")
 
     serve(args.run, args.results, args.root or [Path.cwd()], host=args.host, port=args.port,
-          max_upload_mb=args.max_upload_mb, ready=ready)
+          max_upload_mb=args.max_upload_mb, ready=ready, token=not args.no_token)
     return 0
 
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024 MB)")
+    p.add_argument("--no-token", action="store_true",
+                   help="no access token in the URL (only behind your own authentication: any local process could read the scans)")
     _common(p)
     p.set_defaults(func=cmd_view)
 

@@ -15,18 +15,28 @@ right on the left of the image, anterior at the top; coronal: right on the left,
 top; sagittal: anterior on the left, superior at the top), each pixel drawn with its true aspect
 ratio (the in-plane spacing and the slice thickness).
 
-Security: binds to 127.0.0.1 unless told otherwise; lists and reads only folders under the roots
-given (resolved, so neither '..' nor a symbolic link leads out); uploads are limited in size and
-unpacked with every member checked.
+Security, as Jupyter's server does it for a local web app over private files: binds to 127.0.0.1
+unless told otherwise; answers only requests whose Host names this server (localhost, 127.0.0.1,
+[::1] or what --host names: a DNS-rebinding page gets 403); with a per-start token, given in the URL
+it prints and kept as a cookie after the first visit, so that another local user or process cannot
+read the scans (--no-token for those who put it behind their own authentication); refuses requests
+that write or start work (uploads, segmentations) from a foreign or `null` Origin or without the
+page's XSRF token; lists and reads only folders under the roots given (resolved, so neither '..' nor
+a symbolic link leads out); uploads are limited in size and unpacked with every member checked. Bad
+query values answer 400 with a message.
 """
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
+import math
+import secrets
 import shutil
 import tempfile
 import threading
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -40,14 +50,69 @@ log = logging.getLogger(__name__)
 
 
 PAGE = Path(__file__).with_name("viewer_page.html")
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+TOKEN_COOKIE = "liver_viewer_token"
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def _host_name(host: str) -> str:
+    """'[::1]:8765' -> '::1', 'localhost:8765' -> 'localhost' (the name, lower case, without the port)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _refusal(viewer: "Viewer", request) -> str | None:
+    """Why `request` is refused (403), or None: a foreign Host, no token, or a write from elsewhere."""
+    if _host_name(request.host or "") not in viewer.hosts:
+        return f"host {request.host!r} is not this viewer's address"
+    if viewer.token is not None:
+        given = request.args.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+        if not hmac.compare_digest(given.encode(), viewer.token.encode()):
+            return "open the viewer with the URL it printed (it holds the access token)"
+    if request.method in WRITES:
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            try:
+                parts = urllib.parse.urlsplit(origin)
+                scheme, name, port = parts.scheme, parts.hostname, parts.port
+            except ValueError:  # not a URL a browser sends: no port number after the colon, say
+                scheme = name = port = None
+            own = scheme in ("http", "https") and name in viewer.hosts and (viewer.port is None or port == viewer.port)
+            if not own:
+                return f"request from another site ({origin}) refused"
+        given = request.headers.get("X-XSRF-Token") or request.form.get("_xsrf") or ""
+        if not hmac.compare_digest(given.encode(), viewer.xsrf.encode()):
+            return "request without the page's XSRF token refused"
+    return None
+
+
+def _arg(args, name: str, default, kind):
+    """A query value as `kind` (int or float), or a one-line 400 naming it."""
+    text = args.get(name)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise PipelineError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise PipelineError(f"{name}: expected a finite number, got {text!r}")
+    return value
 
 
 class Viewer:
     """What the server holds: the run (models loaded once), the allowed roots, the cases."""
 
     def __init__(self, run_dir: Path, roots: list[Path], results: Path | None = None,
-                 max_upload_mb: float = 1024.0) -> None:
+                 max_upload_mb: float = 1024.0, token: str | None = None, host: str = "127.0.0.1") -> None:
         from pipeline.infer.loaded import load_run
+
+        self.token = token  # None: no token asked (--no-token, or an app the caller drives itself)
+        self.xsrf = secrets.token_urlsafe(24)  # what the page sends with every request that writes
+        self.hosts = LOCAL_HOSTS | {_host_name(host)}
+        self.port: int | None = None  # set by start() once the server listens
 
         self.roots = [Path(r).resolve() for r in (roots or [Path.cwd()])]
         for r in self.roots:
@@ -258,6 +323,19 @@ def create_app(viewer: Viewer):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = viewer.max_upload
 
+    @app.before_request
+    def only_its_user():
+        why = _refusal(viewer, request)
+        if why is not None:
+            return jsonify(error=why), 403
+        return None
+
+    @app.after_request
+    def keep_the_token(response):
+        if viewer.token is not None and request.args.get("token") == viewer.token:
+            response.set_cookie(TOKEN_COOKIE, viewer.token, httponly=True, samesite="Strict")
+        return response
+
     @app.errorhandler(PipelineError)
     def bad_input(exc):
         return jsonify(error=str(exc)), 400
@@ -268,7 +346,7 @@ def create_app(viewer: Viewer):
 
     @app.get("/")
     def page():
-        return Response(PAGE.read_text(), mimetype="text/html")
+        return Response(PAGE.read_text().replace("{{XSRF}}", viewer.xsrf), mimetype="text/html")
 
     @app.get("/api/cases")
     def cases():
@@ -280,8 +358,9 @@ def create_app(viewer: Viewer):
 
     @app.post("/api/segment")
     def segment():
-        path = (request.get_json(silent=True) or {}).get("path")
-        if not path:
+        body = request.get_json(silent=True)
+        path = body.get("path") if isinstance(body, dict) else None
+        if not path or not isinstance(path, str):
             raise PipelineError("choose a folder to segment")
         folder = viewer.allowed(path)
         if not folder.is_dir():
@@ -307,16 +386,16 @@ def create_app(viewer: Viewer):
     @app.get("/api/case/<case_id>/slice.png")
     def slice_png(case_id):
         a = request.args
-        png = viewer.view(case_id).render(a.get("plane", "axial"), int(a.get("index", 0)),
-                                          float(a.get("window", 400)), float(a.get("level", 40)),
-                                          overlay=a.get("overlay", "1") == "1", opacity=float(a.get("opacity", 0.5)),
+        png = viewer.view(case_id).render(a.get("plane", "axial"), _arg(a, "index", 0, int),
+                                          _arg(a, "window", 400.0, float), _arg(a, "level", 40.0, float),
+                                          overlay=a.get("overlay", "1") == "1", opacity=_arg(a, "opacity", 0.5, float),
                                           reference=a.get("reference", "1") == "1")
         return Response(png, mimetype="image/png")
 
     @app.get("/api/case/<case_id>/voxel")
     def voxel(case_id):
         a = request.args
-        return jsonify(viewer.view(case_id).voxel(int(a.get("x", 0)), int(a.get("y", 0)), int(a.get("z", 0))))
+        return jsonify(viewer.view(case_id).voxel(_arg(a, "x", 0, int), _arg(a, "y", 0, int), _arg(a, "z", 0, int)))
 
     @app.get("/api/case/<case_id>/download/<what>")
     def download(case_id, what):
@@ -332,27 +411,31 @@ def create_app(viewer: Viewer):
 
 
 def start(run_dir: Path, results: Path | None, roots: list[Path], host: str = "127.0.0.1", port: int = 8765,
-          max_upload_mb: float = 1024.0):
-    """(a listening werkzeug server, its Viewer, its URL); `server.serve_forever()` serves."""
+          max_upload_mb: float = 1024.0, token: bool = True):
+    """(a listening werkzeug server, its Viewer, its URL with the access token when `token`);
+    `server.serve_forever()` serves."""
     from werkzeug.serving import make_server
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the viewer listens on %s: anyone who can reach this machine can use it and read the "
                     "folders under %s", host, ", ".join(str(r) for r in roots or [Path.cwd()]))
-    viewer = Viewer(run_dir, roots, results, max_upload_mb)
+    viewer = Viewer(run_dir, roots, results, max_upload_mb, token=secrets.token_urlsafe(32) if token else None,
+                    host=host)
     try:
         server = make_server(host, port, create_app(viewer), threaded=True)
     except OSError as exc:
         viewer.close()
         raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    return server, viewer, f"http://{host}:{server.server_port}/"
+    viewer.port = server.server_port
+    name = f"[{host}]" if ":" in host else host
+    return server, viewer, f"http://{name}:{server.server_port}/" + (f"?token={viewer.token}" if viewer.token else "")
 
 
 def serve(run_dir: Path, results: Path | None, roots: list[Path], host: str = "127.0.0.1", port: int = 8765,
-          max_upload_mb: float = 1024.0, ready=None) -> None:
+          max_upload_mb: float = 1024.0, ready=None, token: bool = True) -> None:
     """Start the viewer and serve until Ctrl-C (the work folder is removed on the way out).
     `ready(url)` is called once the server listens."""
-    server, viewer, url = start(run_dir, results, roots, host, port, max_upload_mb)
+    server, viewer, url = start(run_dir, results, roots, host, port, max_upload_mb, token)
     try:
         if ready is not None:
             ready(url)
