@@ -36,16 +36,7 @@ def write_case(run: LoadedRun, case: InferCase, volume: Volume, seg: Segmentatio
         formats = parse_formats(fmt)
         if "chaos-png" in formats:
             write_chaos_png(out_dir, case.case, seg.mask, geom)
-    for name in results.DICOM_SUFFIXES:
-        if name not in formats:
-            continue
-        with stages(name):
-            if geom is None:
-                raise PipelineError(f"{case.case}: --format {name} needs DICOM input (NIfTI input has no DICOM files)")
-            from pipeline.outputs.dicom_objects import write_rtstruct, write_seg
-
-            writer = write_seg if name == "dicom-seg" else write_rtstruct
-            writer(out_dir / results.dicom_name(case.case, name), seg.mask, geom, case=case.case, run_name=run.name)
+    dicom_notes = _write_dicom(run, case, seg, geom, out_dir, formats, stages)
     mask_seconds = time.perf_counter() - started  # DICOM read -> mask NIfTI written
     with stages("truth"):  # scoring and figures, not part of producing the mask
         truth = case.truth(volume) if case.truth is not None else None
@@ -59,10 +50,43 @@ def write_case(run: LoadedRun, case: InferCase, volume: Volume, seg: Segmentatio
     row["fold_agreement"] = None if seg.agreement is None else round(seg.agreement, 4)
     row["confidence"] = None if seg.confidence is None else round(seg.confidence, 4)
     row["qc"] = seg.flags
+    if dicom_notes is not None:
+        row["dicom_notes"] = dicom_notes  # what a stripped source lacked, and any format refused
     row["seconds"] = round(mask_seconds, 3)
     row["total_seconds"] = round(time.perf_counter() - started, 3)
     row["stage_seconds"] = stages.rounded()
     return row
+
+
+def _write_dicom(run: LoadedRun, case: InferCase, seg: Segmentation, geom, out_dir: Path, formats: tuple,
+                 stages: Stages) -> list[str] | None:
+    """The DICOM outputs asked for (SEG, RTSTRUCT) beside the NIfTI mask; None when none was asked.
+    What the source lacked is noted (pipeline.outputs.dicom_objects explains each attribute); a format
+    the source cannot give a valid object for is refused with one warning line, the case goes on.
+    Returns the notes (one line each) for the case's row."""
+    asked = [name for name in results.DICOM_SUFFIXES if name in formats]
+    if not asked:
+        return None
+    if geom is None:
+        raise PipelineError(f"{case.case}: --format {asked[0]} needs DICOM input (NIfTI input has no DICOM files)")
+    from pipeline.outputs.dicom_objects import source_headers, write_rtstruct, write_seg
+
+    try:
+        notes = source_headers(geom, case.case)[1]
+    except PipelineError as exc:  # nothing valid can reference this source: every DICOM format refused
+        log.warning("%s", exc)
+        return [str(exc)]
+    for note in notes:
+        log.warning("%s: DICOM outputs: %s", case.case, note)
+    for name in asked:
+        writer = write_seg if name == "dicom-seg" else write_rtstruct
+        with stages(name):
+            try:
+                writer(out_dir / results.dicom_name(case.case, name), seg.mask, geom, case=case.case, run_name=run.name)
+            except PipelineError as exc:
+                log.warning("%s", exc)
+                notes.append(str(exc))
+    return notes
 
 
 def segment_case(run: LoadedRun, case: InferCase, out_dir: Path, fmt: str = "nifti") -> dict:

@@ -1,10 +1,24 @@
-"""Liver masks as DICOM objects that file into the source study: DICOM SEG (highdicom).
+"""Liver masks as DICOM objects that file into the source study: DICOM SEG (highdicom), RTSTRUCT.
 
 The SEG references every source image by SOP Instance UID, shares the source's Frame of
 Reference, and copies its patient and study modules (highdicom does that from the source
 headers), so a PACS files it with the series and OHIF, 3D Slicer (QuantitativeReporting) or a
-PACS viewer overlays it. Anonymised sources that lack type-2 attributes (birth date, sex, study
-date, accession number) give a SEG with those attributes present and empty, which is valid.
+PACS viewer overlays it.
+
+Stripped sources (research exports, anonymisers) lack what the objects must copy or reference. One
+behaviour per attribute (`source_headers`; the notes go to a warning line and the case's row of
+inference.json):
+- SOPClassUID, SOPInstanceUID missing or empty in a file: taken from its file meta; where that lacks
+  them too, the format is refused for the case (one line naming the file), the NIfTI mask stays.
+- StudyInstanceUID, SeriesInstanceUID missing or empty: generated, the same for the SEG and the
+  RTSTRUCT of one case (derived from the source files' paths), and noted: the objects then reference
+  the images under that UID, so a PACS files them together only if the images are stored with it.
+- FrameOfReferenceUID missing or empty: the format is refused (an object in another frame of
+  reference than its images would be overlaid nowhere, or wrongly).
+- Type-2 patient and study attributes (PatientName, PatientID, birth date, sex, StudyDate, ...)
+  missing: present and empty in the objects, which is valid; noted.
+Every object is checked before it is written (`check_references`): its own and its referenced UIDs
+are present and valid DICOM UIDs, or the format is refused for the case.
 """
 from __future__ import annotations
 
@@ -60,18 +74,81 @@ TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "S
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _source_headers(geometry: SeriesGeometry, case: str) -> list:
-    """The source headers, the first a copy with any missing type-2 attribute added empty (highdicom
-    copies the patient and study modules from the first source image); the geometry's stay as they are."""
+def _empty(ds, keyword: str) -> bool:
+    return not str(ds.get(keyword, "") or "").strip()
+
+
+def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]]:
+    """(the source headers as the DICOM outputs copy and reference them, notes on what was filled in);
+    see the module doc for the behaviour per attribute. The geometry's own headers stay as they are
+    (copies are changed). PipelineError, one line, where the format must be refused."""
     if not geometry.headers or len(geometry.headers) != len(geometry.files):
         raise PipelineError(f"{case}: DICOM output needs the source series' headers (DICOM input)")
-    first, rest = geometry.headers[0], list(geometry.headers[1:])
-    missing = [k for k in TYPE2_COPIED if k not in first]
+    headers, notes = list(geometry.headers), []
+    if _empty(headers[0], "FrameOfReferenceUID"):
+        raise PipelineError(f"{case}: the source series has no FrameOfReferenceUID; a DICOM SEG or RTSTRUCT "
+                            f"must share its images' frame of reference (NIfTI mask written)")
+    fixes: dict[int, dict[str, str]] = {}
+    for i, (path, ds) in enumerate(zip(geometry.files, headers)):
+        meta = getattr(ds, "file_meta", None)
+        for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                      ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if _empty(ds, keyword):
+                value = str(getattr(meta, meta_keyword, "") or "").strip() if meta is not None else ""
+                if not value:
+                    raise PipelineError(f"{case}: {path}: no {keyword}, neither in the data set nor in its file meta; "
+                                        f"a DICOM output must reference each image by it (NIfTI mask written)")
+                fixes.setdefault(i, {})[keyword] = value
+    taken = {k for f in fixes.values() for k in f}
+    if taken:
+        notes.append(f"{' and '.join(sorted(taken))} taken from the file meta of {len(fixes)} source file(s)")
+    from pydicom.uid import generate_uid
+
+    sources = [str(Path(f).resolve()) for f in geometry.files]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if any(_empty(ds, keyword) for ds in headers):
+            uid = generate_uid(entropy_srcs=[SOFTWARE, keyword, *sources])  # the same for every output of the case
+            for i in range(len(headers)):
+                fixes.setdefault(i, {})[keyword] = uid
+            notes.append(f"the source has no {keyword}: generated {uid} (the SEG and RTSTRUCT reference the "
+                         f"images under it)")
+    missing = [k for k in TYPE2_COPIED if k not in headers[0]]
     if missing:
-        first = copy.deepcopy(first)
-        for keyword in missing:
-            setattr(first, keyword, "")
-    return [first, *rest]
+        fixes.setdefault(0, {}).update({k: "" for k in missing})
+        notes.append(f"absent from the source, written empty: {', '.join(missing)}")
+    for i, values in fixes.items():
+        ds = copy.deepcopy(headers[i])
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        headers[i] = ds
+    return headers, notes
+
+
+def _source_headers(geometry: SeriesGeometry, case: str) -> list:
+    return source_headers(geometry, case)[0]
+
+
+def check_references(ds, case: str, what: str) -> None:
+    """The object `ds` (a SEG or an RTSTRUCT) refers to itself and to its sources with valid UIDs:
+    checked before it is written, rather than trusting what was copied. PipelineError naming the attribute."""
+    from pydicom.uid import UID
+
+    def walk(item, where: str):
+        for tag in list(item.keys()):
+            if item.get_item(tag).VR not in ("UI", "SQ"):  # raw contour data stays unconverted
+                continue
+            element = item[tag]
+            if element.VR == "SQ":
+                for child in element.value:
+                    walk(child, f"{where}{element.keyword} > ")
+                continue
+            values = element.value if isinstance(element.value, (list, tuple)) else [element.value]
+            for value in values:
+                if not str(value or "").strip() or not UID(str(value)).is_valid:
+                    raise PipelineError(f"{case}: {what} not written: {where}{element.keyword} is "
+                                        f"{str(value)!r}, not a valid UID (NIfTI mask written)")
+
+    walk(ds, "")
 
 
 def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str) -> Path:
@@ -116,9 +193,10 @@ def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: s
                 content_description=f"Liver mask from {SOFTWARE} run {run_name}"[:64],
                 manufacturer=SOFTWARE, manufacturer_model_name="liver segmentation",
                 software_versions=__version__, device_serial_number="0")
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # highdicom names the attribute it could not use (e.g. a source without ImagePositionPatient)
         raise PipelineError(f"{case}: cannot build a DICOM SEG for this series ({exc})") from None
+    check_references(seg, case, "DICOM SEG")
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
@@ -192,8 +270,6 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
     headers = _source_headers(geometry, case)
     first = headers[0]
     frame_of_reference = str(first.get("FrameOfReferenceUID", "") or "")
-    if not frame_of_reference:
-        raise PipelineError(f"{case}: the source series has no FrameOfReferenceUID; an RTSTRUCT needs one")
     now = datetime.datetime.now()
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
@@ -271,6 +347,7 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
     # Implicit VR: a contour's coordinates may exceed the 64 KiB an explicit-VR DS value can hold.
     # The writer decodes raw DS values before writing them; as numpy arrays that costs a few ms a
     # series instead of a Python object per number (pydicom.config.use_DS_numpy, restored after).
+    check_references(ds, case, "RTSTRUCT")
     from pydicom import config as pydicom_config
 
     numpy_ds = pydicom_config.use_DS_numpy
