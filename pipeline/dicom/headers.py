@@ -21,7 +21,53 @@ from pipeline.dicom.geometry import natural_key
 
 log = logging.getLogger(__name__)
 
+# The elements the pipeline reads from every image header (geometry, pixels, identity): converted from
+# their bytes when the file is read, so that damage in them is named there, not met later.
+USED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+        "Modality", "SeriesNumber", "SeriesDescription", "ImageType", "Rows", "Columns", "NumberOfFrames",
+        "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+        "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+        "ModalityLUTSequence")
+SINGLE_NUMBERS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+                  "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "SeriesNumber", "SliceThickness",
+                  "SpacingBetweenSlices")
 NOT_IMAGES = {"DICOMDIR", "Thumbs.db", "desktop.ini", ".DS_Store"}
+
+
+class NotDicomError(PipelineError):
+    """The file is not DICOM at all (no preamble and no recognisable elements): callers skip it."""
+
+
+def read_header(path: Path, with_pixels: bool = False) -> pydicom.Dataset:
+    """The one place a DICOM file's header is read: pydicom with lenient value checks, the elements the
+    pipeline uses (USED) converted at once. Whatever pydicom raises for damaged bytes (a truncated or
+    garbled element, a value length that does not fit its VR, an undecodable character set) becomes one
+    PipelineError naming the file; NotDicomError for a file that is not DICOM."""
+    with lenient_values():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+            for keyword in USED:
+                ds.get(keyword)
+            getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+            getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        except InvalidDicomError:
+            raise NotDicomError(f"{path}: not a DICOM file") from None
+        except Exception as exc:  # noqa: BLE001 - pydicom's errors for damaged bytes have no common base
+            raise PipelineError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {_one_line(exc)})") from None
+    for keyword in SINGLE_NUMBERS:  # a damaged VR or length turns one number into several, or into text
+        value = ds.get(keyword)
+        if value is not None and value != "":
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                raise PipelineError(f"{path}: damaged DICOM header ({keyword} is {str(value)[:40]!r}, "
+                                    f"not one number)") from None
+    return ds
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 DIRECTORY_SOP = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (a DICOMDIR)
 _VALIDATION_LOCK = threading.RLock()
 
@@ -47,12 +93,10 @@ def list_headers(folder: Path | Sequence[Path], with_pixels: bool = False) -> li
             log.warning("%s: not a DICOM image, skipped", path)
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
-        except InvalidDicomError:
+            ds = read_header(path, with_pixels)
+        except NotDicomError:
             log.warning("%s: not a DICOM file, skipped", path)
             continue
-        except (OSError, ValueError, EOFError) as exc:
-            raise PipelineError(f"{path}: unreadable DICOM file ({exc})") from None
         sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
         # An image without ImagePositionPatient is an error later (named); only non-images skip.
         if sop == DIRECTORY_SOP or "Rows" not in ds:

@@ -18,7 +18,7 @@ import pydicom
 
 from pipeline.core.errors import PipelineError
 from pipeline.dicom.geometry import SeriesGeometry, check_steps, nifti_affine, to_nifti_slice
-from pipeline.dicom.headers import lenient_values
+from pipeline.dicom.headers import lenient_values, read_header
 
 
 def is_multiframe(ds: pydicom.Dataset) -> bool:
@@ -165,11 +165,7 @@ def read_multiframe(files: list[Path], stack: int | None = None, **kwargs) -> tu
     """
     headers = {}
     for path in files:
-        try:
-            with lenient_values():
-                headers[Path(path)] = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - damaged file, named
-            raise PipelineError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+        headers[Path(path)] = read_header(Path(path))
     with lenient_values():
         frames = [f for p, ds in headers.items() for f in frames_of(p, ds)]
     stacks = group_stacks(frames)

@@ -111,6 +111,8 @@ def read_pixels(path: Path, rows: int, cols: int, ds: pydicom.Dataset | None = N
                 out[...] = arr * slope + intercept
         else:
             out[...] = arr
-    except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, EOFError, TypeError) as exc:
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's and the decoders' errors for damaged pixels have no common base
         raise PipelineError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
     return out

@@ -8,12 +8,12 @@ PACS viewer overlays it.
 Stripped sources (research exports, anonymisers) lack what the objects must copy or reference. One
 behaviour per attribute (`source_headers`; the notes go to a warning line and the case's row of
 inference.json):
-- SOPClassUID, SOPInstanceUID missing or empty in a file: taken from its file meta; where that lacks
+- SOPClassUID, SOPInstanceUID missing, empty or not a valid UID in a file: taken from its file meta; where that lacks
   them too, the format is refused for the case (one line naming the file), the NIfTI mask stays.
-- StudyInstanceUID, SeriesInstanceUID missing or empty: generated, the same for the SEG and the
+- StudyInstanceUID, SeriesInstanceUID missing, empty or not a valid UID: generated, the same for the SEG and the
   RTSTRUCT of one case (derived from the source files' paths), and noted: the objects then reference
   the images under that UID, so a PACS files them together only if the images are stored with it.
-- FrameOfReferenceUID missing or empty: the format is refused (an object in another frame of
+- FrameOfReferenceUID missing, empty or not a valid UID: the format is refused (an object in another frame of
   reference than its images would be overlaid nowhere, or wrongly).
 - Type-2 patient and study attributes (PatientName, PatientID, birth date, sex, StudyDate, ...)
   missing: present and empty in the objects, which is valid; noted.
@@ -23,6 +23,7 @@ are present and valid DICOM UIDs, or the format is refused for the case.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 
@@ -74,8 +75,23 @@ TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "S
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _empty(ds, keyword: str) -> bool:
-    return not str(ds.get(keyword, "") or "").strip()
+# PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters
+# (checked here rather than by pydicom's UID, which warns on every invalid value it is given)
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def valid_uid(value) -> bool:
+    text = str(value or "").strip("\0 ")
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def _unusable(ds, keyword: str) -> bool:
+    """A UID element missing, empty, or damaged into something that is not a UID."""
+    from pipeline.dicom.headers import lenient_values
+
+    with lenient_values():
+        value = ds.get(keyword, "") if ds is not None else ""
+    return not valid_uid(value)
 
 
 def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]]:
@@ -85,7 +101,7 @@ def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]
     if not geometry.headers or len(geometry.headers) != len(geometry.files):
         raise PipelineError(f"{case}: DICOM output needs the source series' headers (DICOM input)")
     headers, notes = list(geometry.headers), []
-    if _empty(headers[0], "FrameOfReferenceUID"):
+    if _unusable(headers[0], "FrameOfReferenceUID"):
         raise PipelineError(f"{case}: the source series has no FrameOfReferenceUID; a DICOM SEG or RTSTRUCT "
                             f"must share its images' frame of reference (NIfTI mask written)")
     fixes: dict[int, dict[str, str]] = {}
@@ -93,10 +109,10 @@ def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]
         meta = getattr(ds, "file_meta", None)
         for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
                                       ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
-            if _empty(ds, keyword):
-                value = str(getattr(meta, meta_keyword, "") or "").strip() if meta is not None else ""
+            if _unusable(ds, keyword):
+                value = "" if meta is None or _unusable(meta, meta_keyword) else str(meta[meta_keyword].value).strip()
                 if not value:
-                    raise PipelineError(f"{case}: {path}: no {keyword}, neither in the data set nor in its file meta; "
+                    raise PipelineError(f"{case}: {path}: no valid {keyword}, neither in the data set nor in its file meta; "
                                         f"a DICOM output must reference each image by it (NIfTI mask written)")
                 fixes.setdefault(i, {})[keyword] = value
     taken = {k for f in fixes.values() for k in f}
@@ -106,21 +122,24 @@ def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]
 
     sources = [str(Path(f).resolve()) for f in geometry.files]
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if any(_empty(ds, keyword) for ds in headers):
+        if any(_unusable(ds, keyword) for ds in headers):
             uid = generate_uid(entropy_srcs=[SOFTWARE, keyword, *sources])  # the same for every output of the case
             for i in range(len(headers)):
                 fixes.setdefault(i, {})[keyword] = uid
-            notes.append(f"the source has no {keyword}: generated {uid} (the SEG and RTSTRUCT reference the "
-                         f"images under it)")
+            notes.append(f"the source has no valid {keyword}: generated {uid} (the SEG and RTSTRUCT reference "
+                         f"the images under it)")
     missing = [k for k in TYPE2_COPIED if k not in headers[0]]
     if missing:
         fixes.setdefault(0, {}).update({k: "" for k in missing})
         notes.append(f"absent from the source, written empty: {', '.join(missing)}")
-    for i, values in fixes.items():
-        ds = copy.deepcopy(headers[i])
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        headers[i] = ds
+    from pipeline.dicom.headers import lenient_values
+
+    with lenient_values():  # the copy re-reads the damaged values being replaced
+        for i, values in fixes.items():
+            ds = copy.deepcopy(headers[i])
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+            headers[i] = ds
     return headers, notes
 
 
@@ -131,8 +150,6 @@ def _source_headers(geometry: SeriesGeometry, case: str) -> list:
 def check_references(ds, case: str, what: str) -> None:
     """The object `ds` (a SEG or an RTSTRUCT) refers to itself and to its sources with valid UIDs:
     checked before it is written, rather than trusting what was copied. PipelineError naming the attribute."""
-    from pydicom.uid import UID
-
     def walk(item, where: str):
         for tag in list(item.keys()):
             if item.get_item(tag).VR not in ("UI", "SQ"):  # raw contour data stays unconverted
@@ -144,7 +161,7 @@ def check_references(ds, case: str, what: str) -> None:
                 continue
             values = element.value if isinstance(element.value, (list, tuple)) else [element.value]
             for value in values:
-                if not str(value or "").strip() or not UID(str(value)).is_valid:
+                if not valid_uid(value):
                     raise PipelineError(f"{case}: {what} not written: {where}{element.keyword} is "
                                         f"{str(value)!r}, not a valid UID (NIfTI mask written)")
 
