@@ -83,3 +83,23 @@ def test_an_image_without_any_sop_instance_uid_refuses_the_dicom_formats_in_one_
     assert not (out / "series_liver.seg.dcm").exists() and not (out / "series_liver.rtstruct.dcm").exists()
     lines = [line for line in res.stderr.splitlines() if "SOPInstanceUID" in line]
     assert len(lines) == 1 and "file meta" in lines[0], res.stderr
+
+
+def test_an_export_stripped_like_the_totalsegmentator_example_gives_valid_objects(real_chaos, run, tmp_path):
+    """Study, series, SOP instance and class UIDs and PatientID empty in every file at once, the file meta
+    still holding the SOP UIDs: the anonymisation of TotalSegmentator's public example CT."""
+    series, out = tmp_path / "series", tmp_path / "out"
+    series.mkdir()
+    for path in sorted((real_chaos / "Train_Sets" / "MR" / "1" / "T2SPIR" / "DICOM_anon").iterdir()):
+        ds = pydicom.dcmread(path)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID"):
+            setattr(ds, keyword, "")
+        ds.save_as(series / path.name)
+    res = _infer(run, series, out)
+    assert res.returncode == 0, res.stderr
+    seg, rt = (out / f"series_liver.{kind}.dcm" for kind in ("seg", "rtstruct"))
+    assert seg.is_file() and rt.is_file() and (out / "series_liver.nii.gz").is_file()
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(seg) == [] and dciodvfy_errors(rt) == []
+    notes = json.loads((out / "inference.json").read_text())["cases"][0]["dicom_notes"]
+    assert any("StudyInstanceUID" in n for n in notes) and any("file meta" in n for n in notes)

@@ -15,7 +15,7 @@ from pipeline.core.errors import PipelineError
 
 from helpers import make_run
 
-TRIALS = 30
+TRIALS = 40
 READER_TRIALS = 400
 
 
