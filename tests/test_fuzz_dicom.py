@@ -30,6 +30,17 @@ def _sequence_offsets(data: bytes) -> list[int]:
     return sorted(out)
 
 
+def _change_bytes(path: Path, data: bytearray, rng: np.random.Generator, low: int, high: int, most: int,
+                  where_name: str) -> str:
+    """Up to most - 1 random bytes of data[low:high] set to random values, written to `path`."""
+    n = int(rng.integers(1, most))
+    where = rng.integers(low, min(len(data), high), n)
+    for w in where:
+        data[w] = int(rng.integers(0, 256))
+    path.write_bytes(bytes(data))
+    return f"{n} {where_name} bytes changed at {sorted(where.tolist())}"
+
+
 def damage(path: Path, rng: np.random.Generator) -> str:
     """One seeded kind of damage to `path`; returns what was done (for the failure message)."""
     data = bytearray(path.read_bytes())
@@ -37,12 +48,7 @@ def damage(path: Path, rng: np.random.Generator) -> str:
         return "already empty"
     kind = rng.integers(0, 6)
     if kind == 4:  # bytes changed in the file meta (after the 128-byte preamble and "DICM")
-        n = int(rng.integers(1, 6))
-        where = rng.integers(132, min(len(data), 340), n)
-        for w in where:
-            data[w] = int(rng.integers(0, 256))
-        path.write_bytes(bytes(data))
-        return f"{n} file-meta bytes changed at {sorted(where.tolist())}"
+        return _change_bytes(path, data, rng, 132, 340, 6, "file-meta")
     if kind == 5:  # bytes changed inside a sequence (an item's or delimiter's tag and length)
         offsets = _sequence_offsets(bytes(data))
         if offsets:
@@ -56,12 +62,7 @@ def damage(path: Path, rng: np.random.Generator) -> str:
         path.write_bytes(bytes(data[:cut]))
         return f"truncated at {cut}"
     if kind == 1:  # random bytes flipped in the header (the first kilobytes hold the elements)
-        n = int(rng.integers(1, 16))
-        where = rng.integers(0, min(len(data), 2048), n)
-        for w in where:
-            data[w] = int(rng.integers(0, 256))
-        path.write_bytes(bytes(data))
-        return f"{n} header bytes changed at {sorted(where.tolist())}"
+        return _change_bytes(path, data, rng, 0, 2048, 16, "header")
     if kind == 2:  # a run of zeros anywhere
         start = int(rng.integers(0, len(data)))
         end = min(len(data), start + int(rng.integers(1, 4096)))
