@@ -301,6 +301,21 @@ def test_a_foreign_host_is_refused_as_a_dns_rebinding_page_would_send_it(guarded
         assert client.get("/api/cases?token=t0ken", headers={"Host": host}).status_code == 200, host
 
 
+def test_a_viewer_listening_on_all_addresses_admits_by_its_token_alone(setup):
+    _, run_dir, scans = setup
+    viewer = Viewer(run_dir, [scans], token="t0ken", host="0.0.0.0")
+    try:
+        client = _client(viewer)
+        assert _client(viewer).get("/api/cases", headers={"Host": "10.1.2.3:8765"}).status_code == 403  # no token
+        assert client.get("/api/cases?token=t0ken", headers={"Host": "10.1.2.3:8765"}).status_code == 200
+        answer = client.post("/api/segment", json={}, headers={"Host": "10.1.2.3:8765", "Origin": "http://evil.example"})
+        assert answer.status_code == 403
+        answer = client.post("/api/segment", json={}, headers={"Host": "10.1.2.3:8765", "Origin": "http://10.1.2.3:8765"})
+        assert answer.status_code == 400  # its own page: through to the request's own checks
+    finally:
+        viewer.close()
+
+
 def test_without_the_token_nothing_is_served_and_the_printed_url_leaves_a_cookie(guarded):
     client = _client(guarded)
     for path in ("/", "/api/cases", "/api/browse", "/api/case/c1", "/api/case/c1/slice.png"):

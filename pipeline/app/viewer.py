@@ -16,8 +16,8 @@ top; sagittal: anterior on the left, superior at the top), each pixel drawn with
 ratio (the in-plane spacing and the slice thickness).
 
 Security, as Jupyter's server does it for a local web app over private files: binds to 127.0.0.1
-unless told otherwise; answers only requests whose Host names this server (localhost, 127.0.0.1,
-[::1] or what --host names: a DNS-rebinding page gets 403); with a per-start token, given in the URL
+unless told otherwise; on a loopback address answers only requests whose Host names it (localhost,
+127.0.0.1, [::1]: a DNS-rebinding page gets 403; on another --host the token alone admits); with a per-start token, given in the URL
 it prints and kept as a cookie after the first visit, so that another local user or process cannot
 read the scans (--no-token for those who put it behind their own authentication); refuses requests
 that write or start work (uploads, segmentations) from a foreign or `null` Origin or without the
@@ -64,8 +64,13 @@ def _host_name(host: str) -> str:
 
 
 def _refusal(viewer: "Viewer", request) -> str | None:
-    """Why `request` is refused (403), or None: a foreign Host, no token, or a write from elsewhere."""
-    if _host_name(request.host or "") not in viewer.hosts:
+    """Why `request` is refused (403), or None: a foreign Host, no token, or a write from elsewhere.
+
+    The Host check guards a viewer on a loopback address, which a DNS-rebinding page reaches under its own
+    name; one that listens on another address (--host) is reached under names this process cannot list,
+    so there the token alone admits. A write must come from the page's own origin (its Origin header, when
+    a browser sends one, is the Host it asked) and carry the page's XSRF token."""
+    if viewer.loopback and _host_name(request.host or "") not in viewer.hosts:
         return f"host {request.host!r} is not this viewer's address"
     if viewer.token is not None:
         given = request.args.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
@@ -74,13 +79,8 @@ def _refusal(viewer: "Viewer", request) -> str | None:
     if request.method in WRITES:
         origin = request.headers.get("Origin")
         if origin is not None:
-            try:
-                parts = urllib.parse.urlsplit(origin)
-                scheme, name, port = parts.scheme, parts.hostname, parts.port
-            except ValueError:  # not a URL a browser sends: no port number after the colon, say
-                scheme = name = port = None
-            own = scheme in ("http", "https") and name in viewer.hosts and (viewer.port is None or port == viewer.port)
-            if not own:
+            parts = urllib.parse.urlsplit(origin)
+            if parts.scheme not in ("http", "https") or parts.netloc.lower() != (request.host or "").lower():
                 return f"request from another site ({origin}) refused"
         given = request.headers.get("X-XSRF-Token") or request.form.get("_xsrf") or ""
         if not hmac.compare_digest(given.encode(), viewer.xsrf.encode()):
@@ -112,7 +112,7 @@ class Viewer:
         self.token = token  # None: no token asked (--no-token, or an app the caller drives itself)
         self.xsrf = secrets.token_urlsafe(24)  # what the page sends with every request that writes
         self.hosts = LOCAL_HOSTS | {_host_name(host)}
-        self.port: int | None = None  # set by start() once the server listens
+        self.loopback = _host_name(host) in LOCAL_HOSTS  # the Host check applies (see _refusal)
 
         self.roots = [Path(r).resolve() for r in (roots or [Path.cwd()])]
         for r in self.roots:
@@ -426,7 +426,6 @@ def start(run_dir: Path, results: Path | None, roots: list[Path], host: str = "1
     except OSError as exc:
         viewer.close()
         raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    viewer.port = server.server_port
     name = f"[{host}]" if ":" in host else host
     return server, viewer, f"http://{name}:{server.server_port}/" + (f"?token={viewer.token}" if viewer.token else "")
 
