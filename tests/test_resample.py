@@ -23,11 +23,22 @@ def _affine(spacing, flips=(False, False, False), permute=False):
     return a
 
 
+def _oblique():
+    a, b = np.deg2rad(12.0), np.deg2rad(7.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]) @ \
+        np.array([[1.0, 0.0, 0.0], [0.0, np.cos(b), -np.sin(b)], [0.0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-0.9, 0.75, 3.5])
+    affine[:3, 3] = [40.0, -12.0, 8.0]
+    return affine
+
+
 CASES = {
     "RAS": (_affine((0.8, 0.7, 3.0)), 1.6),  # finer than the target: shrinks, padded to the roi
     "LPS-like flips": (_affine((0.8, 0.7, 3.0), (True, True, False)), 1.6),
     "all flipped": (_affine((0.9, 0.6, 4.0), (True, False, True)), 0.5),  # coarser: grows, cropped
     "permuted (MONAI's own steps)": (_affine((0.8, 0.7, 3.0), permute=True), 1.6),
+    "oblique": (_oblique(), 1.4),  # axes tilted ~12 degrees, as T2-SPIR series often are
 }
 
 
