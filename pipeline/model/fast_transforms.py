@@ -4,7 +4,7 @@ Each class here computes what the named MONAI transform computes (tests/test_tra
 tests/test_infer.py compare them on the same inputs) and records the same metadata, so that
 `Invertd` undoes it; they differ only in how the arithmetic is laid out (one buffer instead of
 several temporaries, one partition for two percentiles, separable matrix products instead of
-3-D convolutions). `pipeline/model/transforms.py` holds the recipe that uses them.
+3-D convolutions). `pipeline/model/transforms.py` holds the recipe that uses them; `pipeline/model/resample.py` shares their separable products and boxed threshold.
 """
 from __future__ import annotations
 
@@ -130,15 +130,7 @@ class InPlaneResize(Resize):
         out_size = (*self.roi, int(img.shape[3]))
         meta = self._resized_meta(img, out_size)
         x = img.as_tensor().float()  # (C, H, W, Z)
-        c, h, w, z = x.shape
-        (m0, b0), (m1, b1) = self.axis_operator(h, self.roi[0]), self.axis_operator(w, self.roi[1])
-        if x.permute(0, 3, 2, 1).is_contiguous():
-            # Fortran-ordered in plane, as read from DICOM/NIfTI: work on the (C, Z, W, H) view
-            # rather than paying for a transposing copy
-            y = banded_left(m1, banded_right(x.permute(0, 3, 2, 1), m0, b0), b1)  # (C, Z, roi1, roi0)
-            return MetaTensor(y.permute(0, 3, 2, 1).contiguous()).copy_meta_from(meta)
-        y = banded_left(m0, x.reshape(c, h, w * z), b0).reshape(c, self.roi[0], w, z)
-        y = banded_left(m1, y, b1)  # (b, w) @ (..., w, z) -> (C, roi0, roi1, Z)
+        y = separable(x, *self.axis_operator(x.shape[1], self.roi[0]), *self.axis_operator(x.shape[2], self.roi[1]))
         return MetaTensor(y.contiguous()).copy_meta_from(meta)
 
     @classmethod
@@ -150,12 +142,7 @@ class InPlaneResize(Resize):
         with the same values to float32 rounding."""
 
         matrix = cls.axis_matrix(n, m)
-        bands = []
-        for start in range(0, m, block):
-            rows = slice(start, min(start + block, m))
-            cols = torch.nonzero((matrix[rows] != 0).any(dim=0)).flatten()
-            bands.append((rows, slice(int(cols[0]), int(cols[-1]) + 1)))
-        return matrix, tuple(bands)
+        return matrix, matrix_bands(matrix, block)
 
     def inverse(self, data):  # type: ignore[override]
         """Back to the source in-plane size: what `Resize.inverse` does (bilinear, no smoothing),
@@ -197,25 +184,59 @@ class InPlaneResize(Resize):
         x = data.as_tensor().float() if hasattr(data, "as_tensor") else torch.as_tensor(data, dtype=torch.float32)
         if x.ndim != 4 or x.shape[0] != 1 or len(orig) != 3 or orig[2] != x.shape[3]:
             raise ValueError(f"inverse_mask expects (1, H, W, Z) keeping Z, got {tuple(x.shape)} -> {orig}")
-        out = np.zeros(orig, dtype=bool, order="F")
-        hit = (x[0] >= threshold).numpy()
-        if not hit.any():
-            return out
-        box_in, weights = [], []
-        for axis, (n, m) in enumerate(zip(x.shape[1:3], orig[:2])):
-            on = np.flatnonzero(hit.any(axis=tuple(a for a in range(3) if a != axis)))
-            matrix = self.axis_matrix(n, m, anti_aliasing=False)  # what `inverse` interpolates with
-            rows = np.flatnonzero((matrix[:, on[0]:on[-1] + 1] > 0).any(dim=1).numpy())  # outputs that can reach it
-            cols = np.flatnonzero((matrix[rows[0]:rows[-1] + 1] > 0).any(dim=0).numpy())  # inputs they read
-            box_in.append(slice(int(cols[0]), int(cols[-1]) + 1))
-            weights.append((slice(int(rows[0]), int(rows[-1]) + 1), matrix[rows[0]:rows[-1] + 1, box_in[-1]]))
-        (rows0, w0), (rows1, w1) = weights
-        on_z = np.flatnonzero(hit.any(axis=(0, 1)))
-        z = slice(int(on_z[0]), int(on_z[-1]) + 1)
-        crop = x[0, box_in[0], box_in[1], z].permute(2, 0, 1)  # (Z', h', w')
-        values = torch.matmul(torch.matmul(w0, crop), w1.T)  # (Z', H', W')
-        out[rows0, rows1, z] = (values >= threshold).permute(1, 2, 0).numpy()
+        # what `inverse` interpolates with, per axis: (source size, model size)
+        w0, w1 = (self.axis_matrix(n, m, anti_aliasing=False) for n, m in zip(x.shape[1:3], orig[:2]))
+        return threshold_separable(x[0], w0, w1, orig, threshold)
+
+
+def matrix_bands(matrix: "torch.Tensor", block: int = 32) -> tuple[tuple[slice, slice], ...]:
+    """A banded matrix's bands: blocks of `block` rows, each with the range of columns it reads (one
+    zero-weight column for rows that read nothing, e.g. padding)."""
+    bands = []
+    for start in range(0, matrix.shape[0], block):
+        rows = slice(start, min(start + block, matrix.shape[0]))
+        cols = torch.nonzero((matrix[rows] != 0).any(dim=0)).flatten()
+        bands.append((rows, slice(int(cols[0]), int(cols[-1]) + 1) if cols.numel() else slice(0, 1)))
+    return tuple(bands)
+
+
+def separable(x: "torch.Tensor", m0: "torch.Tensor", bands0, m1: "torch.Tensor", bands1) -> "torch.Tensor":
+    """(C, H, W, Z) -> (C, R0, R1, Z): m0 (R0, H) along the first axis and m1 (R1, W) along the second,
+    band by band. A volume Fortran-ordered in plane (as read from DICOM / NIfTI) is worked on as its
+    (C, Z, W, H) view, with no transposing copy; the result then keeps that layout (a permuted view)."""
+    if x.permute(0, 3, 2, 1).is_contiguous():
+        y = banded_left(m1, banded_right(x.permute(0, 3, 2, 1), m0, bands0), bands1)  # (C, Z, R1, R0)
+        return y.permute(0, 3, 2, 1)
+    c, h, w, z = x.shape
+    y = banded_left(m0, x.reshape(c, h, w * z), bands0).reshape(c, m0.shape[0], w, z)
+    return banded_left(m1, y, bands1)  # (b, w) @ (..., w, z) -> (C, R0, R1, Z)
+
+
+def threshold_separable(x: "torch.Tensor", w0: "torch.Tensor", w1: "torch.Tensor", out_shape: Sequence[int],
+                        threshold: float) -> np.ndarray:
+    """`(w0 @ x[:, :, z] @ w1.T) >= threshold` for every slice z of x (H, W, Z), as a bool (N0, N1, Z) array in
+    NIfTI's memory layout, computed only where the threshold can be reached: w0 (N0, H) and w1 (N1, W) hold
+    non-negative weights summing to at most 1 per row, so a value reaches the threshold only where one of
+    the pixels it reads does. Only the box of rows reading such pixels is computed, the rest is False."""
+    out = np.zeros(tuple(out_shape), dtype=bool, order="F")
+    hit = (x >= threshold).numpy()
+    if not hit.any():
         return out
+    boxes = []
+    for axis, matrix in enumerate((w0, w1)):
+        on = np.flatnonzero(hit.any(axis=tuple(a for a in range(3) if a != axis)))
+        rows = np.flatnonzero((matrix[:, on[0]:on[-1] + 1] > 0).any(dim=1).numpy())  # outputs that can reach it
+        if not rows.size:
+            return out
+        cols = np.flatnonzero((matrix[rows[0]:rows[-1] + 1] > 0).any(dim=0).numpy())  # inputs they read
+        boxes.append((slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)))
+    (rows0, cols0), (rows1, cols1) = boxes
+    on_z = np.flatnonzero(hit.any(axis=(0, 1)))
+    z = slice(int(on_z[0]), int(on_z[-1]) + 1)
+    crop = x[cols0, cols1, z].permute(2, 0, 1)  # (Z', h', w')
+    values = torch.matmul(torch.matmul(w0[rows0, cols0], crop), w1[rows1, cols1].T)  # (Z', H', W')
+    out[rows0, rows1, z] = (values >= threshold).permute(1, 2, 0).numpy()
+    return out
 
 
 def banded_left(matrix: "torch.Tensor", x: "torch.Tensor", bands) -> "torch.Tensor":

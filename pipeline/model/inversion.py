@@ -49,8 +49,7 @@ def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...]) -
     later = steps[first[0] + 1:]
     if len(ops) > 1:
         pred = source_grid_inverter(Compose(later))({"pred": pred, "image": image})["pred"]
-    step = steps[first[0]]
-    mask = step.inverse_mask(pred, 0.5) if isinstance(step, InPlaneResampled) else step.resizer.inverse_mask(pred, 0.5)
+    mask = steps[first[0]].inverse_mask(pred, 0.5)
     if mask.shape != tuple(shape):
         raise RuntimeError(f"inverted prediction {mask.shape} != image {tuple(shape)}")
     return mask

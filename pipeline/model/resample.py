@@ -27,7 +27,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import InvertibleTransform, MapTransform, Orientationd, ResizeWithPadOrCropd, Spacingd
 
-from pipeline.model.fast_transforms import banded_left, banded_right
+from pipeline.model.fast_transforms import matrix_bands, separable, threshold_separable
 
 ORIENTATION = "RAS"
 
@@ -109,18 +109,6 @@ def inverse_matrix(ax: AxisMap) -> torch.Tensor:
     return torch.as_tensor(matrix[::-1].copy() if ax.flip else matrix, dtype=torch.float32)
 
 
-def _bands(matrix: torch.Tensor, block: int = 32) -> tuple:
-    bands = []
-    for start in range(0, matrix.shape[0], block):
-        rows = slice(start, min(start + block, matrix.shape[0]))
-        cols = torch.nonzero((matrix[rows] != 0).any(dim=0)).flatten()
-        if cols.numel():
-            bands.append((rows, slice(int(cols[0]), int(cols[-1]) + 1)))
-        else:  # rows of padding: read one column with zero weights
-            bands.append((rows, slice(0, 1)))
-    return tuple(bands)
-
-
 class InPlaneResampled(MapTransform, InvertibleTransform):
     """Orientationd(RAS) + Spacingd((spacing, spacing, -1), bilinear) + ResizeWithPadOrCropd(roi) on
     "image" (C, X, Y, Z), in one separable pass when reorienting only flips axes; see the module doc."""
@@ -133,10 +121,10 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self._forward(d[key], key)
+            d[key] = self._forward(d[key])
         return d
 
-    def _forward(self, img, key: Hashable):
+    def _forward(self, img):
         from monai.data import MetaTensor
         from monai.transforms.inverse import TraceableTransform
 
@@ -149,14 +137,7 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
             return d["image"]
         ax0, ax1, flip_z, out_shape, _ = found
         m0, m1 = forward_matrix(ax0), forward_matrix(ax1)
-        x = img.as_tensor().float()
-        if x.permute(0, 3, 2, 1).is_contiguous():  # Fortran-ordered in plane, as read from DICOM / NIfTI
-            y = banded_left(m1, banded_right(x.permute(0, 3, 2, 1), m0, _bands(m0)), _bands(m1))  # (C, Z, r1, r0)
-            y = y.permute(0, 3, 2, 1)
-        else:
-            c, h, w, z = x.shape
-            y = banded_left(m0, x.reshape(c, h, w * z), _bands(m0)).reshape(c, ax0.roi, w, z)
-            y = banded_left(m1, y, _bands(m1))
+        y = separable(img.as_tensor().float(), m0, matrix_bands(m0), m1, matrix_bands(m1))
         if flip_z:
             y = y.flip(3)
         xform = np.linalg.solve(np.asarray(img.affine, dtype=np.float64), found[4])  # output index -> source index
@@ -191,17 +172,16 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
         if flip_z:
             x = x.flip(3)
         i0, i1 = inverse_matrix(ax0), inverse_matrix(ax1)
-        y = banded_right(x.permute(0, 3, 2, 1).contiguous(), i0, _bands(i0))  # (C, Z, r1, n0)
-        y = banded_left(i1, y, _bands(i1))  # (C, Z, n1, n0): NIfTI's memory layout once permuted
-        return MetaTensor(y.permute(0, 3, 2, 1)).copy_meta_from(meta)
+        # laid out as (C, Z, r1, r0): the result comes in NIfTI's memory layout, as a mask is written
+        x = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+        return MetaTensor(separable(x, i0, matrix_bands(i0), i1, matrix_bands(i1))).copy_meta_from(meta)
 
     def inverse_mask(self, img, threshold: float) -> np.ndarray:
         """`inverse(img)[0] >= threshold` for a one-channel probability map (1, r0, r1, Z), as a bool
         (n0, n1, Z) array in NIfTI's memory layout, computed only where the threshold can be reached.
 
         Each source value is a combination of model pixels with non-negative weights summing to at most
-        1, so it reaches the threshold only where one of them does: only the source box whose rows read
-        the model pixels at or above the threshold is computed, the rest is False. Equal to thresholding
+        1 (threshold_separable computes only the box that can reach the threshold). Equal to thresholding
         `inverse` except where the probability lies within float32 rounding of the threshold.
         """
         from monai.utils import TraceKeys
@@ -216,27 +196,7 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
             raise ValueError(f"inverse_mask expects one channel (1, H, W, Z), got {tuple(x.shape)}")
         if flip_z:
             x = x.flip(3)
-        out = np.zeros(orig, dtype=bool, order="F")
-        hit = (x[0] >= threshold).numpy()
-        if not hit.any():
-            return out
-        boxes = []
-        for axis, ax in enumerate((ax0, ax1)):
-            on = np.flatnonzero(hit.any(axis=tuple(a for a in range(3) if a != axis)))
-            matrix = inverse_matrix(ax)
-            rows = np.flatnonzero((matrix[:, on[0]:on[-1] + 1] > 0).any(dim=1).numpy())  # sources that can reach it
-            if not rows.size:
-                return out
-            cols = np.flatnonzero((matrix[rows[0]:rows[-1] + 1] > 0).any(dim=0).numpy())  # model pixels they read
-            boxes.append((slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1),
-                          matrix[rows[0]:rows[-1] + 1, int(cols[0]):int(cols[-1]) + 1]))
-        (rows0, cols0, w0), (rows1, cols1, w1) = boxes
-        on_z = np.flatnonzero(hit.any(axis=(0, 1)))
-        z = slice(int(on_z[0]), int(on_z[-1]) + 1)
-        crop = x[0, cols0, cols1, z].permute(2, 0, 1)  # (Z', h', w')
-        values = torch.matmul(torch.matmul(w0, crop), w1.T)  # (Z', H', W')
-        out[rows0, rows1, z] = (values >= threshold).permute(1, 2, 0).numpy()
-        return out
+        return threshold_separable(x[0], inverse_matrix(ax0), inverse_matrix(ax1), orig, threshold)
 
 
 def _recorded(op: dict) -> tuple[AxisMap, AxisMap, bool, tuple[int, ...]]:

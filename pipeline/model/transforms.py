@@ -112,6 +112,10 @@ class InPlaneResized(MapTransform, InvertibleTransform):
             d[key] = self.resizer.inverse(d[key])
         return d
 
+    def inverse_mask(self, img, threshold: float) -> np.ndarray:
+        """`inverse(img)[0] >= threshold` over the liver's box only (InPlaneResize.inverse_mask)."""
+        return self.resizer.inverse_mask(img, threshold)
+
 
 class NeighbourSlicesd(MapTransform):
     """(1, H, W, D) -> (1 + 2k, H, W, D): channel j holds slice z + j - k (edges repeated).
