@@ -72,7 +72,7 @@ def _write_dicom(run: LoadedRun, case: InferCase, seg: Segmentation, geom, out_d
     from pipeline.outputs.dicom_objects import source_headers, write_rtstruct, write_seg
 
     try:
-        notes = source_headers(geom, case.case)[1]
+        headers, notes = source_headers(geom, case.case)  # once for both objects
     except PipelineError as exc:  # nothing valid can reference this source: every DICOM format refused
         log.warning("%s", exc)
         return [str(exc)]
@@ -82,7 +82,8 @@ def _write_dicom(run: LoadedRun, case: InferCase, seg: Segmentation, geom, out_d
         writer = write_seg if name == "dicom-seg" else write_rtstruct
         with stages(name):
             try:
-                writer(out_dir / results.dicom_name(case.case, name), seg.mask, geom, case=case.case, run_name=run.name)
+                writer(out_dir / results.dicom_name(case.case, name), seg.mask, geom, case=case.case, run_name=run.name,
+                       headers=headers)
             except PipelineError as exc:
                 log.warning("%s", exc)
                 notes.append(str(exc))

@@ -143,10 +143,6 @@ def source_headers(geometry: SeriesGeometry, case: str) -> tuple[list, list[str]
     return headers, notes
 
 
-def _source_headers(geometry: SeriesGeometry, case: str) -> list:
-    return source_headers(geometry, case)[0]
-
-
 def check_references(ds, case: str, what: str) -> None:
     """The object `ds` (a SEG or an RTSTRUCT) refers to itself and to its sources with valid UIDs:
     checked before it is written, rather than trusting what was copied. PipelineError naming the attribute."""
@@ -168,16 +164,18 @@ def check_references(ds, case: str, what: str) -> None:
     walk(ds, "")
 
 
-def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str) -> Path:
+def write_seg(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str,
+              headers: list | None = None) -> Path:
     """Write the liver mask (X, Y, Z, NIfTI order, liver > 0) as a BINARY DICOM SEG of the source series.
 
     Frames without liver are left out (highdicom's default; the SEG still references every source
     image in its Referenced Series Sequence); a mask without any liver keeps one empty frame.
+    `headers`: source_headers(geometry, case)'s, when the caller has them already.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    headers = _source_headers(geometry, case)
+    headers = headers if headers is not None else source_headers(geometry, case)[0]
     frames = (source_frames(mask, geometry) > 0).astype(np.uint8)
     if geometry.frame_numbers:  # a multi-frame source: one SEG frame per source frame, the stack's filled
         if len(set(geometry.files)) > 1:
@@ -267,13 +265,15 @@ def slice_contours(plane: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str) -> Path:
+def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, case: str, run_name: str,
+                   headers: list | None = None) -> Path:
     """Write the liver mask (X, Y, Z, NIfTI order) as an RT Structure Set with one ROI "Liver": closed
     planar contours per source image, in patient coordinates (mm), each referencing its image.
 
     Written with pydicom: highdicom has no RT Structure Set writer, and rt-utils (the usual choice)
     writes contour coordinates longer than a DS value may be. The patient and study modules are
     copied from the source (type-2 attributes present, empty when the source lacks them).
+    `headers`: source_headers(geometry, case)'s, when the caller has them already.
     """
     import datetime
 
@@ -284,7 +284,7 @@ def write_rtstruct(path: Path, mask: np.ndarray, geometry: SeriesGeometry, *, ca
 
     from pipeline.core.labels import LIVER_RGB
 
-    headers = _source_headers(geometry, case)
+    headers = headers if headers is not None else source_headers(geometry, case)[0]
     first = headers[0]
     frame_of_reference = str(first.get("FrameOfReferenceUID", "") or "")
     now = datetime.datetime.now()
