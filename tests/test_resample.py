@@ -65,11 +65,23 @@ def _liver_like(shape) -> torch.Tensor:
     return torch.clamp(1.3 - 2.0 * sum(g ** 2 for g in grid), 0, 1)[None]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_the_image_on_the_models_grid_is_monais_to_float_rounding(name):
+def _case(name):
+    """(volume, its affine, MONAI's chain, its image, InPlaneResampled's chain, its image) of CASES[name]."""
     affine, spacing = CASES[name]
     volume = _volume()
-    _, ref, _, fast = _both(volume, affine, spacing)
+    return (volume, affine, *_both(volume, affine, spacing))
+
+
+def _boxed_and_full(ref_chain, ref, fast_chain, fast, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(InPlaneResampled's boxed mask of `probs`, the threshold of MONAI's full inversion of them)."""
+    full = np.asarray(_invert(ref_chain, ref, probs)[0]) >= 0.5
+    pred = MetaTensor(probs.clone(), meta=fast.meta, applied_operations=list(fast.applied_operations))
+    return fast_chain.transforms[0].inverse_mask(pred, 0.5), full
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_image_on_the_models_grid_is_monais_to_float_rounding(name):
+    _, _, _, ref, _, fast = _case(name)
     assert tuple(fast.shape) == tuple(ref.shape) and tuple(fast.shape[1:3]) == ROI
     assert np.allclose(np.asarray(fast.affine), np.asarray(ref.affine), atol=1e-6)
     assert torch.allclose(fast.as_tensor(), ref.as_tensor(), atol=1e-3 * float(ref.abs().max()))
@@ -77,9 +89,7 @@ def test_the_image_on_the_models_grid_is_monais_to_float_rounding(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_probabilities_go_back_as_monais_invertd_takes_them(name):
-    affine, spacing = CASES[name]
-    volume = _volume()
-    ref_chain, ref, fast_chain, fast = _both(volume, affine, spacing)
+    volume, affine, ref_chain, ref, fast_chain, fast = _case(name)
     probs = _liver_like(ref.shape[1:])
     back_ref, back_fast = _invert(ref_chain, ref, probs), _invert(fast_chain, fast, probs)
     assert tuple(back_fast.shape) == tuple(back_ref.shape) == (1, *volume.shape)
@@ -89,13 +99,9 @@ def test_probabilities_go_back_as_monais_invertd_takes_them(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_boxed_mask_is_the_threshold_of_the_full_inverse(name):
-    affine, spacing = CASES[name]
-    volume = _volume()
-    ref_chain, ref, fast_chain, fast = _both(volume, affine, spacing)
+    volume, _, ref_chain, ref, fast_chain, fast = _case(name)
     probs = _liver_like(ref.shape[1:])
-    full = np.asarray(_invert(ref_chain, ref, probs)[0]) >= 0.5
-    pred = MetaTensor(probs.clone(), meta=fast.meta, applied_operations=list(fast.applied_operations))
-    mask = fast_chain.transforms[0].inverse_mask(pred, 0.5)
+    mask, full = _boxed_and_full(ref_chain, ref, fast_chain, fast, probs)
     assert mask.shape == volume.shape and full.any() and not full.all()
     assert np.array_equal(mask, full)
     pred = MetaTensor(torch.zeros_like(probs), meta=fast.meta, applied_operations=list(fast.applied_operations))
@@ -111,7 +117,4 @@ def test_real_series_resample_and_invert_as_monai_does(real_chaos, series, spaci
     vol = read_dicom_series(real_chaos / "Train_Sets" / series)
     ref_chain, ref, fast_chain, fast = _both(vol.array, vol.affine, spacing)
     assert torch.allclose(fast.as_tensor(), ref.as_tensor(), atol=1e-3)
-    probs = _liver_like(ref.shape[1:])
-    full = np.asarray(_invert(ref_chain, ref, probs)[0]) >= 0.5
-    pred = MetaTensor(probs.clone(), meta=fast.meta, applied_operations=list(fast.applied_operations))
-    assert np.array_equal(fast_chain.transforms[0].inverse_mask(pred, 0.5), full)
+    assert np.array_equal(*_boxed_and_full(ref_chain, ref, fast_chain, fast, _liver_like(ref.shape[1:])))
