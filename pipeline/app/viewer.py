@@ -199,8 +199,9 @@ class Viewer:
             if source is None and not image_file.is_file():
                 log.warning("%s: its image is not available (inference.json names no input), not listed", name)
                 continue
-            extra = {infer_results.dicom_name(name, fmt).removeprefix(f"{name}_liver."): results / infer_results.dicom_name(name, fmt)
-                     for fmt in infer_results.DICOM_SUFFIXES if (results / infer_results.dicom_name(name, fmt)).is_file()}
+            extra = {ending: results / infer_results.liver_file(name, ending)
+                     for ending in infer_results.DICOM_ENDINGS.values()
+                     if (results / infer_results.liver_file(name, ending)).is_file()}
             self._register(name, str(results), _loader(name, source, image_file, mask_file, extra, row.get("qc", [])),
                            dice=row.get("dice"), liver_ml=row.get("liver_ml"), metrics=metrics.get(name))
 
@@ -404,7 +405,7 @@ def create_app(viewer: Viewer):
         if what == "mask.nii.gz" and view.mask_file is not None:
             return send_file(view.mask_file, as_attachment=True, download_name=infer_results.mask_name(name))
         if what in view.extra_files:
-            return send_file(view.extra_files[what], as_attachment=True, download_name=f"{name}_liver.{what}")
+            return send_file(view.extra_files[what], as_attachment=True, download_name=infer_results.liver_file(name, what))
         raise PipelineError(f"{view.name}: nothing to download as {what}")
 
     return app

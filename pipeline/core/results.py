@@ -25,11 +25,16 @@ SHARDS = "shards"
 MASK_SUFFIX = "_liver.nii.gz"
 MONTAGE_SUFFIX = "_montage.png"
 PNG_SUFFIX = "_png"
-DICOM_SUFFIXES = {"dicom-seg": "_liver.seg.dcm", "rtstruct": "_liver.rtstruct.dcm"}
+DICOM_ENDINGS = {"dicom-seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}  # <case>_liver.<ending>
+
+
+def liver_file(case: str, ending: str) -> str:
+    """<case>_liver.<ending>: the mask ("nii.gz") and the DICOM objects (DICOM_ENDINGS)."""
+    return f"{case}_liver.{ending}"
 
 
 def mask_name(case: str) -> str:
-    return f"{case}{MASK_SUFFIX}"
+    return liver_file(case, "nii.gz")
 
 
 def image_name(case: str) -> str:
@@ -46,7 +51,7 @@ def png_folder_name(case: str) -> str:
 
 def dicom_name(case: str, fmt: str) -> str:
     """<case>_liver.seg.dcm (fmt "dicom-seg") or <case>_liver.rtstruct.dcm ("rtstruct")."""
-    return f"{case}{DICOM_SUFFIXES[fmt]}"
+    return liver_file(case, DICOM_ENDINGS[fmt])
 
 
 def case_of(name: str, suffix: str) -> str | None:

@@ -64,7 +64,7 @@ def _write_dicom(run: LoadedRun, case: InferCase, seg: Segmentation, geom, out_d
     What the source lacked is noted (pipeline.outputs.dicom_objects explains each attribute); a format
     the source cannot give a valid object for is refused with one warning line, the case goes on.
     Returns the notes (one line each) for the case's row."""
-    asked = [name for name in results.DICOM_SUFFIXES if name in formats]
+    asked = [name for name in results.DICOM_ENDINGS if name in formats]
     if not asked:
         return None
     if geom is None:
