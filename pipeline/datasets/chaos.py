@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import pydicom
 from PIL import Image
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import safe_name
 from pipeline.core.labels import LIVER
 from pipeline.dicom.geometry import SeriesGeometry, natural_key
+from pipeline.dicom.headers import read_header
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _pair_by_stem(case: CaseSource, pngs: list[Path], files: list[Path]) -> dict
 
 
 def _position(path: Path) -> np.ndarray:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ImagePositionPatient"])
+    ds = read_header(path, specific_tags=["ImagePositionPatient"])
     return np.array([float(v) for v in ds.ImagePositionPatient])
 
 

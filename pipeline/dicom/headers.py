@@ -38,14 +38,15 @@ class NotDicomError(PipelineError):
     """The file is not DICOM at all (no preamble and no recognisable elements): callers skip it."""
 
 
-def read_header(path: Path, with_pixels: bool = False) -> pydicom.Dataset:
+def read_header(path: Path, with_pixels: bool = False, specific_tags: list[str] | None = None) -> pydicom.Dataset:
     """The one place a DICOM file's header is read: pydicom with lenient value checks, the elements the
     pipeline uses (USED) converted at once. Whatever pydicom raises for damaged bytes (a truncated or
     garbled element, a value length that does not fit its VR, an undecodable character set) becomes one
-    PipelineError naming the file; NotDicomError for a file that is not DICOM."""
+    PipelineError naming the file; NotDicomError for a file that is not DICOM. `specific_tags`: read
+    only those elements (a quick scan)."""
     with lenient_values():
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels, specific_tags=specific_tags)
             for keyword in USED:
                 ds.get(keyword)
             getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import safe_name
 from pipeline.dicom.geometry import natural_key
 from pipeline.dicom.headers import DIRECTORY_SOP as _DIRECTORY_SOP
 from pipeline.dicom.headers import NOT_IMAGES as _SKIP_NAMES
-from pipeline.dicom.headers import lenient_values
+from pipeline.dicom.headers import NotDicomError, lenient_values, read_header
 from pipeline.dicom.multiframe import frames_of, group_stacks
 
 log = logging.getLogger(__name__)
@@ -83,17 +82,12 @@ def scan_study(root: Path) -> StudyScan:
             skipped.append((rel, "DICOMDIR" if path.name == "DICOMDIR" else "not a DICOM image file"))
             continue
         try:
-            with lenient_values():
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-                for keyword in _TAGS:  # converted now, under the lenient checks
-                    ds.get(keyword)
-                for keyword in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
-                    getattr(getattr(ds, "file_meta", None), keyword, None)
-        except InvalidDicomError:
+            ds = read_header(path, specific_tags=_TAGS)
+        except NotDicomError:
             skipped.append((rel, "not a DICOM file"))
             continue
-        except Exception as exc:  # noqa: BLE001 - any damage in one file must not stop the scan; it is named
-            skipped.append((rel, f"unreadable DICOM file ({type(exc).__name__}: {exc})"[:200]))
+        except PipelineError as exc:  # damage in one file does not stop the scan; it is named
+            skipped.append((rel, str(exc).removeprefix(f"{path}: ")))
             continue
         sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
         modality = str(ds.get("Modality", "") or "")
@@ -118,7 +112,7 @@ def scan_study(root: Path) -> StudyScan:
     for uid, members in multiframe.items():
         try:
             with lenient_values():
-                headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p, _ in members}
+                headers = {p: read_header(p) for p, _ in members}
                 stacks = group_stacks([f for p, ds in headers.items() for f in frames_of(p, ds)])
         except PipelineError as exc:
             skipped.append((str(members[0][0].relative_to(root)), str(exc)))
