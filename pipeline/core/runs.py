@@ -191,17 +191,22 @@ def _cell(column: str, text: str | None):
     return int(value) if column == "epoch" else value
 
 
+def improves(row: Mapping, best_dice: float) -> bool:
+    """The best-epoch rule: an epoch is the new best when its val_dice_mean (a number or its text) is
+    finite and higher than the best so far (the first of equal epochs stays). Training saves best.pt by it."""
+    try:
+        dice = float(row.get("val_dice_mean"))
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(dice) and dice > best_dice
+
+
 def best_row(rows: Iterable[Mapping]) -> Mapping | None:
-    """The best epoch of a fold: the first row with the highest val_dice_mean (numbers or their text);
-    None when no epoch was validated. Training saves best.pt by this rule; report and curves read it."""
+    """The best epoch of a fold by `improves`; None when no epoch was validated (report and curves)."""
     best, best_dice = None, -math.inf
     for row in rows:
-        try:
-            dice = float(row.get("val_dice_mean"))
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(dice) and dice > best_dice:
-            best, best_dice = row, dice
+        if improves(row, best_dice):
+            best, best_dice = row, float(row["val_dice_mean"])
     return best
 
 

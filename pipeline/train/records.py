@@ -68,7 +68,7 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
 def finish_epoch(fold_dir: Path, state: FoldState, row: dict, cfg: Config, patients: list[str]) -> None:
     """Best checkpoint on a new best mean Dice, last checkpoint always, metrics, summary line."""
     dice = row.get("val_dice_mean")
-    if dice is not None and dice > state.best_dice:
+    if runs.improves(row, state.best_dice):
         state.best_dice, state.best_epoch = dice, state.epoch
         save_checkpoint(runs.checkpoint_path(fold_dir, "best"), state, cfg)
     save_checkpoint(runs.checkpoint_path(fold_dir, "last"), state, cfg)
