@@ -156,6 +156,13 @@ def test_slice_smoothing_averages_each_slice_with_its_neighbours():
     expected = (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3
     np.testing.assert_allclose(smooth_through_slices(probs, 1), expected, atol=1e-6)
     assert smooth_through_slices(probs, 0) is probs
+    from monai.transforms import SavitzkyGolaySmooth
+
+    for neighbours, depth in ((1, 9), (3, 9), (4, 7), (5, 2)):  # windows wider than the volume too
+        column = torch.rand(2, 3, 4, depth)
+        monai_moving_average = SavitzkyGolaySmooth(window_length=2 * neighbours + 1, order=0, axis=3, mode="replicate")
+        torch.testing.assert_close(smooth_through_slices(column, neighbours), monai_moving_average(column),
+                                   rtol=0, atol=1e-6)
     # what it is for: a lone slice called liver is dropped, a slice missed between two is filled
     column = torch.tensor([0.0, 0.0, 0.9, 0.0, 0.0, 0.9, 0.9, 0.2, 0.9, 0.9]).reshape(1, 1, 1, 10)
     assert (smooth_through_slices(column, 1) >= 0.5).flatten().tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
