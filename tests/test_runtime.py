@@ -39,8 +39,8 @@ def test_the_infer_command_tunes_the_process_once_the_run_is_loaded(tmp_path, mo
     from helpers import ellipsoid_volume, write_tiny
 
     events = []
-    load_run = inference.load_run
-    monkeypatch.setattr(inference, "load_run", lambda *a, **k: events.append("loaded") or load_run(*a, **k))
+    load_runs = inference.load_runs
+    monkeypatch.setattr(inference, "load_runs", lambda *a, **k: events.append("loaded") or load_runs(*a, **k))
     monkeypatch.setattr(runtime, "freeze_long_lived_objects", lambda: events.append("frozen"))
     write_tiny(tmp_path / "s", ellipsoid_volume())
     res = run_main("infer", "--run-dir", str(make_run(tmp_path / "run")), "--input", str(tmp_path / "s"),

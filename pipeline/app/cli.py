@@ -53,11 +53,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
-def _run_dir(p: argparse.ArgumentParser, help: str) -> None:
+def _run_dir(p: argparse.ArgumentParser, help: str, many: bool = False) -> None:
     # --run-dir, not --run: torchrun's parser takes `--run` for its own `--run-path` option and stops
     # ("ambiguous option") when `torchrun run.py train --run ...` is typed without `--`.
     p.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, metavar="RUN_DIR",
-                   help=f"{help} (--run also works outside torchrun)")
+                   action="append" if many else "store",
+                   help=f"{help} (--run also works outside torchrun)"
+                        + ("; repeat it to fuse runs: their probabilities averaged on the source grid" if many else ""))
 
 
 def _config(args, extra: list[str] | None = None):
@@ -214,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="DICOM series or prepared NIfTI -> one NIfTI liver mask per case")
-    _run_dir(p, "trained run folder")
+    _run_dir(p, "trained run folder (or its zip)", many=True)
     p.add_argument("--input", type=Path, required=True,
                    help="CHAOS root, a single DICOM series folder, or a prepared folder / datalist.json")
     p.add_argument("--out", type=Path, required=True, help="output folder")

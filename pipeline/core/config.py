@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import yaml
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.plans import network_divisor, plan_dynunet
 from pipeline.core.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ class ModelConfig:
     # trained on every labelled organ (liver, kidneys, spleen: labels.ORGANS, one output each) instead of
     # liver against the rest; infer still writes the liver alone
     organs: bool = False
+    # planes the slice-wise network is trained on and predicts along (multi-planar 2D): axial, coronal,
+    # sagittal; infer averages the views' probabilities on the source grid. Views besides axial need a
+    # pixel spacing (train.pixel_spacing auto or mm): the volume is resampled to that spacing on all three axes
+    views: list[str] = field(default_factory=lambda: ["axial"])
+
+
+VIEWS = ("axial", "coronal", "sagittal")
 
 
 @dataclass
@@ -268,33 +275,6 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_value(dotted, value, hints[key]))
 
 
-MIN_FEATURE_MAP = 8  # nnU-Net stops down-sampling an axis before its feature map would go below this
-
-
-def plan_dynunet(roi: Sequence[int], levels: int) -> list[list[int]]:
-    """nnU-Net's rule for the strides of a 2D DynUNet with at most `levels` resolution levels:
-    halve an axis while its feature map stays >= MIN_FEATURE_MAP. Returns the strides per level
-    ([1, 1] first: the input level), one list per level actually used."""
-    size, strides = [int(r) for r in roi], [[1, 1]]
-    while len(strides) < levels:
-        step = [2 if s // 2 >= MIN_FEATURE_MAP else 1 for s in size]
-        if step == [1, 1]:
-            break
-        size = [s // k for s, k in zip(size, step)]
-        strides.append(step)
-    return strides
-
-
-def network_divisor(m: "ModelConfig", roi: Sequence[int]) -> list[int]:
-    """Per axis, the factor an input size must be a multiple of for `m`'s network to down-sample and
-    up-sample it back to the same size (the product of its strides)."""
-    if m.name == "dynunet":
-        return [math.prod(s[a] for s in plan_dynunet(roi, len(m.channels))) for a in (0, 1)]
-    if m.name in ("unet", "attentionunet"):
-        return [math.prod(m.strides)] * 2
-    return [2 ** (len(m.channels) - 1)] * 2  # segresnet, basicunet: one halving per level
-
-
 def train_input_size(t: "TrainConfig") -> list[int]:
     """The in-plane size of a training batch's slices: train.patch_size, or the whole roi."""
     return list(t.patch_size or t.roi_size)
@@ -332,6 +312,11 @@ def validate(cfg: Config) -> Config:
          f"got {m.deep_supervision_levels}"),
         ("model.act", m.act == "auto" or m.name != "attentionunet",
          f"MONAI's AttentionUnet has a fixed activation: expected auto, got {m.act}"),
+        ("model.views", bool(m.views) and len(set(m.views)) == len(m.views) and set(m.views) <= set(VIEWS),
+         f"expected one or more of {', '.join(VIEWS)}, each once, got {m.views}"),
+        ("model.views", m.views == ["axial"] or t.pixel_spacing == "auto" or t.pixel_spacing > 0,
+         f"views besides axial resample the volume to train.pixel_spacing on every axis: expected auto or mm > 0, "
+         f"got {t.pixel_spacing}"),
         ("model.dropout", 0.0 <= m.dropout < 1.0, f"expected a value in [0, 1), got {m.dropout}"),
         ("train.roi_size", len(t.roi_size) == 2 and min(t.roi_size, default=0) >= 8,
          f"expected [H, W] with both >= 8, got {t.roi_size}"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from pipeline.core.console import format_table, progress
 from pipeline.core.errors import PipelineError
 from pipeline.dicom.volume import Volume, write_nifti
 from pipeline.infer.inputs import InferCase, collect_inputs
-from pipeline.infer.loaded import LoadedRun, load_run
+from pipeline.infer.loaded import LoadedRun, load_runs
 from pipeline.infer.segment import Segmentation, Stages, segment_volume
 from pipeline.infer.shards import merge_shards, parse_shard, torchrun_shard
 from pipeline.infer.writers import parse_formats, write_chaos_png, write_label_descriptions
@@ -141,11 +141,12 @@ def segment_cases(run: LoadedRun, cases: list[InferCase], out_dir: Path, fmt: st
     return rows, skipped
 
 
-def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
+def run_inference(run_dir: Path | Sequence[Path], input_path: Path, out_dir: Path, overrides: Iterable[str] = (),
                   config_path: Path | None = None, fold: str | None = None, patients: str | None = None,
                   sequences: str | None = None, series: str | None = None, fmt: str = "nifti",
                   shard: str | None = None, on_loaded: Callable[[LoadedRun], None] | None = None) -> list[dict]:
     """Segment every selected case of `input_path` with the run's model(s); returns one row per case.
+    Several run folders are fused (loaded.load_runs): their probabilities averaged on the source grid.
     `on_loaded(run)` is called once the run's models are loaded, before the first case.
 
     shard "K/N": only every N-th case from the K-th (for a scheduler's array jobs); under torchrun
@@ -166,13 +167,14 @@ def run_inference(run_dir: Path, input_path: Path, out_dir: Path, overrides: Ite
         for what, why in skipped_inputs:
             log.warning("%s: skipped, %s", what, why)
         skipped = [{"input": what, "reason": why} for what, why in skipped_inputs]
-    run = load_run(run_dir, fold, overrides, config_path)
+    run = load_runs(run_dir, fold, overrides, config_path)
     if on_loaded is not None:
         on_loaded(run)
     rows, failed = segment_cases(run, cases, out_dir, fmt, desc="infer" if n == 1 else f"infer {k}/{n}",
                                  shared_files=k == 0)
     skipped += failed
-    head = {"run": str(run_dir), "input": str(Path(input_path).resolve()), "folds": run.folds}
+    run_dirs = [str(d) for d in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    head = {"run": run_dirs[0] if len(run_dirs) == 1 else run_dirs, "input": str(Path(input_path).resolve()), "folds": run.folds}
     if n == 1:
         if not rows:
             raise PipelineError(f"{input_path}: no series could be segmented ({len(skipped)} skipped, listed above)")

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from pipeline.core import runs
 from pipeline.core.config import Config, apply_overrides, load_config
@@ -21,6 +21,13 @@ class LoadedRun:
     device: object  # torch.device
     name: str = ""  # the run folder's name (recorded in DICOM outputs)
     min_confidence: float = 0.0  # the quality check's confidence threshold (qc_confidence_threshold)
+    # further runs fused with this one (infer --run-dir A --run-dir B): their probabilities averaged with
+    # this run's on the source grid; this run's infer section post-processes and checks the fused mask
+    others: list = field(default_factory=list)
+
+    @property
+    def members(self) -> list["LoadedRun"]:
+        return [self, *self.others]
 
 
 def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
@@ -52,6 +59,21 @@ def load_run(run_dir: Path, fold: str | None, overrides: Iterable[str] = (),
     name = Path(original).name.removesuffix(".zip") if str(original).endswith(".zip") else run_dir.resolve().name
     return LoadedRun(cfg=cfg, models=models, folds=[c.parent.name for c in ckpts], device=device, name=name,
                      min_confidence=qc_confidence_threshold(cfg.infer, reference))
+
+
+def load_runs(run_dirs: Path | Sequence[Path], fold: str | None, overrides: Iterable[str] = (),
+              config_path: Path | None = None) -> LoadedRun:
+    """load_run of one run folder, or of several to fuse (the first carries the others in `others`);
+    the same --fold, overrides and config for each. Runs of any kind fuse (axial, multi-planar), as
+    long as every one of them finds the liver in the same images: CT and MR alike, or MR alone."""
+    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
+    if not dirs:
+        raise PipelineError("infer: no --run-dir given")
+    if len(set(d.resolve() for d in dirs)) < len(dirs):
+        raise PipelineError(f"--run-dir: the same run given twice ({', '.join(map(str, dirs))})")
+    first, *others = [load_run(d, fold, overrides, config_path) for d in dirs]
+    first.others = others
+    return first
 
 
 def validation_confidence(checkpoints: list[dict]) -> float | None:

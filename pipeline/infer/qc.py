@@ -13,10 +13,12 @@ log = logging.getLogger(__name__)
 
 
 def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None, confidence: float | None,
-              probs, shape: Sequence[int], affine: np.ndarray) -> list[str]:
+              probs, shape: Sequence[int], affine: np.ndarray, min_confidence: float | None = None) -> list[str]:
     """quality_flags of the mask of `name`, and cropped_liver's flag (`probs` on the model grid, the
-    source's `shape` and `affine`), with a warning line naming it when there is any."""
-    flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, run.min_confidence)
+    source's `shape` and `affine`), with a warning line naming it when there is any. `min_confidence`:
+    the confidence level (default: the run's own, run.min_confidence)."""
+    level = run.min_confidence if min_confidence is None else min_confidence
+    flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, level)
     cropped = cropped_liver(run, probs, shape, affine)
     if cropped:
         flags.append(cropped)
@@ -53,8 +55,8 @@ def cropped_liver(run: LoadedRun, probs, shape: Sequence[int], affine: np.ndarra
     from pipeline.model.transforms import in_plane_fov_mm
 
     spacing = pixel_spacing_mm(run.cfg.train)
-    if spacing <= 0:
-        return None  # resized to the roi: nothing is cut
+    if spacing <= 0 or probs is None:
+        return None  # resized to the roi: nothing is cut (or no axial view to tell)
     fov, roi = in_plane_fov_mm(shape, affine), run.cfg.train.roi_size
     liver = probs[0] >= 0.5
     liver = liver.cpu().numpy() if hasattr(liver, "cpu") else np.asarray(liver)

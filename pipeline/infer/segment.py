@@ -19,7 +19,7 @@ from pipeline.core.config import pixel_spacing_mm
 from pipeline.dicom.volume import Volume
 from pipeline.infer.loaded import LoadedRun
 from pipeline.infer.qc import flag_mask
-from pipeline.model.inversion import liver_mask_on_source_grid, liver_on_source_grid
+from pipeline.model.inversion import ViewProbs, probability_on_source_grid, views_mask_on_source_grid
 from pipeline.model.postprocess import postprocess
 
 
@@ -41,9 +41,10 @@ class Stages:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, reference: bool = False):
-    """(Compose, image MetaTensor) of `volume` through the run's deterministic image transforms
-    (`reference`: MONAI's own spatial steps instead of InPlaneResampled, for comparisons)."""
+def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str, reference: bool = False,
+                    view: str = "axial"):
+    """(Compose, image MetaTensor) of `volume` through the run's deterministic image transforms for one
+    of its model.views (`reference`: MONAI's own spatial steps instead of InPlaneResampled, for comparisons)."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Compose
@@ -53,7 +54,7 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
                                    modality_channel=run.cfg.model.modality_channel,
                                    orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine),
-                                   reference=reference))
+                                   reference=reference, view=view))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 
@@ -85,13 +86,30 @@ def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:
 
 def predict_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, modality: str,
                  stages: Stages | None = None) -> np.ndarray:
-    """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average)."""
+    """Liver probability (X, Y, Z, float32) on the grid of `volume` (fold ensemble average; with several
+    model.views, their mean where each saw: inversion.views_on_source_grid)."""
     stage = stages or Stages()
-    with stage("preprocess"):
-        pre, image = preprocess_case(run, volume, affine, modality)
-    probs = network_probs(run, image, stage)
+    parts = []
+    for view in run.cfg.model.views:
+        with stage("preprocess"):
+            pre, image = preprocess_case(run, volume, affine, modality, view=view)
+        parts.append(ViewProbs(network_probs(run, image, stage), image, pre))
     with stage("invert"):
-        return liver_on_source_grid(probs, image, pre, volume.shape)
+        return probability_on_source_grid(parts, volume.shape)
+
+
+def view_parts(run: LoadedRun, volume: Volume, modality: str, stages: Stages) -> tuple[list, list, list]:
+    """One run's prediction of `volume` along each of its model.views: (ViewProbs per view, the fold
+    agreement per view, the fold models' confidence per view)."""
+    parts, agreements, confidences = [], [], []
+    for view in run.cfg.model.views:
+        with stages("preprocess"):
+            transform, image = preprocess_case(run, volume.array, volume.affine, modality, view=view)
+        probs, agreement, confidence = checked_network_probs(run, image, stages)
+        parts.append(ViewProbs(probs, image, transform))
+        agreements.append(agreement)
+        confidences.append(confidence)
+    return parts, agreements, confidences
 
 
 @dataclass
@@ -99,7 +117,7 @@ class Segmentation:
     """What one volume yields: the mask infer writes and the API returns, and its quality check."""
 
     mask: np.ndarray  # (X, Y, Z) on the source grid, 1 = liver, after infer's post-processing
-    probs: object  # the fold ensemble's liver probability on the model's grid (1, H, W, Z), smoothed
+    probs: object  # the fold ensemble's liver probability on the model's grid (1, H, W, Z), smoothed (the axial view's)
     liver_ml: float
     agreement: float | None  # predict.fold_agreement (None with one model)
     confidence: float | None  # the fold models' mean predict.mask_confidence
@@ -110,20 +128,38 @@ def segment_volume(run: LoadedRun, volume: Volume, modality: str, name: str,
                    stages: Stages | None = None) -> Segmentation:
     """The one path from a volume to its liver mask, used by infer, the Python API, the viewer and the
     benches: the run's deterministic transforms, the fold ensemble (smoothed through the slices), the
-    liver probability back on the source grid, thresholded at 0.5, post-processed (infer section), and
-    the quality check (a warning line naming `name` when it flags anything). Seconds per stage go to
-    `stages` (preprocess, network, invert, postprocess)."""
+    liver probability back on the source grid (with several model.views, each view's, averaged there),
+    thresholded at 0.5, post-processed (infer section), and the quality check (a warning line naming
+    `name` when it flags anything). Seconds per stage go to `stages` (preprocess, network, invert,
+    postprocess)."""
     import torch
 
     stages = stages if stages is not None else Stages()
+    members, shape = run.members, volume.array.shape
+    predicted = []
     with torch.inference_mode():
-        with stages("preprocess"):
-            transform, image = preprocess_case(run, volume.array, volume.affine, modality)
-        probs, agreement, confidence = checked_network_probs(run, image, stages)
+        for member in members:
+            predicted.append(view_parts(member, volume, modality, stages))
         with stages("invert"):
-            raw = liver_mask_on_source_grid(probs, image, transform, volume.array.shape)
+            if len(members) == 1:
+                raw = views_mask_on_source_grid(predicted[0][0], shape)
+            else:  # fused runs (infer --run-dir A --run-dir B): the mean of each run's probability
+                total = probability_on_source_grid(predicted[0][0], shape)
+                for parts, _, _ in predicted[1:]:
+                    total += probability_on_source_grid(parts, shape)
+                raw = total >= 0.5 * len(members)
     with stages("postprocess"):
         mask = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     liver_ml = float(mask.sum() * volume.voxel_ml)
-    flags = flag_mask(run, name, liver_ml, agreement, confidence, probs, volume.array.shape, volume.affine)
-    return Segmentation(mask, probs, liver_ml, agreement, confidence, flags)
+    # over every view of every run: the fold models' lowest agreement, their mean confidence, checked
+    # against the runs' mean confidence level
+    agreement = min((a for _, agreements, _ in predicted for a in agreements if a is not None), default=None)
+    known = [c for _, _, confidences in predicted for c in confidences if c is not None]
+    confidence = sum(known) / len(known) if known else None
+    level = sum(m.min_confidence for m in members) / len(members)
+    # the cut-edge check reads the first run's axial grid (the in-plane crop); other views alone have none
+    views = run.cfg.model.views
+    axial = predicted[0][0][views.index("axial")].probs if "axial" in views else None
+    flags = flag_mask(run, name, liver_ml, agreement, confidence, axial, shape, volume.affine, min_confidence=level)
+    return Segmentation(mask, axial if axial is not None else predicted[0][0][0].probs, liver_ml, agreement, confidence,
+                        flags)

@@ -6,6 +6,8 @@ to those very transform objects); `probs` the liver probability (1, H, W, Z) on 
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import numpy as np
 
 from pipeline.model.postprocess import postprocess
@@ -55,8 +57,57 @@ def liver_mask_on_source_grid(probs, image, transform, shape: tuple[int, ...]) -
     return mask
 
 
-def source_masks(probs, image, transform, shape: tuple[int, ...], infer_cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(the thresholded mask, the mask infer writes) on the source grid: liver_mask_on_source_grid,
+class ViewProbs(NamedTuple):
+    """One view's liver probability (1, H, W, Z) on its model grid, the image it was predicted from,
+    and the Compose that made that image (model.views: one per plane)."""
+
+    probs: object
+    image: object
+    transform: object
+
+
+def views_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...]) -> np.ndarray:
+    """The views' liver probability averaged on the source grid (X, Y, Z float32), each voxel over the
+    views that saw it: each view's probability goes back with a channel of ones beside it (Invertd
+    moves both alike), so the ones give how much of each source voxel the view covered (0 where its
+    crop left the voxel out, fractions at the crop's edge) and the mean is weighted by it. Voxels no
+    view saw get 0."""
+    import torch
+
+    from pipeline.model.predict import plain, source_grid_inverter, to_source_grid
+
+    total = seen = None
+    for probs, image, transform in parts:
+        probs = plain(probs)
+        both = to_source_grid(torch.cat([probs, torch.ones_like(probs)]), image, source_grid_inverter(transform))
+        both = np.asarray(both, dtype=np.float32)
+        total = both[0] if total is None else total + both[0]
+        seen = both[1] if seen is None else seen + both[1]
+    if total is None:
+        raise ValueError("views_on_source_grid: no view")
+    if total.shape != tuple(shape):
+        raise RuntimeError(f"inverted prediction {total.shape} != image {tuple(shape)}")
+    return np.divide(total, seen, out=np.zeros_like(total), where=seen > 1e-6)
+
+
+def probability_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...]) -> np.ndarray:
+    """Liver probability (X, Y, Z float32) on the source grid of one view (liver_on_source_grid) or of
+    several, averaged where each saw (views_on_source_grid)."""
+    if len(parts) == 1:
+        return liver_on_source_grid(*parts[0], shape)
+    return views_on_source_grid(parts, shape)
+
+
+def views_mask_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean liver mask (X, Y, Z) of one or more views: one view's by liver_mask_on_source_grid
+    (the boxed inverse where it applies), several views' mean probability (views_on_source_grid) >= 0.5."""
+    if len(parts) == 1:
+        return liver_mask_on_source_grid(*parts[0], shape)
+    return views_on_source_grid(parts, shape) >= 0.5
+
+
+def source_masks(parts: Sequence[ViewProbs], shape: tuple[int, ...], infer_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(the thresholded mask, the mask infer writes) on the source grid: views_mask_on_source_grid,
     then infer's post-processing (infer.largest_component, infer.fill_holes)."""
-    raw = liver_mask_on_source_grid(probs, image, transform, shape)
+    raw = views_mask_on_source_grid(parts, shape)
     return raw, postprocess(raw, infer_cfg.largest_component, infer_cfg.fill_holes)

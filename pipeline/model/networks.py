@@ -16,7 +16,8 @@ from typing import Sequence
 
 from torch import nn
 
-from pipeline.core.config import Config, ModelConfig, TrainConfig, plan_dynunet
+from pipeline.core.config import Config, ModelConfig, TrainConfig
+from pipeline.core.plans import plan_dynunet
 from pipeline.core.labels import model_output
 
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}

@@ -172,7 +172,8 @@ class ModalityChanneld(MapTransform):
 
 
 def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
-                     modality_channel: bool = False, orient_last: bool = False, reference: bool = False) -> list[Transform]:
+                     modality_channel: bool = False, orient_last: bool = False, reference: bool = False,
+                     view: str = "axial") -> list[Transform]:
     """The deterministic chain for "image" only (what infer applies before prediction).
 
     load=False starts from an in-memory channel-first MetaTensor (infer reads DICOM itself).
@@ -183,7 +184,8 @@ def image_transforms(cfg: TrainConfig, load: bool = True, context: int = 0,
     use InPlaneResampled (what bench/bench_infer.py compares the masks with).
     """
     return deterministic_transforms(cfg, keys=("image",), load=load, context=context,
-                                    modality_channel=modality_channel, orient_last=orient_last, reference=reference)
+                                    modality_channel=modality_channel, orient_last=orient_last, reference=reference,
+                                    view=view)
 
 
 def neighbour_organ_maps(cfg: TrainConfig, context: int) -> bool:
@@ -221,7 +223,7 @@ def flips_only(affine: np.ndarray) -> bool:
 def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "label"),
                              with_indices: bool = False, load: bool = True, context: int = 0,
                              modality_channel: bool = False, orient_last: bool = False,
-                             keep_organs: bool = False, reference: bool = False) -> list[Transform]:
+                             keep_organs: bool = False, reference: bool = False, view: str = "axial") -> list[Transform]:
     """Load, channel-first, RAS, per-modality scaling, liver extraction, in-plane resize.
 
     `keep_organs`: leave the label's organ map (1 liver, 2 / 3 kidneys, 4 spleen), for the random chain's
@@ -233,6 +235,8 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     `context` = model.context_slices: the image gets 1 + 2 * context channels (neighbour slices).
     `modality_channel` = model.modality_channel: one more, constant channel (ModalityChanneld); for
     the volumes training samples slices from, leave it off: random_transforms adds it after augmentation.
+    `view` (one of model.views): the plane whose slices the network sees (`view_transforms`); axial is
+    the chain below, the others resample the volume to the pixel spacing on all three axes.
     """
     roi = (int(cfg.roi_size[0]), int(cfg.roi_size[1]))  # two values >= 8: config.validate
     keys = tuple(keys)
@@ -247,6 +251,13 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if load:
         quiet_known_library_noise()  # LoadImaged builds readers that warn about a codec it never uses
     spacing = pixel_spacing_mm(cfg)
+    if view != "axial":
+        chain = [*([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
+                 orient, NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles)]
+        if has_label and not keep_organs:
+            chain.append(LabelFilterd("label", applied_labels=[LIVER]))
+        return _after_spatial(chain + view_transforms(keys, view, spacing, roi), cfg, keys, with_indices, context,
+                              modality_channel)
     if spacing > 0 and keys == ("image",) and not reference:
         # image-only (inference): orientation, spacing and pad / crop in one separable pass, with an
         # inverse restricted to the liver's box (InPlaneResampled computes what the three MONAI steps
@@ -279,6 +290,31 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if orient_last:
         chain.append(orient)
     return _after_spatial(chain, cfg, keys, with_indices, context, modality_channel)
+
+
+# per view, on a RAS volume (C, R, A, S): the in-plane size for ResizeWithPadOrCropd (the slice axis
+# keeps its length: -1) and the axes order that puts the slice axis last, as the axial chain has it
+_VIEW_SIZE = {"coronal": lambda roi: (roi[0], -1, roi[1]), "sagittal": lambda roi: (-1, roi[0], roi[1])}
+_VIEW_AXES = {"coronal": (0, 1, 3, 2), "sagittal": (0, 2, 3, 1)}  # (C, R, S, A) and (C, A, S, R)
+
+
+def view_transforms(keys: Sequence[str], view: str, spacing: float, roi: Sequence[int]) -> list[Transform]:
+    """The spatial steps of a coronal or sagittal view (model.views), after Orientationd to RAS: the
+    volume resampled to `spacing` mm on all three axes (MONAI Spacingd: trilinear for the image,
+    nearest for the label; on MR's 5.5-9 mm slices the through-plane axis is interpolated between
+    slices, and a label's steps stay steps), padded or cropped about the centre to the roi in the
+    view's plane, and transposed so that the view's slices lie along the last axis. Every step is
+    MONAI's and invertible (Invertd undoes them in turn)."""
+    from monai.transforms import Transposed
+
+    if view not in _VIEW_AXES:
+        raise ValueError(f"view_transforms: expected coronal or sagittal, got {view!r}")
+    if spacing <= 0:
+        raise PipelineError(f"model.views {view}: needs train.pixel_spacing (auto or mm), not slices resized to the roi")
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    return [Spacingd(keys, pixdim=(spacing, spacing, spacing), mode=modes),
+            ResizeWithPadOrCropd(keys, spatial_size=_VIEW_SIZE[view](roi)),
+            Transposed(keys, indices=_VIEW_AXES[view])]
 
 
 def _after_spatial(chain: list, cfg: TrainConfig, keys: tuple, with_indices: bool, context: int,

@@ -248,6 +248,9 @@ def export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | No
     import torch
 
     cfg, model, ckpt = fold_model(checkpoint)
+    if cfg.model.views != ["axial"]:
+        raise PipelineError(f"{checkpoint.parent}: model.views {cfg.model.views}: a MONAI bundle's inference "
+                            "config predicts axial slices only; export this run as a zip (--format zip)")
     modality = choose_modality(checkpoint.parent, modality)
     if cfg.infer.tta_scales != [1.0]:
         log.warning("%s: infer.tta_scales %s is not in the bundle: it predicts each slice once, as infer does "

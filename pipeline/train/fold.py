@@ -55,25 +55,44 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
-    organs = cfg.model.organs
-    train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
-                                               keep_organs=organs or t.organ_intensity_prob > 0)
-                       + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs,
-                                           context=cfg.model.context_slices))
-    # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
-    train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
-                            as_contiguous=False)
+    organs, views = cfg.model.organs, cfg.model.views
+    per_view = []
+    for view in views:  # model.views: each plane's slices drawn from its own cached volumes
+        train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
+                                                   keep_organs=organs or t.organ_intensity_prob > 0, view=view)
+                           + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs,
+                                               context=cfg.model.context_slices))
+        # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
+        per_view.append(CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
+                                     as_contiguous=False))
+    train_ds = per_view[0] if len(per_view) == 1 else ViewsDataset(per_view)
     generator = torch.Generator()
     loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
                         num_workers=t.num_workers, generator=generator, drop_last=False)
-    val_items, refs, val_tf = [], [], Compose(deterministic_transforms(
-        t, context=cfg.model.context_slices, modality_channel=cfg.model.modality_channel, keep_organs=organs))
+    val_items, refs = [], []
+    val_tfs = {view: Compose(deterministic_transforms(t, context=cfg.model.context_slices, view=view,
+                                                      modality_channel=cfg.model.modality_channel, keep_organs=organs))
+               for view in views}
     if dd.main:
-        val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
-        val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]
+        val_ds = {view: CacheDataset(val, tf, num_workers=None, progress=False) for view, tf in val_tfs.items()}
+        # one item per case: the first view's transformed volume, and every view's in "views"
+        val_items = [val_ds[views[0]][i] | {"patient": e["patient"], "views": [(v, val_ds[v][i]) for v in views]}
+                     for i, e in enumerate(val)]
         ref_tf = reference_transform()
         refs = [ref_tf({"label": e["label"]})["label"] > 0 for e in val]
-    return train_ds, loader, generator, val_items, refs, val_tf
+    return train_ds, loader, generator, val_items, refs, val_tfs
+
+
+class ViewsDataset(torch.utils.data.ConcatDataset):
+    """The training slices of several views (model.views) as one dataset: every view's volumes,
+    shuffled together by the loader. `set_random_state` gives each view's random chain its own seed
+    (MONAI's set_rnd would give every member of a list the same one)."""
+
+    def set_random_state(self, seed: int) -> None:
+        from monai.data.utils import set_rnd
+
+        for k, dataset in enumerate(self.datasets):
+            set_rnd(dataset, seed + 7919 * k)
 
 
 @dataclass
@@ -106,7 +125,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
         fold_dir.mkdir(parents=True, exist_ok=True)
     dd.barrier()
     with fold_log_file(fold_dir / runs.TRAIN_LOG, dd.main):
-        train_ds, loader, generator, val_items, refs, val_tf = build_loaders(cfg, train, val, dd)
+        train_ds, loader, generator, val_items, refs, val_tfs = build_loaders(cfg, train, val, dd)
         steps = len(loader)
         compiled = compiles(cfg, device, steps)
         state = make_state(cfg, device, dd, steps)
@@ -145,7 +164,7 @@ def train_fold(datalist: Datalist, run_dir: Path, fold: int, cfg: Config, dd: Di
                 t_val = time.perf_counter()
                 images = {} if events.writer is not None else None
                 confidence: dict = {}
-                val_loss, dice, raw = validate(state.eval_model, val_items, refs, val_tf, loss_fn, cfg, device,
+                val_loss, dice, raw = validate(state.eval_model, val_items, refs, val_tfs, loss_fn, cfg, device,
                                                overlays=images, confidences=confidence)
                 events.overlays(images or {}, epoch)
                 row |= {"val_loss": round(val_loss, 6), "val_dice_mean": round(float(np.mean(list(dice.values()))), 6),
