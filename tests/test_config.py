@@ -76,7 +76,7 @@ def test_off_is_a_word_for_string_options():
     assert cfg.train.amp == "off" and cfg.infer.amp == "off"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "gpu.yaml", "gpu3d.yaml"])
 def test_every_shipped_config_loads_and_builds_its_network(name):
     import torch
 
@@ -84,10 +84,16 @@ def test_every_shipped_config_loads_and_builds_its_network(name):
     from pipeline.model.networks import build_model, in_channels
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
-    model = build_model(cfg.model, cfg.train.roi_size).eval()
-    x = torch.zeros(1, in_channels(cfg.model), *cfg.train.roi_size)
+    if cfg.model.dims == 3:  # training sets the spacings from the data: CHAOS MR's here
+        cfg.train.pixel_spacing, cfg.train.slice_spacing = 1.5, 7.7
+        size = cfg.train.patch_3d
+        model = build_model(cfg.model, size, (1.5, 1.5, 7.7)).eval()
+    else:
+        size = cfg.train.roi_size
+        model = build_model(cfg.model, size).eval()
+    x = torch.zeros(1, in_channels(cfg.model), *size)
     with torch.inference_mode():
         out = model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
-    # one slice in, one logit map per class of the model's output at the slice's size
-    assert tuple(out.shape) == (1, len(model_output(cfg.model.organs)), *cfg.train.roi_size)
+    # one slice (or patch) in, one logit map per class of the model's output at its size
+    assert tuple(out.shape) == (1, len(model_output(cfg.model.organs)), *size)

@@ -116,7 +116,7 @@ def test_a_bundle_of_a_multi_view_run_is_refused_in_one_line(tmp_path, monkeypat
 
     cfg = load_config(None, ["model.views=[axial,sagittal]"])
     monkeypatch.setattr(bundle, "fold_model", lambda checkpoint: (cfg, None, {}))
-    with pytest.raises(PipelineError, match="axial slices only"):
+    with pytest.raises(PipelineError, match="axial 2D slices only"):
         bundle.export_bundle(tmp_path, tmp_path / "fold_0" / "best.pt", tmp_path / "bundle", "MR")
 
 

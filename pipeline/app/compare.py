@@ -108,7 +108,7 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     from pipeline.core import runs
     from pipeline.evaluate.evaluation import run_evaluation
     from pipeline.infer.inference import run_inference
-    from pipeline.model.networks import build_model, count_parameters
+    from pipeline.model.networks import build_model, count_parameters, network_input
     from pipeline.train.cv import run_training
 
     run_dir = Path(out_dir) / name
@@ -132,7 +132,7 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     summary = {
         "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
         "epochs": runs.read_config(fold_dir).train.epochs,  # as the budget fixed them
-        "parameters": count_parameters(build_model(cfg.model, cfg.train.roi_size)),
+        "parameters": count_parameters(build_model(cfg.model, *network_input(cfg))),
         "infer_seconds": statistics.mean(r["seconds"] for r in rows), "cases": cases,
     }
     write_json(done, summary)

@@ -84,6 +84,7 @@ class ModelConfig:
     # sagittal; infer averages the views' probabilities on the source grid. Views besides axial need a
     # pixel spacing (train.pixel_spacing auto or mm): the volume is resampled to that spacing on all three axes
     views: list[str] = field(default_factory=lambda: ["axial"])
+    dims: int = 2  # 2: slice-wise networks (above); 3: DynUNet on 3D patches (pipeline.model.volumetric)
 
 
 VIEWS = ("axial", "coronal", "sagittal")
@@ -99,6 +100,11 @@ class TrainConfig:
     # training on random crops of this size from each roi_size slice (nnU-Net's patch-based training:
     # cheaper steps, more of them in a budget); validation and inference see the whole roi ([] = off)
     patch_size: list[int] = field(default_factory=list)
+    # model.dims 3: the patch [R, A, S] in voxels at (pixel_spacing, pixel_spacing, slice_spacing) mm,
+    # patches per optimisation step, and the through-plane spacing ("auto": the data set's median)
+    patch_3d: list[int] = field(default_factory=lambda: [128, 128, 32])
+    batch_3d: int = 2
+    slice_spacing: float | Literal["auto"] = "auto"
     ct_window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # CT HU window [min, max]
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MR intensity percentiles
     liver_slice_ratio: float = 0.85  # fraction of training slices that contain liver
@@ -164,6 +170,7 @@ class InferConfig:
     # test-time augmentation: each slice also predicted zoomed by these factors about its centre, the
     # liver probabilities zoomed back and averaged ([1.0] = off; docs/decisions.md#test-time-zooms)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    sw_overlap: float = 0.25  # model.dims 3: overlap of the sliding windows (fraction of the patch)
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_image: bool = False  # also write the image NIfTI beside each mask
@@ -317,6 +324,19 @@ def validate(cfg: Config) -> Config:
         ("model.views", m.views == ["axial"] or t.pixel_spacing == "auto" or t.pixel_spacing > 0,
          f"views besides axial resample the volume to train.pixel_spacing on every axis: expected auto or mm > 0, "
          f"got {t.pixel_spacing}"),
+        ("model.dims", m.dims in (2, 3), f"expected 2 or 3, got {m.dims}"),
+        ("model.dims", m.dims == 2 or (m.name == "dynunet" and m.views == ["axial"] and m.context_slices == 0
+                                       and (t.pixel_spacing == "auto" or t.pixel_spacing > 0)),
+         f"3D is model.name dynunet on whole volumes at a pixel spacing: expected dynunet, views [axial], "
+         f"context_slices 0, pixel_spacing auto or mm (got {m.name}, {m.views}, {m.context_slices}, {t.pixel_spacing})"),
+        ("train.patch_3d", len(t.patch_3d) == 3 and all(p >= 16 and p % 2 ** (len(m.channels) - 1) == 0
+                                                         for p in t.patch_3d),
+         f"expected [R, A, S], each >= 16 and a multiple of {2 ** (len(m.channels) - 1)} "
+         f"({len(m.channels)} model.channels levels), got {t.patch_3d}"),
+        ("train.batch_3d", t.batch_3d >= 1, f"expected >= 1, got {t.batch_3d}"),
+        ("train.slice_spacing", t.slice_spacing == "auto" or t.slice_spacing > 0,
+         f"expected auto or mm > 0, got {t.slice_spacing}"),
+        ("infer.sw_overlap", 0.0 <= i.sw_overlap < 1.0, f"expected a fraction in [0, 1), got {i.sw_overlap}"),
         ("model.dropout", 0.0 <= m.dropout < 1.0, f"expected a value in [0, 1), got {m.dropout}"),
         ("train.roi_size", len(t.roi_size) == 2 and min(t.roi_size, default=0) >= 8,
          f"expected [H, W] with both >= 8, got {t.roi_size}"),

@@ -51,6 +51,13 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
     from pipeline.model.transforms import flips_only, image_transforms
 
+    if run.cfg.model.dims == 3:
+        from pipeline.model.volumetric import deterministic_transforms_3d
+
+        pre = Compose(deterministic_transforms_3d(run.cfg.train, keys=("image",), load=False,
+                                                  modality_channel=run.cfg.model.modality_channel))
+        image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
+        return pre, pre({"image": image, "modality": modality})["image"]
     pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
                                    modality_channel=run.cfg.model.modality_channel,
                                    orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine),
@@ -67,6 +74,11 @@ def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | Non
     from pipeline.model.predict import predict_volume, smooth_through_slices
 
     with stages("network"):
+        if run.cfg.model.dims == 3:  # sliding windows over the volume; nothing to smooth through slices
+            from pipeline.model.volumetric import predict_volume_3d
+
+            return predict_volume_3d(run.models, image, run.cfg, run.device, run.cfg.infer.amp, model_masks,
+                                     model_confidences)
         probs = predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
                                amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences,
                                scales=run.cfg.infer.tta_scales)

@@ -1,4 +1,5 @@
-"""Networks and losses built from the config: MONAI 2D networks on axial slices.
+"""Networks and losses built from the config: MONAI 2D networks on slices, and MONAI's DynUNet on 3D
+patches for model.dims 3 (inputs (B, C, R, A, S), outputs (B, 2, R, A, S); pipeline.model.volumetric).
 
 Input (B, C, H, W) float32 intensities in about [0, 1] (C = 1 + 2 * context_slices + modality
 channel); output (B, 2, H, W) logits, channel 0 background, channel 1 liver (with `model.organs`,
@@ -17,7 +18,7 @@ from typing import Sequence
 from torch import nn
 
 from pipeline.core.config import Config, ModelConfig, TrainConfig
-from pipeline.core.plans import plan_dynunet
+from pipeline.core.plans import plan_dynunet, plan_dynunet_3d
 from pipeline.core.labels import model_output
 
 NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
@@ -28,14 +29,34 @@ def in_channels(cfg: ModelConfig) -> int:
     return 1 + 2 * cfg.context_slices + int(cfg.modality_channel)
 
 
-def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> tuple[str, dict]:
+def network_input(cfg: Config) -> tuple[list[int], tuple[float, ...] | None]:
+    """(input size, voxel size in mm or None) that shape the network: the roi for 2D; for 3D
+    (model.dims 3) the patch and its spacing, from which the DynUNet's kernels and strides are planned."""
+    if cfg.model.dims == 3:
+        from pipeline.model.volumetric import spacing_3d
+
+        return list(cfg.train.patch_3d), spacing_3d(cfg.train)
+    return list(cfg.train.roi_size), None
+
+
+def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160),
+                 spacing: Sequence[float] | None = None) -> tuple[str, dict]:
     """(MONAI class name in monai.networks.nets, constructor keyword arguments) of the network
     `cfg.name`, shaped by `cfg` (checked when the config was loaded: config.validate). `roi`
-    (train.roi_size) is the input size, from which dynunet derives its strides. Plain Python values
+    (train.roi_size) is the input size, from which dynunet derives its strides; for a 3D network
+    (model.dims 3) the patch and `spacing` its voxel size (network_input). Plain Python values
     (lists, not tuples), so that a MONAI bundle's config can hold them as they are."""
     c_in, norm = in_channels(cfg), NORMS[cfg.norm]
     common = {"spatial_dims": 2, "in_channels": c_in, "out_channels": len(model_output(cfg.organs))}
     act = {} if cfg.act == "auto" else {"act": ACTS[cfg.act]}  # attentionunet has none: config.validate
+    if cfg.dims == 3:  # config.validate: dynunet
+        kernels, strides = plan_dynunet_3d(roi, spacing, len(cfg.channels))
+        return "DynUNet", {**common, "spatial_dims": 3, "kernel_size": kernels, "strides": strides,
+                           "upsample_kernel_size": strides[1:], "filters": list(cfg.channels[:len(strides)]),
+                           "dropout": cfg.dropout or None, "norm_name": [norm, {"affine": True}],
+                           "deep_supervision": cfg.deep_supervision, "deep_supr_num": cfg.deep_supervision_levels,
+                           "res_block": cfg.num_res_units > 0,
+                           **({"act_name": act["act"]} if act else {})}
     if cfg.name == "unet":
         return "UNet", {**common, "channels": list(cfg.channels), "strides": list(cfg.strides),
                         "num_res_units": cfg.num_res_units, "dropout": cfg.dropout, "norm": norm, **act}
@@ -62,11 +83,11 @@ def network_spec(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> tuple[str
     raise ValueError(f"model {cfg.name!r} is not one of unet | dynunet | segresnet | attentionunet | basicunet")
 
 
-def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160)) -> nn.Module:
-    """The network of `network_spec(cfg, roi)`."""
+def build_model(cfg: ModelConfig, roi: Sequence[int] = (160, 160), spacing: Sequence[float] | None = None) -> nn.Module:
+    """The network of `network_spec(cfg, roi, spacing)`."""
     from monai.networks import nets
 
-    name, kwargs = network_spec(cfg, roi)
+    name, kwargs = network_spec(cfg, roi, spacing)
     return getattr(nets, name)(**kwargs)
 
 
@@ -76,7 +97,7 @@ def load_trained_model(cfg: Config, checkpoint: Path, state: dict | None = None)
     from pipeline.core import runs
 
     state = runs.load_checkpoint(checkpoint) if state is None else state
-    return runs.load_weights(build_model(cfg.model, cfg.train.roi_size), checkpoint, state["model"]).eval()
+    return runs.load_weights(build_model(cfg.model, *network_input(cfg)), checkpoint, state["model"]).eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_json, write_text
 from pipeline.core.labels import LIVER, model_output
 from pipeline.model.predict import smoothing_window
-from pipeline.outputs.fold_models import choose_modality, fold_model, input_channels
+from pipeline.outputs.fold_models import axial_slices_only, choose_modality, fold_model, input_channels
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ def export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | No
     import torch
 
     cfg, model, ckpt = fold_model(checkpoint)
-    if cfg.model.views != ["axial"]:
-        raise PipelineError(f"{checkpoint.parent}: model.views {cfg.model.views}: a MONAI bundle's inference "
-                            "config predicts axial slices only; export this run as a zip (--format zip)")
+    axial_slices_only(cfg, checkpoint.parent, "a MONAI bundle's inference config")
     modality = choose_modality(checkpoint.parent, modality)
     if cfg.infer.tta_scales != [1.0]:
         log.warning("%s: infer.tta_scales %s is not in the bundle: it predicts each slice once, as infer does "

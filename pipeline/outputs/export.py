@@ -25,7 +25,8 @@ from pipeline.core import runs
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_json
 from pipeline.outputs.bundle import export_bundle
-from pipeline.outputs.fold_models import check_logits, fold_model, preprocessing_description, sample_input
+from pipeline.outputs.fold_models import (axial_slices_only, check_logits, fold_model, preprocessing_description,
+                                          sample_input)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def _export_networks(run_dir: Path, checkpoints: list[Path], out: Path, fmt: str
     models, cfg = [], None
     for checkpoint in checkpoints:
         cfg, model, _ = fold_model(checkpoint)
+        axial_slices_only(cfg, checkpoint.parent, f"--format {fmt} with its preprocessing.json")
         x = sample_input(cfg)
         with torch.inference_mode():
             want = model(x).numpy()

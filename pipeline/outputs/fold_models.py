@@ -27,6 +27,16 @@ def fold_model(checkpoint: Path):
     return cfg, load_trained_model(cfg, checkpoint, ckpt), ckpt
 
 
+def axial_slices_only(cfg: Config, where: Path, what: str) -> None:
+    """A one-line error for a format that describes the axial slice-wise network alone (a MONAI bundle's
+    inference config, preprocessing.json beside ONNX / TorchScript) when the run is multi-planar
+    (model.views) or 3D (model.dims): the zip carries every kind of run."""
+    if cfg.model.views != ["axial"] or cfg.model.dims != 2:
+        kind = "3D" if cfg.model.dims != 2 else f"multi-planar ({', '.join(cfg.model.views)})"
+        raise PipelineError(f"{where}: a {kind} run: {what} describes axial 2D slices only; export this run as a "
+                            "zip (--format zip), which infer and the API take")
+
+
 def fold_modalities(fold_dir: Path) -> list[str]:
     """The modalities a fold was trained on: split.json's "modalities", or (older runs) the CT_ / MR_
     prefixes of its training cases, CHAOS's naming; [] when neither says."""

@@ -50,7 +50,10 @@ def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
     t0 = time.perf_counter()
     state.model.train()  # the graph of a training step (a change of mode would compile another)
     net = torch.compile(state.model, dynamic=False)
-    x = torch.zeros(cfg.train.batch_size, in_channels(cfg.model), *train_input_size(cfg.train), device=device)
+    if cfg.model.dims == 3:
+        x = torch.zeros(cfg.train.batch_3d, in_channels(cfg.model), *cfg.train.patch_3d, device=device)
+    else:
+        x = torch.zeros(cfg.train.batch_size, in_channels(cfg.model), *train_input_size(cfg.train), device=device)
     buffers = [b.detach().clone() for b in state.module.buffers()]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -66,7 +69,7 @@ def compile_network(state: FoldState, cfg: Config, device, fold: int) -> None:
         with torch.no_grad():
             for b, saved in zip(state.module.buffers(), buffers):
                 b.copy_(saved)
-    state.compiled, state.compiled_batch = net, cfg.train.batch_size
+    state.compiled, state.compiled_batch = net, len(x)
     log.info("fold %d: network compiled (torch.compile) in %.0f s", fold, time.perf_counter() - t0)
 
 

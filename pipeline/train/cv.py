@@ -56,23 +56,32 @@ def auto_pixel_spacing(cfg: Config, entries: list[dict], announce: bool = True) 
     Headers only (nibabel reads no voxels); the axes as RAS orientation will put them. `announce`:
     log the choice (one process of several does).
     """
-    if cfg.train.pixel_spacing != "auto" or not entries:
+    three_d = cfg.model.dims == 3 and cfg.train.slice_spacing == "auto"
+    if (cfg.train.pixel_spacing != "auto" and not three_d) or not entries:
         return cfg
     import nibabel as nib
 
     from pipeline.model.transforms import in_plane_fov_mm
 
-    per_volume = []
-    for e in entries:
-        img = nib.load(str(e["image"]))
-        fov = in_plane_fov_mm(img.shape, img.affine)
-        per_volume.append(max(fov[0] / cfg.train.roi_size[0], fov[1] / cfg.train.roi_size[1]))
-    spacing = round(float(np.median(per_volume)), 2)
-    if announce:
-        log.info("train.pixel_spacing=auto: %.2f mm (the median field of view of %d volumes fits roi %s; volumes "
-                 "need %.2f-%.2f mm)", spacing, len(per_volume), cfg.train.roi_size, min(per_volume), max(per_volume))
     cfg = copy.deepcopy(cfg)
-    cfg.train.pixel_spacing = spacing
+    if cfg.train.pixel_spacing == "auto":
+        per_volume = []
+        for e in entries:
+            img = nib.load(str(e["image"]))
+            fov = in_plane_fov_mm(img.shape, img.affine)
+            per_volume.append(max(fov[0] / cfg.train.roi_size[0], fov[1] / cfg.train.roi_size[1]))
+        cfg.train.pixel_spacing = round(float(np.median(per_volume)), 2)
+        if announce:
+            log.info("train.pixel_spacing=auto: %.2f mm (the median field of view of %d volumes fits roi %s; volumes "
+                     "need %.2f-%.2f mm)", cfg.train.pixel_spacing, len(per_volume), cfg.train.roi_size,
+                     min(per_volume), max(per_volume))
+    if three_d:  # model.dims 3: the through-plane voxel size too (pipeline.model.volumetric)
+        from pipeline.model.volumetric import auto_slice_spacing
+
+        cfg.train.slice_spacing = auto_slice_spacing(cfg, entries)
+        if announce:
+            log.info("train.slice_spacing=auto: %.2f mm (the median slice spacing of %d volumes)",
+                     cfg.train.slice_spacing, len(entries))
     return cfg
 
 
@@ -88,10 +97,12 @@ def run_training(data_dir: str | Path, run_dir: str | Path, fold: str | int, cfg
     folds = datalist.parse_folds(fold)
     for e in datalist.entries:
         safe_name(e["patient"], "patient id")  # patients become CSV columns and log lines
-    if resume and cfg.train.pixel_spacing == "auto" and (run_dir / runs.CONFIG).is_file():
+    if resume and (run_dir / runs.CONFIG).is_file():
         # a resumed run keeps the spacing its models were trained at (runs from before "auto" saved 0)
-        cfg = copy.deepcopy(cfg)
-        cfg.train.pixel_spacing = runs.read_config(run_dir).train.pixel_spacing
+        cfg, saved = copy.deepcopy(cfg), runs.read_config(run_dir).train
+        for key in ("pixel_spacing", "slice_spacing"):
+            if getattr(cfg.train, key) == "auto":
+                setattr(cfg.train, key, getattr(saved, key))
     with distributed(cfg.train.device) as (dd, device):
         cfg = auto_pixel_spacing(cfg, datalist.entries, announce=dd.main)
         if dd.main:

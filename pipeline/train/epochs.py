@@ -64,7 +64,12 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, transforms, lo
     for item, ref in zip(val_items, refs):
         parts = []
         for view, view_item in item.get("views", [("axial", item)]):
-            logits = slice_logits(model, view_item["image"], cfg.train.batch_size, device, cfg.train.amp)
+            if cfg.model.dims == 3:  # whole volumes by sliding windows (pipeline.model.volumetric)
+                from pipeline.model.volumetric import volume_logits
+
+                logits = volume_logits(model, view_item["image"], cfg, cfg.train.batch_3d, device, cfg.train.amp)
+            else:
+                logits = slice_logits(model, view_item["image"], cfg.train.batch_size, device, cfg.train.amp)
             with torch.inference_mode():
                 losses.append(float(loss_fn(logits[None], plain(view_item["label"])[None]).item()))
             # only the liver channel goes back (half the resampling), computed as infer computes it
@@ -72,7 +77,7 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, transforms, lo
             probs = liver_probability(logits[None])
             if confidences is not None:
                 confidences.setdefault(item["patient"], []).append(mask_confidence(probs))
-            liver = smooth_through_slices(probs, cfg.infer.slice_smoothing)
+            liver = smooth_through_slices(probs, cfg.infer.slice_smoothing if cfg.model.dims == 2 else 0)
             if overlays is not None and not parts:
                 _add_overlay(overlays, item["patient"], view_item, liver, cfg.model.context_slices)
             parts.append(ViewProbs(liver, view_item["image"], transforms[view]))

@@ -56,6 +56,8 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
     organs, views = cfg.model.organs, cfg.model.views
+    if cfg.model.dims == 3:
+        return _build_loaders_3d(cfg, train, val, dd)
     per_view = []
     for view in views:  # model.views: each plane's slices drawn from its own cached volumes
         train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
@@ -81,6 +83,32 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
         ref_tf = reference_transform()
         refs = [ref_tf({"label": e["label"]})["label"] > 0 for e in val]
     return train_ds, loader, generator, val_items, refs, val_tfs
+
+
+def _build_loaders_3d(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
+    """build_loaders for model.dims 3: cached volumes at the 3D spacing, one random patch per volume and
+    draw, train.batch_3d volumes per step; validation on whole volumes (pipeline.model.volumetric)."""
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import Compose
+
+    from pipeline.model.volumetric import deterministic_transforms_3d, random_transforms_3d
+
+    t, organs = cfg.train, cfg.model.organs
+    keep = organs or t.organ_intensity_prob > 0
+    train_tf = Compose(deterministic_transforms_3d(t, keep_organs=keep, with_indices=True)
+                       + random_transforms_3d(t, modality_channel=cfg.model.modality_channel, organs=organs))
+    train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
+    generator = torch.Generator()
+    loader = DataLoader(train_ds, batch_size=t.batch_3d, shuffle=True, num_workers=t.num_workers, generator=generator,
+                        drop_last=False)
+    val_items, refs = [], []
+    val_tf = Compose(deterministic_transforms_3d(t, modality_channel=cfg.model.modality_channel, keep_organs=organs))
+    if dd.main:
+        val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
+        val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]
+        ref_tf = reference_transform()
+        refs = [ref_tf({"label": e["label"]})["label"] > 0 for e in val]
+    return train_ds, loader, generator, val_items, refs, {"axial": val_tf}
 
 
 class ViewsDataset(torch.utils.data.ConcatDataset):

@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.core import runs
 from pipeline.core.config import Config, config_to_dict
-from pipeline.model.networks import build_model
+from pipeline.model.networks import build_model, network_input
 from pipeline.train.distributed import Dist
 
 
@@ -142,7 +142,7 @@ def make_state(cfg: Config, device, dd: Dist, steps_per_epoch: int) -> FoldState
     from monai.utils import set_determinism
 
     set_determinism(seed=cfg.train.seed)
-    model = build_model(cfg.model, cfg.train.roi_size).to(device)
+    model = build_model(cfg.model, *network_input(cfg)).to(device)
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.optimizer == "sgd":
