@@ -146,3 +146,24 @@ def test_workers_stop_when_the_comparison_is_killed(tmp_path):
         alive = [p for p in started if os.path.exists(f"/proc/{p}") and
                  open(f"/proc/{p}/stat").read().split(") ")[1].split()[0] != "Z"]
     assert not alive, f"workers {alive} still running after the comparison was killed"
+
+
+@pytest.mark.slow
+def test_fused_runs_are_scored_on_the_same_patients_as_a_configuration_of_their_own(setup, monkeypatch):
+    from pipeline.core.errors import PipelineError
+
+    data, configs, out = setup
+    import pipeline.train.cv
+
+    monkeypatch.setattr(pipeline.train.cv, "run_training", lambda *a, **k: pytest.fail("fusion trained a fold"))
+    rows = run_comparison(data, configs, out, folds="0,1", fuse=[["plain_unet", "nnunet_like"]])
+    by_name = {r["config"]: r for r in rows}
+    fused = by_name["plain_unet+nnunet_like"]
+    assert fused["patients"] == by_name["plain_unet"]["patients"] == 4
+    assert fused["train_minutes_per_fold"] == pytest.approx(by_name["plain_unet"]["train_minutes_per_fold"]
+                                                            + by_name["nnunet_like"]["train_minutes_per_fold"])
+    inference = json.loads((out / "plain_unet+nnunet_like" / "fold_1" / "val_last" / "inference.json").read_text())
+    assert inference["run"] == [str(out / "plain_unet"), str(out / "nnunet_like")]
+    assert {c["case"] for c in inference["cases"]} == {"CT_2", "MR_2_T2SPIR"}
+    with pytest.raises(PipelineError, match="--fuse plain_unet\\+unknown"):
+        run_comparison(data, configs, out, folds="0,1", fuse=[["plain_unet", "unknown"]])

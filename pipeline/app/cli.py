@@ -168,7 +168,9 @@ def cmd_compare(args) -> int:
     from pipeline.app.compare import leaderboard_table, run_comparison
 
     configs = [Path(c.strip()) for c in args.configs.split(",") if c.strip()]
-    rows = run_comparison(args.data, configs, args.out, folds=args.folds, overrides=args.overrides, jobs=args.jobs)
+    fuse = [[m.strip() for m in group.split("+")] for group in (args.fuse or "").split(",") if group.strip()]
+    rows = run_comparison(args.data, configs, args.out, folds=args.folds, overrides=args.overrides, jobs=args.jobs,
+                          fuse=fuse)
     _show(args, leaderboard_table(rows))
     return 0
 
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (one run folder per config, leaderboard)")
     p.add_argument("--folds", default="all", help="fold numbers (e.g. 0,1) or 'all' (default all)")
     p.add_argument("--jobs", type=int, default=1, help="folds trained side by side as processes (default 1)")
+    p.add_argument("--fuse", default="", metavar="A+B,...",
+                   help="also score these configurations' runs fused (config file stems joined by +; comma-separated)")
     _common(p)
     p.set_defaults(func=cmd_compare)
 

@@ -1,13 +1,16 @@
 """Configurations side by side on the same folds: `python run.py compare`.
 
     python run.py compare --data PREPARED --configs A.yaml,B.yaml,... --out DIR [--folds 0,1|all] [--jobs N]
+                          [--fuse A+B,...]
 
 For every configuration (a YAML as --config takes it; named by its file stem) and every fold: train
 the fold, segment the fold's validation patients with the LAST checkpoint (the best one is chosen on
 those very patients and would flatter them), and score them against the prepared labels with the
 CHAOS metrics. Folds run side by side as separate processes with `jobs` > 1 (torch threads split
 between them). Each finished fold leaves DIR/<config>/fold_<k>/compare.json, so an interrupted
-comparison resumes where it stopped.
+comparison resumes where it stopped. `--fuse A+B` also scores the trained runs of A and B fused (infer
+with both run folders: the mean of their probabilities), as a configuration "A+B" whose minutes are
+the sum of its members'.
 
 Outputs (DIR): leaderboard.csv (one row per configuration: Dice mean and std over patients, HD95,
 ASSD, minutes of training per fold, parameters, inference seconds per volume), per_patient.csv,
@@ -41,8 +44,10 @@ COLUMNS = ["config", "model", "patients", "dice_mean", "dice_std", "dice_min", "
 
 
 def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | Path, folds: str = "all",
-                   overrides: list[str] = (), jobs: int = 1) -> list[dict]:
-    """Train and score every configuration on the same folds; returns the leaderboard rows."""
+                   overrides: list[str] = (), jobs: int = 1, fuse: list[list[str]] = ()) -> list[dict]:
+    """Train and score every configuration on the same folds; returns the leaderboard rows. `fuse`:
+    groups of configuration names whose trained runs are also scored fused (infer with several
+    --run-dir: the mean of their probabilities), named "A+B", their minutes the sum of the members'."""
     data, out_dir = Path(data), Path(out_dir)
     datalist = read_datalist(data)
     fold_list = datalist.parse_folds(folds)
@@ -52,6 +57,11 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
         names.append(safe_name(Path(path).stem, "config name"))
     if len(set(names)) != len(names):
         raise PipelineError(f"--configs: two configurations share a file name ({', '.join(names)})")
+    for group in fuse:
+        unknown = [m for m in group if m not in names]
+        if unknown or len(group) < 2 or len(set(group)) < len(group):
+            raise PipelineError(f"--fuse {'+'.join(group)}: expected two or more different names of --configs "
+                                f"({', '.join(names)})")
     # fold by fold, so that with --jobs N the configurations of one fold train side by side in time
     tasks = [(str(data), str(path), name, list(overrides), k, str(out_dir))
              for k in fold_list for path, name in zip(configs, names)]
@@ -69,6 +79,11 @@ def run_comparison(data: str | Path, configs: list[str | Path], out_dir: str | P
             futures = [pool.submit(_fold_task, *task) for task in tasks]
             for future in progress(as_completed(futures), total=len(futures), desc="compare", unit="fold"):
                 results.append(future.result())
+    fused = ["+".join(group) for group in fuse]
+    for k in fold_list:  # the members' folds are trained: inference only, one after the other
+        for group in fuse:
+            results.append(_fusion_task(str(data), group, k, str(out_dir)))
+    names = names + fused
     rows, per_patient = leaderboard(results, names)
     write_csv(out_dir / LEADERBOARD, rows, COLUMNS)
     write_csv(out_dir / PER_PATIENT, per_patient, ["config", "fold", "patient", "dice", "hd95_mm", "assd_mm"])
@@ -106,7 +121,6 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     """Train one fold of one configuration, segment its validation patients with the last
     checkpoint and score them; the result is saved so that a rerun skips the fold."""
     from pipeline.core import runs
-    from pipeline.evaluate.evaluation import run_evaluation
     from pipeline.infer.inference import run_inference
     from pipeline.model.networks import build_model, count_parameters, network_input
     from pipeline.train.cv import run_training
@@ -124,11 +138,7 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     infer_dir = fold_dir / "val_last"
     rows = run_inference(run_dir, Path(data), infer_dir, fold=str(fold), patients=",".join(patients),
                          overrides=["infer.checkpoint=last", "infer.montage=false"])
-    cfg.evaluate.missing = "skip"  # only this fold's patients were segmented
-    scored = run_evaluation(pred=infer_dir, ref=Path(data) / "labelsTr", out_dir=infer_dir / "evaluate", cfg=cfg)
-    patient_of = {e["case"]: e["patient"] for e in datalist.entries}
-    cases = [{"patient": patient_of[c["case"]], "dice": c["dice"], "hd95_mm": c["hd95_mm"], "assd_mm": c["assd_mm"]}
-             for c in scored["cases"]]
+    cases = _score(data, datalist, infer_dir, cfg)
     summary = {
         "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
         "epochs": runs.read_config(fold_dir).train.epochs,  # as the budget fixed them
@@ -137,6 +147,43 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     }
     write_json(done, summary)
     return summary
+
+
+def _fusion_task(data: str, members: list[str], fold: int, out_dir: str) -> dict:
+    """Score the fold's validation patients with the members' trained runs fused (last checkpoints,
+    their mean probability on the source grid); saved as a fold of its own, so a rerun skips it."""
+    from pipeline.core import runs
+    from pipeline.infer.inference import run_inference
+
+    name = "+".join(members)
+    fold_dir = runs.fold_dir(Path(out_dir) / name, fold)
+    done = fold_dir / FOLD_RESULT
+    if done.is_file():
+        return json.loads(done.read_text())
+    parts = [json.loads((runs.fold_dir(Path(out_dir) / m, fold) / FOLD_RESULT).read_text()) for m in members]
+    datalist = read_datalist(data)
+    infer_dir = fold_dir / "val_last"
+    rows = run_inference([Path(out_dir) / m for m in members], Path(data), infer_dir, fold=str(fold),
+                         patients=",".join(datalist.patients(fold)),
+                         overrides=["infer.checkpoint=last", "infer.montage=false"])
+    summary = {"config": name, "fold": fold, "model": "+".join(p["model"] for p in parts),
+               "minutes": sum(p["minutes"] for p in parts), "epochs": None,
+               "parameters": sum(p["parameters"] for p in parts),
+               "infer_seconds": statistics.mean(r["seconds"] for r in rows),
+               "cases": _score(data, datalist, infer_dir, runs.read_config(Path(out_dir) / members[0]))}
+    write_json(done, summary)
+    return summary
+
+
+def _score(data: str, datalist, infer_dir: Path, cfg) -> list[dict]:
+    """The CHAOS metrics of the masks in `infer_dir` against the prepared labels, one dict per case."""
+    from pipeline.evaluate.evaluation import run_evaluation
+
+    cfg.evaluate.missing = "skip"  # only this fold's patients were segmented
+    scored = run_evaluation(pred=infer_dir, ref=Path(data) / "labelsTr", out_dir=infer_dir / "evaluate", cfg=cfg)
+    patient_of = {e["case"]: e["patient"] for e in datalist.entries}
+    return [{"patient": patient_of[c["case"]], "dice": c["dice"], "hd95_mm": c["hd95_mm"], "assd_mm": c["assd_mm"]}
+            for c in scored["cases"]]
 
 
 def leaderboard(results: list[dict], names: list[str]) -> tuple[list[dict], list[dict]]:
