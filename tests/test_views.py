@@ -155,3 +155,24 @@ def test_runs_given_together_are_fused_by_their_mean_probability_on_the_source_g
     res = run_main("infer", "--run-dir", str(first), "--run-dir", str(first), "--input", str(tmp_path / "series"),
                    "--out", str(tmp_path / "out2"))
     assert res.returncode != 0 and "the same run given twice" in res.stderr
+
+
+def test_views_or_runs_that_see_different_livers_are_flagged():
+    from types import SimpleNamespace
+
+    from pipeline.infer.qc import flag_mask, member_agreement
+
+    fused = np.zeros((4, 4, 4), bool)
+    fused[:2] = True  # 32 voxels
+    half = fused.copy()
+    half[1] = False  # 16 of them
+    everywhere = np.ones_like(fused)
+    assert member_agreement([(fused, None)], fused) is None  # one member: nothing to compare
+    assert member_agreement([(fused, None), (half, None)], fused) == pytest.approx(2 * 16 / (32 + 16))
+    # a view is compared over the voxels it saw: one that saw only the first plane agrees fully there
+    first_plane = np.broadcast_to((np.arange(4) == 0)[:, None, None], fused.shape)
+    assert member_agreement([(fused, everywhere), (half, first_plane)], fused) == 1.0
+    run = SimpleNamespace(cfg=load_config(None, []), min_confidence=0.0)
+    flags = flag_mask(run, "case", 1500.0, None, 0.95, None, (4, 4, 4), np.eye(4), members=0.67)
+    assert flags == ["views or fused runs disagree (lowest Dice of one with the fused mask 0.67 < 0.8)"]
+    assert flag_mask(run, "case", 1500.0, None, 0.95, None, (4, 4, 4), np.eye(4), members=0.9) == []

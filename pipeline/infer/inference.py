@@ -49,6 +49,8 @@ def write_case(run: LoadedRun, case: InferCase, volume: Volume, seg: Segmentatio
         row["dice"] = float(dice(seg.mask > 0, truth > 0))
     row["fold_agreement"] = None if seg.agreement is None else round(seg.agreement, 4)
     row["confidence"] = None if seg.confidence is None else round(seg.confidence, 4)
+    if seg.member_agreement is not None:  # a multi-planar run, or fused runs
+        row["member_agreement"] = round(seg.member_agreement, 4)
     row["qc"] = seg.flags
     if dicom_notes is not None:
         row["dicom_notes"] = dicom_notes  # what a stripped source lacked, and any format refused

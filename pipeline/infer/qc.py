@@ -13,12 +13,17 @@ log = logging.getLogger(__name__)
 
 
 def flag_mask(run: LoadedRun, name: str, liver_ml: float, agreement: float | None, confidence: float | None,
-              probs, shape: Sequence[int], affine: np.ndarray, min_confidence: float | None = None) -> list[str]:
+              probs, shape: Sequence[int], affine: np.ndarray, min_confidence: float | None = None,
+              members: float | None = None) -> list[str]:
     """quality_flags of the mask of `name`, and cropped_liver's flag (`probs` on the model grid, the
     source's `shape` and `affine`), with a warning line naming it when there is any. `min_confidence`:
-    the confidence level (default: the run's own, run.min_confidence)."""
+    the confidence level (default: the run's own, run.min_confidence); `members`: member_agreement of
+    the views or fused runs, flagged below infer.qc_min_agreement as the folds' agreement is."""
     level = run.min_confidence if min_confidence is None else min_confidence
     flags = quality_flags(liver_ml, agreement, run.cfg.infer, confidence, level)
+    if members is not None and members < run.cfg.infer.qc_min_agreement:
+        flags.append(f"views or fused runs disagree (lowest Dice of one with the fused mask {members:.2f} < "
+                     f"{run.cfg.infer.qc_min_agreement:g})")
     cropped = cropped_liver(run, probs, shape, affine)
     if cropped:
         flags.append(cropped)
@@ -46,6 +51,18 @@ def quality_flags(liver_ml: float, agreement: float | None, cfg, confidence: flo
     if liver_ml > 0 and confidence is not None and confidence < min_confidence:
         flags.append(f"low confidence ({confidence:.3f} < {min_confidence:.3f})")
     return flags
+
+
+def member_agreement(own: Sequence[tuple], fused: np.ndarray) -> float | None:
+    """The lowest Dice between one member's own mask (a view of a multi-planar run, or one of fused
+    runs) and the fused mask, each over the voxels that member saw: (mask, seen or None for all) pairs
+    from inversion.views_on_source_grid. None with fewer than two members. Low where the planes or
+    runs see different livers: a mask to look at before trusting it."""
+    if len(own) < 2:
+        return None
+    from pipeline.evaluate.metrics import dice
+
+    return min(dice(mask, fused) if seen is None else dice(mask & seen, fused & seen) for mask, seen in own)
 
 
 def cropped_liver(run: LoadedRun, probs, shape: Sequence[int], affine: np.ndarray) -> str | None:

@@ -18,8 +18,9 @@ import numpy as np
 from pipeline.core.config import pixel_spacing_mm
 from pipeline.dicom.volume import Volume
 from pipeline.infer.loaded import LoadedRun
-from pipeline.infer.qc import flag_mask
-from pipeline.model.inversion import ViewProbs, probability_on_source_grid, views_mask_on_source_grid
+from pipeline.infer.qc import flag_mask, member_agreement
+from pipeline.model.inversion import (ViewProbs, probability_on_source_grid, views_mask_on_source_grid,
+                                      views_on_source_grid)
 from pipeline.model.postprocess import postprocess
 
 
@@ -134,6 +135,7 @@ class Segmentation:
     agreement: float | None  # predict.fold_agreement (None with one model)
     confidence: float | None  # the fold models' mean predict.mask_confidence
     flags: list[str] = field(default_factory=list)  # quality_flags and cropped_liver: why to look before trusting
+    member_agreement: float | None = None  # qc.member_agreement of the views or fused runs (None: one of each)
 
 
 def segment_volume(run: LoadedRun, volume: Volume, modality: str, name: str,
@@ -152,14 +154,20 @@ def segment_volume(run: LoadedRun, volume: Volume, modality: str, name: str,
     with torch.inference_mode():
         for member in members:
             predicted.append(view_parts(member, volume, modality, stages))
+        own: list = []  # each view's or fused run's own (mask, voxels it saw), for member_agreement
         with stages("invert"):
-            if len(members) == 1:
+            if len(members) == 1 and len(predicted[0][0]) == 1:
                 raw = views_mask_on_source_grid(predicted[0][0], shape)
+            elif len(members) == 1:  # a multi-planar run: its views' mean where each saw
+                raw = views_on_source_grid(predicted[0][0], shape, own) >= 0.5
             else:  # fused runs (infer --run-dir A --run-dir B): the mean of each run's probability
-                total = probability_on_source_grid(predicted[0][0], shape)
-                for parts, _, _ in predicted[1:]:
-                    total += probability_on_source_grid(parts, shape)
+                total = np.zeros(shape, np.float32)
+                for parts, _, _ in predicted:
+                    probs = probability_on_source_grid(parts, shape)
+                    own.append((probs >= 0.5, None))
+                    total += probs
                 raw = total >= 0.5 * len(members)
+        members_agree = member_agreement(own, raw)
     with stages("postprocess"):
         mask = postprocess(raw, run.cfg.infer.largest_component, run.cfg.infer.fill_holes)
     liver_ml = float(mask.sum() * volume.voxel_ml)
@@ -172,6 +180,7 @@ def segment_volume(run: LoadedRun, volume: Volume, modality: str, name: str,
     # the cut-edge check reads the first run's axial grid (the in-plane crop); other views alone have none
     views = run.cfg.model.views
     axial = predicted[0][0][views.index("axial")].probs if "axial" in views else None
-    flags = flag_mask(run, name, liver_ml, agreement, confidence, axial, shape, volume.affine, min_confidence=level)
+    flags = flag_mask(run, name, liver_ml, agreement, confidence, axial, shape, volume.affine, min_confidence=level,
+                      members=members_agree)
     return Segmentation(mask, axial if axial is not None else predicted[0][0][0].probs, liver_ml, agreement, confidence,
-                        flags)
+                        flags, members_agree)

@@ -66,12 +66,13 @@ class ViewProbs(NamedTuple):
     transform: object
 
 
-def views_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...]) -> np.ndarray:
+def views_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...], own: list | None = None) -> np.ndarray:
     """The views' liver probability averaged on the source grid (X, Y, Z float32), each voxel over the
     views that saw it: each view's probability goes back with a channel of ones beside it (Invertd
     moves both alike), so the ones give how much of each source voxel the view covered (0 where its
     crop left the voxel out, fractions at the crop's edge) and the mean is weighted by it. Voxels no
-    view saw get 0."""
+    view saw get 0. With a list `own`, each view's own (mask, the voxels it saw) is appended to it
+    (bool arrays), for the quality check's agreement of the views."""
     import torch
 
     from pipeline.model.predict import plain, source_grid_inverter, to_source_grid
@@ -81,6 +82,9 @@ def views_on_source_grid(parts: Sequence[ViewProbs], shape: tuple[int, ...]) -> 
         probs = plain(probs)
         both = to_source_grid(torch.cat([probs, torch.ones_like(probs)]), image, source_grid_inverter(transform))
         both = np.asarray(both, dtype=np.float32)
+        if own is not None:
+            covered = both[1] > 0.5
+            own.append((covered & (both[0] >= 0.5 * both[1]), covered))
         total = both[0] if total is None else total + both[0]
         seen = both[1] if seen is None else seen + both[1]
     if total is None:
