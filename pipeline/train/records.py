@@ -52,9 +52,12 @@ def log_settings(cfg: Config, fold: int, train: list[dict], val: list[dict], dev
         f"processes {dd.world}, seed {t.seed}",
         f"model {m.name} channels {m.channels} strides {m.strides} res_units {m.num_res_units} "
         f"dropout {m.dropout} norm {m.norm}" + (", modality channel" if m.modality_channel else ""),
-        f"roi {t.roi_size} ({f'{pixel_spacing_mm(t):g} mm pixels' if pixel_spacing_mm(t) > 0 else 'resized'}), "
-        f"{t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
-        f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs",
+        (f"3D patches {t.patch_3d} of {pixel_spacing_mm(t):g} x {pixel_spacing_mm(t):g} x {t.slice_spacing} mm voxels, "
+         f"batch {t.batch_3d}, {steps} steps/epoch, {t.epochs} epochs" if m.dims == 3 else
+         f"roi {t.roi_size} ({f'{pixel_spacing_mm(t):g} mm pixels' if pixel_spacing_mm(t) > 0 else 'resized'}), "
+         f"{t.slices_per_volume} slices/volume (liver ratio {t.liver_slice_ratio}), "
+         f"batch {t.batch_size}, {steps} steps/epoch, {t.epochs} epochs"
+         + (f", views {', '.join(m.views)}" if m.views != ["axial"] else "")),
         f"loss {t.loss}, {'AdamW' if t.optimizer == 'adamw' else f'SGD (Nesterov, momentum {t.momentum})'} "
         f"lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_epochs} epochs then {t.schedule}",
     ]
