@@ -72,8 +72,8 @@ def cropped_liver(run: LoadedRun, probs, shape: Sequence[int], affine: np.ndarra
     from pipeline.model.transforms import in_plane_fov_mm
 
     spacing = pixel_spacing_mm(run.cfg.train)
-    if spacing <= 0 or probs is None:
-        return None  # resized to the roi: nothing is cut (or no axial view to tell)
+    if spacing <= 0 or probs is None or run.cfg.model.dims == 3:
+        return None  # resized to the roi, or 3D sliding windows over the whole volume: nothing is cut (or no axial view)
     fov, roi = in_plane_fov_mm(shape, affine), run.cfg.train.roi_size
     liver = probs[0] >= 0.5
     liver = liver.cpu().numpy() if hasattr(liver, "cpu") else np.asarray(liver)
