@@ -176,3 +176,26 @@ def test_views_or_runs_that_see_different_livers_are_flagged():
     flags = flag_mask(run, "case", 1500.0, None, 0.95, None, (4, 4, 4), np.eye(4), members=0.67)
     assert flags == ["views or fused runs disagree (lowest Dice of one with the fused mask 0.67 < 0.8)"]
     assert flag_mask(run, "case", 1500.0, None, 0.95, None, (4, 4, 4), np.eye(4), members=0.9) == []
+
+
+@pytest.mark.parametrize("view", ["coronal", "sagittal"])
+def test_a_view_read_through_the_fast_axial_pass_equals_monai_s_own_steps(view):
+    """At inference a view starts from InPlaneResampled (the axial chain's separable pass); with
+    reference=True it starts from MONAI's Orientationd + Spacingd + ResizeWithPadOrCropd, as training's
+    chain with the label does: the same image to float32 rounding, and Invertd takes both back."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from pipeline.model.transforms import image_transforms
+
+    cfg = load_config(None, ["train.pixel_spacing=2.5", "train.roi_size=[32,32]"])
+    rng = np.random.default_rng(1)
+    volume = rng.random((40, 36, 9)).astype(np.float32) * 800  # 1.6 x 1.4 mm pixels, 6 mm slices, x flipped
+    affine = np.array([[-1.6, 0, 0, 30.0], [0, 1.4, 0, -20.0], [0, 0, 6.0, 5.0], [0, 0, 0, 1]])
+    images = []
+    for reference in (False, True):
+        chain = Compose(image_transforms(cfg.train, load=False, reference=reference, view=view))
+        image = MetaTensor(torch.as_tensor(volume[None]), affine=torch.as_tensor(affine))
+        images.append(chain({"image": image, "modality": "MR"})["image"])
+    assert images[0].shape == images[1].shape and images[0].shape[-1] > 9
+    np.testing.assert_allclose(np.asarray(images[0]), np.asarray(images[1]), atol=1e-5)

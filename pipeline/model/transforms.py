@@ -251,20 +251,15 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
     if load:
         quiet_known_library_noise()  # LoadImaged builds readers that warn about a codec it never uses
     spacing = pixel_spacing_mm(cfg)
-    if view != "axial":
-        chain = [*([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
-                 orient, NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles)]
-        if has_label and not keep_organs:
-            chain.append(LabelFilterd("label", applied_labels=[LIVER]))
-        return _after_spatial(chain + view_transforms(keys, view, spacing, roi), cfg, keys, with_indices, context,
-                              modality_channel)
+    # a coronal or sagittal view (model.views): the axial chain's steps, then the view's own
+    view_steps = [] if view == "axial" else view_transforms(keys, view, spacing, roi)
     if spacing > 0 and keys == ("image",) and not reference:
         # image-only (inference): orientation, spacing and pad / crop in one separable pass, with an
         # inverse restricted to the liver's box (InPlaneResampled computes what the three MONAI steps
         # of the branch below compute; the scaling commutes with the orientation, which only moves voxels)
         chain = [*([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
                  NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
-                 InPlaneResampled("image", spacing, roi)]
+                 InPlaneResampled("image", spacing, roi), *view_steps]
         return _after_spatial(chain, cfg, keys, with_indices, context, modality_channel)
     chain: list[Transform] = [
         *([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
@@ -289,7 +284,7 @@ def deterministic_transforms(cfg: TrainConfig, keys: Sequence[str] = ("image", "
             chain.append(Resized("label", spatial_size=(*roi, -1), mode="nearest-exact"))
     if orient_last:
         chain.append(orient)
-    return _after_spatial(chain, cfg, keys, with_indices, context, modality_channel)
+    return _after_spatial(chain + view_steps, cfg, keys, with_indices, context, modality_channel)
 
 
 # per view, on a RAS volume (C, R, A, S): the in-plane size for ResizeWithPadOrCropd (the slice axis
@@ -299,12 +294,15 @@ _VIEW_AXES = {"coronal": (0, 1, 3, 2), "sagittal": (0, 2, 3, 1)}  # (C, R, S, A)
 
 
 def view_transforms(keys: Sequence[str], view: str, spacing: float, roi: Sequence[int]) -> list[Transform]:
-    """The spatial steps of a coronal or sagittal view (model.views), after Orientationd to RAS: the
-    volume resampled to `spacing` mm on all three axes (MONAI Spacingd: trilinear for the image,
-    nearest for the label; on MR's 5.5-9 mm slices the through-plane axis is interpolated between
-    slices, and a label's steps stay steps), padded or cropped about the centre to the roi in the
-    view's plane, and transposed so that the view's slices lie along the last axis. Every step is
-    MONAI's and invertible (Invertd undoes them in turn)."""
+    """The spatial steps of a coronal or sagittal view (model.views) on a RAS volume whose slices are
+    already at `spacing` mm (the axial chain's output): the slice axis resampled to `spacing` too
+    (MONAI Spacingd: linear for the image, nearest for the label; on MR's 5.5-9 mm slices the
+    through-plane axis is interpolated between slices, and a label's steps stay steps; in-plane it
+    samples the pixels where they are), padded or cropped about the centre to the roi in the view's
+    plane, and transposed so that the view's slices lie along the last axis. Trilinear resampling is
+    separable, so this equals resampling the source to `spacing` on all three axes at once, on the
+    axial crop; and the source is read through the axial chain's fast path (InPlaneResampled) at
+    inference. Every step is invertible (Invertd undoes them in turn)."""
     from monai.transforms import Transposed
 
     if view not in _VIEW_AXES:
