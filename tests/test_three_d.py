@@ -75,3 +75,25 @@ def test_a_3d_run_trains_validates_and_infer_scores_it_as_validation_did(tmp_pat
                          overrides=["infer.amp=off"])
     for row in rows:
         assert row["dice"] == pytest.approx(dice[row["case"].removesuffix("_T2SPIR")], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compare_trains_and_scores_a_3d_configuration(tmp_path):
+    """compare counts a 3D network's parameters from the fold's own config, where training has set the
+    spacings its plan needs (the configuration file still says auto)."""
+    import yaml
+
+    from pipeline.app.compare import run_comparison
+
+    data = make_prepared_dataset(tmp_path / "prepared", n_mr=2, n_ct=2, folds=2)
+    config = tmp_path / "tiny3d.yaml"
+    overrides = dict(item.split("=", 1) for item in [*TINY_3D, "train.epochs=2", "train.val_every=1",
+                                                      "train.warmup_epochs=0", "train.compile=off"])
+    nested: dict = {}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = yaml.safe_load(value)
+    config.write_text(yaml.safe_dump(nested))
+    rows = run_comparison(data, [config], tmp_path / "out", folds="0")
+    assert rows[0]["config"] == "tiny3d" and rows[0]["model"] == "dynunet" and rows[0]["parameters"] > 0
+    assert rows[0]["patients"] == 2 and rows[0]["epochs_per_fold"] == 2

@@ -139,10 +139,12 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     rows = run_inference(run_dir, Path(data), infer_dir, fold=str(fold), patients=",".join(patients),
                          overrides=["infer.checkpoint=last", "infer.montage=false"])
     cases = _score(data, datalist, infer_dir, cfg)
+    trained = runs.read_config(fold_dir)
     summary = {
         "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
-        "epochs": runs.read_config(fold_dir).train.epochs,  # as the budget fixed them
-        "parameters": count_parameters(build_model(cfg.model, *network_input(cfg))),
+        "epochs": trained.train.epochs,  # as the budget fixed them
+        # from the fold's own config: training resolved its "auto" spacings (a 3D network's plan needs them)
+        "parameters": count_parameters(build_model(trained.model, *network_input(trained))),
         "infer_seconds": statistics.mean(r["seconds"] for r in rows), "cases": cases,
     }
     write_json(done, summary)
