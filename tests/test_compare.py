@@ -167,3 +167,20 @@ def test_fused_runs_are_scored_on_the_same_patients_as_a_configuration_of_their_
     assert {c["case"] for c in inference["cases"]} == {"CT_2", "MR_2_T2SPIR"}
     with pytest.raises(PipelineError, match="--fuse plain_unet\\+unknown"):
         run_comparison(data, configs, out, folds="0,1", fuse=[["plain_unet", "unknown"]])
+
+
+@pytest.mark.slow
+def test_a_fold_scored_again_keeps_the_minutes_its_training_took(setup):
+    """A fold whose training finished but whose scoring did not (compare.json missing) is resumed:
+    nothing trains again, and its minutes are its epochs' times from metrics.csv, not the resume's."""
+    from pipeline.core import runs
+
+    data, configs, out = setup
+    done = out / "plain_unet" / "fold_0" / "compare.json"
+    before = json.loads(done.read_text())
+    done.unlink()
+    run_comparison(data, configs, out, folds="0,1")
+    after = json.loads(done.read_text())
+    epochs = runs.read_metrics(out / "plain_unet" / "fold_0")
+    assert after["minutes"] == pytest.approx(sum(r["epoch_time_s"] for r in epochs) / 60)
+    assert after["minutes"] > 0.5 * before["minutes"] and after["cases"] == before["cases"]

@@ -141,7 +141,10 @@ def _fold_task(data: str, config: str, name: str, overrides: list[str], fold: in
     cases = _score(data, datalist, infer_dir, cfg)
     trained = runs.read_config(fold_dir)
     summary = {
-        "config": name, "fold": fold, "model": cfg.model.name, "minutes": result.minutes,
+        "config": name, "fold": fold, "model": cfg.model.name,
+        # a resumed fold (interrupted, or scored again): its epochs' times over every session
+        "minutes": sum(r.get("epoch_time_s") or 0.0 for r in runs.read_metrics(fold_dir)) / 60 if resume
+        else result.minutes,
         "epochs": trained.train.epochs,  # as the budget fixed them
         # from the fold's own config: training resolved its "auto" spacings (a 3D network's plan needs them)
         "parameters": count_parameters(build_model(trained.model, *network_input(trained))),
