@@ -21,12 +21,13 @@ from pipeline.core import runs
 from pipeline.core.labels import LIVER
 from pipeline.datasets.datalist import read_datalist
 from pipeline.dicom.volume import Volume, read_nifti
-from pipeline.infer.loaded import LoadedRun, load_run
+from pipeline.infer.loaded import LoadedRun, load_runs
 from pipeline.infer.segment import Segmentation, segment_volume
 
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True)
+    ap.add_argument("--run-dir", "--run", dest="run", type=Path, required=True, action="append",
+                    help="a cross-validation run folder; repeat it to fuse runs trained on the same folds")
     ap.add_argument("--data", type=Path, required=True, help="prepared folder the run was trained on")
     ap.add_argument("--checkpoint", default="last", choices=["best", "last"])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -45,10 +46,11 @@ class Case:
 
 
 def validation_cases(args: argparse.Namespace) -> Iterator[Case]:
-    """Every validation patient of every fold of args.run, with its own fold's loaded run."""
+    """Every validation patient of every fold of args.run (one run folder, or several fused: their
+    folds must hold the same patients), with its own fold's loaded run(s)."""
     datalist = read_datalist(args.data)
-    for fold, _ in runs.fold_dirs(args.run):
-        run = load_run(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off", *args.overrides])
+    for fold, _ in runs.fold_dirs(args.run[0]):
+        run = load_runs(args.run, str(fold), [f"infer.checkpoint={args.checkpoint}", "infer.amp=off", *args.overrides])
         _, val = datalist.split(fold)
         for entry in val:
             yield Case(run, entry, read_nifti(entry["image"]), read_nifti(entry["label"], dtype=None).array)
