@@ -57,12 +57,11 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 
         pre = Compose(deterministic_transforms_3d(run.cfg.train, keys=("image",), load=False,
                                                   modality_channel=run.cfg.model.modality_channel))
-        image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
-        return pre, pre({"image": image, "modality": modality})["image"]
-    pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
-                                   modality_channel=run.cfg.model.modality_channel,
-                                   orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine),
-                                   reference=reference, view=view))
+    else:
+        pre = Compose(image_transforms(run.cfg.train, load=False, context=run.cfg.model.context_slices,
+                                       modality_channel=run.cfg.model.modality_channel,
+                                       orient_last=pixel_spacing_mm(run.cfg.train) <= 0 and flips_only(affine),
+                                       reference=reference, view=view))
     image = MetaTensor(torch.as_tensor(volume[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     return pre, pre({"image": image, "modality": modality})["image"]
 

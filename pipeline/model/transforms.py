@@ -351,6 +351,24 @@ def without_metadata() -> Iterator[None]:
         set_track_meta(previous)
 
 
+def intensity_transforms(cfg: TrainConfig) -> list[Transform]:
+    """The random intensity steps on "image" after the spatial ones, the same in 2D and 3D
+    (random_transforms, volumetric.random_transforms_3d)."""
+    return [
+        # MR surface-coil shading: a slowly varying multiplicative field (exp of a degree-3
+        # polynomial; coefficients in +-0.15 give a median max/min ratio of 1.9 over a slice), as on real
+        # T2-SPIR livers that lose about half their brightness anteriorly (MR_5).
+        RandBiasFieldd("image", degree=3, coeff_range=(-0.15, 0.15), prob=cfg.bias_field_prob),
+        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=0.5),
+        # Liver brightness relative to the rest differs between patients (real T2-SPIR, after 1-99
+        # percentile scaling: liver mean 0.23 to 0.56); a random monotone remapping covers that.
+        RandHistogramShiftd("image", num_control_points=(5, 10), prob=cfg.histogram_shift_prob),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandGaussianNoised("image", prob=0.2, std=0.03),
+        RandAdjustContrastd("image", prob=0.3, gamma=tuple(cfg.gamma_range)),
+    ]
+
+
 def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: bool = False,
                       context: int = 0) -> list[Transform]:
     """Draw `slices_per_volume` whole axial slices per volume, then augment each in 2D.
@@ -393,19 +411,7 @@ def random_transforms(cfg: TrainConfig, modality_channel: bool = False, organs: 
         # inference give it the whole roi. Only when asked for: a transform in the chain takes the next
         # random seed, so the chain without it draws as before.
         chain.append(RandSpatialCropd(keys, roi_size=tuple(cfg.patch_size), random_size=False))
-    chain += [
-        # MR surface-coil shading: a slowly varying multiplicative field (exp of a degree-3
-        # polynomial; coefficients in +-0.15 give a median max/min ratio of 1.9 over a slice), as on real
-        # T2-SPIR livers that lose about half their brightness anteriorly (MR_5).
-        RandBiasFieldd("image", degree=3, coeff_range=(-0.15, 0.15), prob=cfg.bias_field_prob),
-        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=0.5),
-        # Liver brightness relative to the rest differs between patients (real T2-SPIR, after 1-99
-        # percentile scaling: liver mean 0.23 to 0.56); a random monotone remapping covers that.
-        RandHistogramShiftd("image", num_control_points=(5, 10), prob=cfg.histogram_shift_prob),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        RandGaussianNoised("image", prob=0.2, std=0.03),
-        RandAdjustContrastd("image", prob=0.3, gamma=tuple(cfg.gamma_range)),
-    ]
+    chain += intensity_transforms(cfg)
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (deterministic_transforms)
         chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob,
                                          context_key=LABEL_CONTEXT if neighbour_organs else None,

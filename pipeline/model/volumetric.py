@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from monai.transforms import (CopyItemsd, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, FgBgToIndicesd, LabelFilterd, LoadImaged, Orientationd, RandAdjustContrastd,
-                              RandAffined, RandBiasFieldd, RandCropByPosNegLabeld, RandGaussianNoised,
-                              RandHistogramShiftd, RandScaleIntensityd, RandShiftIntensityd, Spacingd, SpatialPadd,
+from monai.transforms import (CopyItemsd, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, FgBgToIndicesd, LabelFilterd,
+                              LoadImaged, Orientationd, RandAffined, RandCropByPosNegLabeld, Spacingd, SpatialPadd,
                               Transform)
 
 from pipeline.core.config import Config, TrainConfig, pixel_spacing_mm
@@ -27,7 +26,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.labels import LIVER
 from pipeline.model.intensity import NormalizeIntensityByModalityd, RandOrganIntensityd
 
-ORIENTATION = "RAS"
 _LIVER = "liver"  # a liver-only copy of the label, for the sampler's indices
 _FG, _BG = f"{_LIVER}_fg_indices", f"{_LIVER}_bg_indices"  # FgBgToIndicesd's names
 
@@ -50,7 +48,7 @@ def deterministic_transforms_3d(cfg: TrainConfig, keys: Sequence[str] = ("image"
     is MONAI's and invertible. `modality_channel`: the constant CT / MR channel (not for the volumes
     training crops from: the random chain adds it after augmentation). `with_indices`: the liver / other
     voxel indices the patch sampler draws centres from (the training volumes)."""
-    from pipeline.model.transforms import ModalityChanneld
+    from pipeline.model.transforms import ORIENTATION, ModalityChanneld
 
     keys = tuple(keys)
     if load:
@@ -58,7 +56,7 @@ def deterministic_transforms_3d(cfg: TrainConfig, keys: Sequence[str] = ("image"
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     chain: list[Transform] = [
         *([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys)] if load else []),
-        Orientationd(keys, axcodes=ORIENTATION, labels=None),
+        Orientationd(keys, axcodes=ORIENTATION, labels=None),  # the 2D chains' orientation
         NormalizeIntensityByModalityd("image", cfg.ct_window, cfg.mr_percentiles),
     ]
     if "label" in keys and not keep_organs:
@@ -79,7 +77,7 @@ def random_transforms_3d(cfg: TrainConfig, modality_channel: bool = False, organ
     """One random patch per volume and draw (a third of them centred on a liver voxel, nnU-Net's
     foreground oversampling), then MONAI's 3D augmentations: a rotation about the body's long axis,
     scaling and shift (the slices' own plane, as the 2D chain), and the 2D chain's intensity steps."""
-    from pipeline.model.transforms import ModalityChanneld
+    from pipeline.model.transforms import ModalityChanneld, intensity_transforms
 
     keys = ("image", "label")
     patch = tuple(cfg.patch_3d)
@@ -91,12 +89,7 @@ def random_transforms_3d(cfg: TrainConfig, modality_channel: bool = False, organ
         RandAffined(keys, prob=cfg.affine_prob, rotate_range=(0.0, 0.0, 0.26),
                     scale_range=(cfg.scale_range, cfg.scale_range, 0.0), translate_range=(8, 8, 0),
                     mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=patch, cache_grid=True),
-        RandBiasFieldd("image", degree=3, coeff_range=(-0.15, 0.15), prob=cfg.bias_field_prob),
-        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=0.5),
-        RandHistogramShiftd("image", num_control_points=(5, 10), prob=cfg.histogram_shift_prob),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        RandGaussianNoised("image", prob=0.2, std=0.03),
-        RandAdjustContrastd("image", prob=0.3, gamma=tuple(cfg.gamma_range)),
+        *intensity_transforms(cfg),
     ]
     if cfg.organ_intensity_prob > 0:  # the cached labels kept their organ maps (keep_organs)
         chain.append(RandOrganIntensityd("image", "label", prob=cfg.organ_intensity_prob,

@@ -48,34 +48,22 @@ def reference_transform():
 
 def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     from monai.data import CacheDataset, DataLoader, partition_dataset
-    from monai.transforms import Compose
 
     t = cfg.train  # batch_size is a multiple of slices_per_volume: config.validate
     if dd.world > 1:
         # Each rank caches and draws from its own share; even shares keep step counts equal.
         train = partition_dataset(train, num_partitions=dd.world, shuffle=True, seed=t.seed,
                                   even_divisible=True)[dd.rank]
-    organs, views = cfg.model.organs, cfg.model.views
     if cfg.model.dims == 3:
-        return _build_loaders_3d(cfg, train, val, dd)
-    per_view = []
-    for view in views:  # model.views: each plane's slices drawn from its own cached volumes
-        train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
-                                                   keep_organs=organs or t.organ_intensity_prob > 0, view=view)
-                           + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs,
-                                               context=cfg.model.context_slices))
-        # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
-        per_view.append(CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
-                                     as_contiguous=False))
-    train_ds = per_view[0] if len(per_view) == 1 else ViewsDataset(per_view)
+        train_ds, volumes_per_step, val_tfs = _datasets_3d(cfg, train)
+    else:
+        train_ds, volumes_per_step, val_tfs = _datasets_2d(cfg, train)
     generator = torch.Generator()
-    loader = DataLoader(train_ds, batch_size=t.batch_size // t.slices_per_volume, shuffle=True,
-                        num_workers=t.num_workers, generator=generator, drop_last=False)
+    loader = DataLoader(train_ds, batch_size=volumes_per_step, shuffle=True, num_workers=t.num_workers,
+                        generator=generator, drop_last=False)
     val_items, refs = [], []
-    val_tfs = {view: Compose(deterministic_transforms(t, context=cfg.model.context_slices, view=view,
-                                                      modality_channel=cfg.model.modality_channel, keep_organs=organs))
-               for view in views}
     if dd.main:
+        views = list(val_tfs)
         val_ds = {view: CacheDataset(val, tf, num_workers=None, progress=False) for view, tf in val_tfs.items()}
         # one item per case: the first view's transformed volume, and every view's in "views"
         val_items = [val_ds[views[0]][i] | {"patient": e["patient"], "views": [(v, val_ds[v][i]) for v in views]}
@@ -85,30 +73,44 @@ def build_loaders(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
     return train_ds, loader, generator, val_items, refs, val_tfs
 
 
-def _build_loaders_3d(cfg: Config, train: list[dict], val: list[dict], dd: Dist):
-    """build_loaders for model.dims 3: cached volumes at the 3D spacing, one random patch per volume and
+def _datasets_2d(cfg: Config, train: list[dict]):
+    """(training dataset, volumes per step, validation Compose per view) of the slice-wise network:
+    each of model.views draws its slices from its own cached volumes."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
+
+    t, organs = cfg.train, cfg.model.organs
+    per_view = []
+    for view in cfg.model.views:
+        train_tf = Compose(deterministic_transforms(t, with_indices=True, context=cfg.model.context_slices,
+                                                   keep_organs=organs or t.organ_intensity_prob > 0, view=view)
+                           + random_transforms(t, modality_channel=cfg.model.modality_channel, organs=organs,
+                                               context=cfg.model.context_slices))
+        # as_contiguous=False keeps SliceMajord's slice-by-slice layout (CacheDataset would make it C-ordered)
+        per_view.append(CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False,
+                                     as_contiguous=False))
+    val_tfs = {view: Compose(deterministic_transforms(t, context=cfg.model.context_slices, view=view,
+                                                      modality_channel=cfg.model.modality_channel, keep_organs=organs))
+               for view in cfg.model.views}
+    train_ds = per_view[0] if len(per_view) == 1 else ViewsDataset(per_view)
+    return train_ds, t.batch_size // t.slices_per_volume, val_tfs
+
+
+def _datasets_3d(cfg: Config, train: list[dict]):
+    """_datasets_2d for model.dims 3: cached volumes at the 3D spacing, one random patch per volume and
     draw, train.batch_3d volumes per step; validation on whole volumes (pipeline.model.volumetric)."""
-    from monai.data import CacheDataset, DataLoader
+    from monai.data import CacheDataset
     from monai.transforms import Compose
 
     from pipeline.model.volumetric import deterministic_transforms_3d, random_transforms_3d
 
     t, organs = cfg.train, cfg.model.organs
-    keep = organs or t.organ_intensity_prob > 0
-    train_tf = Compose(deterministic_transforms_3d(t, keep_organs=keep, with_indices=True)
+    train_tf = Compose(deterministic_transforms_3d(t, keep_organs=organs or t.organ_intensity_prob > 0,
+                                                   with_indices=True)
                        + random_transforms_3d(t, modality_channel=cfg.model.modality_channel, organs=organs))
     train_ds = CacheDataset(train, train_tf, cache_rate=t.cache_rate, num_workers=None, progress=False)
-    generator = torch.Generator()
-    loader = DataLoader(train_ds, batch_size=t.batch_3d, shuffle=True, num_workers=t.num_workers, generator=generator,
-                        drop_last=False)
-    val_items, refs = [], []
     val_tf = Compose(deterministic_transforms_3d(t, modality_channel=cfg.model.modality_channel, keep_organs=organs))
-    if dd.main:
-        val_ds = CacheDataset(val, val_tf, num_workers=None, progress=False)
-        val_items = [val_ds[i] | {"patient": e["patient"]} for i, e in enumerate(val)]
-        ref_tf = reference_transform()
-        refs = [ref_tf({"label": e["label"]})["label"] > 0 for e in val]
-    return train_ds, loader, generator, val_items, refs, {"axial": val_tf}
+    return train_ds, t.batch_3d, {"axial": val_tf}
 
 
 class ViewsDataset(torch.utils.data.ConcatDataset):
