@@ -353,6 +353,14 @@ def test_bad_slice_values_answer_400_naming_the_value(guarded, query):
     assert answer.status_code == 400 and query.split("=")[0] in answer.get_json()["error"]
 
 
+@pytest.mark.parametrize("path", ["\x00", "scans/a\x00b"])
+def test_a_path_with_a_nul_byte_answers_400(guarded, path):
+    client = _client(guarded)
+    client.get("/?token=t0ken")
+    answer = client.get("/api/browse", query_string={"path": path})
+    assert answer.status_code == 400 and "not a path this viewer can read" in answer.get_json()["error"]
+
+
 @pytest.mark.parametrize("query", ["x=abc", "y=", "z=1e3"])
 def test_bad_voxel_values_answer_400(guarded, query):
     client = _client(guarded)

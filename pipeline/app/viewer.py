@@ -135,7 +135,10 @@ class Viewer:
     # ---- files the page may see
     def allowed(self, path: str | Path) -> Path:
         """`path` resolved, if it lies under one of the roots; else a PipelineError."""
-        resolved = Path(path).expanduser().resolve()
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise PipelineError(f"{path!r}: not a path this viewer can read ({exc})") from None
         if not any(resolved == r or r in resolved.parents for r in self.roots):
             raise PipelineError(f"{path}: outside the folders this viewer may read")
         return resolved
