@@ -47,9 +47,7 @@ class SynthConfig:
 
 @dataclass
 class PrepareConfig:
-    sequences: list[str] = field(
-        default_factory=lambda: ["CT", "T1DUAL_InPhase", "T1DUAL_OutPhase", "T2SPIR"]
-    )  # which sequences to ingest
+    sequences: list[str] = field(default_factory=lambda: ["CT", "T1DUAL_InPhase", "T1DUAL_OutPhase", "T2SPIR"])
     folds: int = 5  # number of patient-level cross-validation folds
     fold_seed: int = 0  # seed of the patient -> fold assignment
     spacing_tolerance: float = 0.01  # max relative deviation of a slice step from the median
@@ -170,6 +168,7 @@ class InferConfig:
     # test-time augmentation: each slice also predicted zoomed by these factors about its centre, the
     # liver probabilities zoomed back and averaged ([1.0] = off; docs/decisions.md#test-time-zooms)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    crf_weight: float = 0.0  # mean-field CRF on the liver probability with the image's edges (0 = off; model/crf.py)
     sw_overlap: float = 0.25  # model.dims 3: overlap of the sliding windows (fraction of the patch)
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -372,6 +371,7 @@ def validate(cfg: Config) -> Config:
         ("infer.folds", i.folds == "all" or i.folds.isdigit(), f"expected 'all' or a fold number, got {i.folds!r}"),
         ("infer.batch_size", i.batch_size >= 1, f"expected >= 1, got {i.batch_size}"),
         ("infer.slice_smoothing", i.slice_smoothing >= 0, f"expected slices >= 0 (0 = off), got {i.slice_smoothing}"),
+        ("infer.crf_weight", i.crf_weight >= 0, f"expected a weight >= 0 (0 = off), got {i.crf_weight}"),
         ("infer.tta_scales", bool(i.tta_scales) and all(0.5 <= s <= 2.0 for s in i.tta_scales),
          f"expected one or more zoom factors in [0.5, 2] ([1.0] = off), got {i.tta_scales}"),
         ("infer.qc_liver_ml", len(i.qc_liver_ml) == 2 and 0 <= i.qc_liver_ml[0] < i.qc_liver_ml[1],

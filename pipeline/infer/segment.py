@@ -69,20 +69,27 @@ def preprocess_case(run: LoadedRun, volume: np.ndarray, affine: np.ndarray, moda
 def network_probs(run: LoadedRun, image, stages: Stages, model_masks: list | None = None,
                   model_confidences: list | None = None):
     """Stage 2: fold-ensemble liver probability (1, H, W, Z) on the model's grid, smoothed through the
-    slices (infer.slice_smoothing); each model's own mask appended to `model_masks` when given, for
-    the fold agreement, and its confidence to `model_confidences` (both before the smoothing)."""
+    slices (infer.slice_smoothing), refined with the image (infer.crf_weight > 0: model/crf.py); each
+    model's own mask appended to `model_masks` when given, for the fold agreement, and its confidence
+    to `model_confidences` (both before the smoothing)."""
+    from pipeline.model.crf import refine_probs
     from pipeline.model.predict import predict_volume, smooth_through_slices
 
     with stages("network"):
         if run.cfg.model.dims == 3:  # sliding windows over the volume; nothing to smooth through slices
             from pipeline.model.volumetric import predict_volume_3d
 
-            return predict_volume_3d(run.models, image, run.cfg, run.device, run.cfg.infer.amp, model_masks,
-                                     model_confidences)
-        probs = predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
-                               amp=run.cfg.infer.amp, model_masks=model_masks, model_confidences=model_confidences,
-                               scales=run.cfg.infer.tta_scales)
-        return smooth_through_slices(probs, run.cfg.infer.slice_smoothing)
+            probs = predict_volume_3d(run.models, image, run.cfg, run.device, run.cfg.infer.amp, model_masks,
+                                      model_confidences)
+        else:
+            probs = predict_volume(run.models, image, batch_size=run.cfg.infer.batch_size, device=run.device,
+                                   amp=run.cfg.infer.amp, model_masks=model_masks,
+                                   model_confidences=model_confidences, scales=run.cfg.infer.tta_scales)
+            probs = smooth_through_slices(probs, run.cfg.infer.slice_smoothing)
+    if run.cfg.infer.crf_weight <= 0:
+        return probs
+    with stages("crf"):
+        return refine_probs(probs, image, run.cfg.infer.crf_weight, run.cfg.model.context_slices)
 
 
 def checked_network_probs(run: LoadedRun, image, stages: Stages) -> tuple:

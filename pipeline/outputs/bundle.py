@@ -253,6 +253,9 @@ def export_bundle(run_dir: Path, checkpoint: Path, out: Path, modality: str | No
     if cfg.infer.tta_scales != [1.0]:
         log.warning("%s: infer.tta_scales %s is not in the bundle: it predicts each slice once, as infer does "
                     "with tta_scales [1.0]", checkpoint.parent, cfg.infer.tta_scales)
+    if cfg.infer.crf_weight > 0:
+        log.warning("%s: infer.crf_weight %s is not in the bundle: its masks are the network's probability "
+                    "thresholded, as infer's with crf_weight 0", checkpoint.parent, cfg.infer.crf_weight)
     tmp = out.with_name(f".partial-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)

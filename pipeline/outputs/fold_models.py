@@ -11,6 +11,7 @@ from pipeline.core import runs
 from pipeline.core.config import Config, pixel_spacing_mm
 from pipeline.core.errors import PipelineError
 from pipeline.core.labels import LIVER, model_output
+from pipeline.model import crf
 
 MODALITIES = ("CT", "MR")
 
@@ -110,6 +111,13 @@ def preprocessing_description(cfg: Config) -> dict:
                                     "zoomed by every scale about the slice centre (bilinear, zeros outside) and "
                                     "zoomed back by 1 / scale, before the models are averaged"}
                            if (scales := cfg.infer.tta_scales) != [1.0] else "none"),
+        "crf": ({"weight": weight, "theta_mm": crf.THETA_MM, "theta_intensity": crf.THETA_INTENSITY,
+                 "radius_voxels": crf.RADIUS, "slices_each_side": 1, "iterations": crf.ITERATIONS,
+                 "rule": "after the smoothing, on the model's grid: each iteration sets every voxel's liver logit to "
+                         "the network's plus weight x the mean of (2q - 1) over its window, weighted by "
+                         "exp(-d^2 / 2 theta_mm^2) exp(-dI^2 / 2 theta_intensity^2) (d in mm, I the centre input "
+                         "channel); only the box of probability >= 0.05 plus the window's reach (pipeline/model/crf.py)"}
+                if (weight := cfg.infer.crf_weight) > 0 else "none"),
         "to_source_grid": "the averaged liver probability taken back through those steps to the source grid "
                           "(bilinear, no smoothing; as MONAI's Invertd does) and reoriented to the source axes",
         "threshold": f"liver (label {LIVER}) where the probability on the source grid is >= 0.5",

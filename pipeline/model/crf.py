@@ -1,0 +1,98 @@
+"""A clean-up through the third dimension that uses the image: mean-field iterations of a two-label
+conditional random field on the liver probability, on the model's grid (infer.crf_weight).
+
+Each voxel's liver logit becomes the network's logit plus `weight` times the kernel-weighted mean of
+(2q - 1) over its neighbours (q: the current liver probability), with a bilateral kernel
+exp(-d^2 / 2 THETA_MM^2) * exp(-dI^2 / 2 THETA_INTENSITY^2): neighbours close in space and in grey
+level pull a voxel to their label, across an edge of the image they do not. The window is local
+(RADIUS voxels in-plane, one slice above and below), the message is normalised by the kernel's mass
+(so `weight` is in logit units), and only the box where the liver is possible (probability >=
+BOX_LEVEL, plus the window's reach) is computed.
+
+Written here rather than MONAI's `CRF` block: that one needs MONAI's compiled extension (`monai._C`,
+a permutohedral lattice), which MONAI's pip wheel lacks, and a fully connected kernel is not what
+was measured (docs/decisions.md#crf).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+THETA_MM = 5.0  # spatial width of the kernel
+THETA_INTENSITY = 0.05  # grey-level width, on the network's input scale (CT window / MR 1-99 percentiles -> [0, 1])
+RADIUS = 3  # in-plane window radius (voxels); through the plane: one slice on each side
+ITERATIONS = 5
+BOX_LEVEL = 0.05  # the box computed: where the probability reaches this, plus the window's reach
+_STORE_LIMIT = 2 ** 25  # kernel values kept between iterations (float32: 128 MB); above, recomputed each time
+
+
+def _offsets(radius: int) -> list[tuple[int, int, int]]:
+    return [(dx, dy, dz) for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1)
+            for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+
+
+def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float], weight: float,
+               iterations: int = ITERATIONS, radius: int = RADIUS, theta_mm: float = THETA_MM,
+               theta_intensity: float = THETA_INTENSITY) -> torch.Tensor:
+    """`probs` (H, W, Z) liver probability refined by the image `image` (H, W, Z, the network's input
+    intensities) on a grid of `spacing` mm per axis; a new tensor, `probs` outside the box unchanged."""
+    if weight <= 0 or iterations <= 0:
+        return probs
+    near = torch.nonzero(probs >= BOX_LEVEL)
+    if not len(near):
+        return probs
+    reach = torch.tensor([2 * radius, 2 * radius, 2])
+    lo = torch.clamp(near.min(0).values - reach, min=0)
+    hi = torch.minimum(near.max(0).values + reach + 1, torch.tensor(probs.shape))
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    p = probs[box].float().clamp(1e-4, 1 - 1e-4)
+    img = image[box].float().clamp(0, 1)
+    unary = torch.log(p) - torch.log1p(-p)
+    pad = (1, 1, radius, radius, radius, radius)  # F.pad order: the last axis (Z) first
+    img_pad = torch.nn.functional.pad(img[None, None], pad, mode="replicate")[0, 0]
+    X, Y, Z = img.shape
+    offsets = _offsets(radius)
+    near_weights = [float(np.exp(-((dx * spacing[0]) ** 2 + (dy * spacing[1]) ** 2 + (dz * spacing[2]) ** 2)
+                                 / (2 * theta_mm ** 2))) for dx, dy, dz in offsets]
+
+    def shifted(t: torch.Tensor, o: tuple[int, int, int]) -> torch.Tensor:
+        return t[radius + o[0]:radius + o[0] + X, radius + o[1]:radius + o[1] + Y, 1 + o[2]:1 + o[2] + Z]
+
+    def kernel(i: int) -> torch.Tensor:
+        diff = shifted(img_pad, offsets[i]) - img
+        return near_weights[i] * torch.exp(diff * diff * (-0.5 / theta_intensity ** 2))
+
+    stored = [kernel(i) for i in range(len(offsets))] if img.numel() * len(offsets) <= _STORE_LIMIT else None
+    mass = torch.zeros_like(img)
+    for i in range(len(offsets)):
+        mass += stored[i] if stored is not None else kernel(i)
+    mass.clamp_(min=1e-6)
+    q = p
+    for _ in range(iterations):
+        label = torch.nn.functional.pad((2 * q - 1)[None, None], pad, mode="replicate")[0, 0]
+        message = torch.zeros_like(img)
+        for i, o in enumerate(offsets):
+            message += (stored[i] if stored is not None else kernel(i)) * shifted(label, o)
+        q = torch.sigmoid(unary + weight * message / mass)
+    out = probs.clone()
+    out[box] = q.to(out.dtype)
+    return out
+
+
+def grid_spacing(image) -> list[float]:
+    """Voxel size (mm) of a MetaTensor's grid along its three spatial axes (its affine's columns)."""
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+
+
+def refine_probs(probs, image, weight: float, channel: int = 0):
+    """infer.crf_weight on a network's output: `probs` (1, H, W, Z) refined with the input image's
+    intensity channel `channel` (the centre slice when model.context_slices adds neighbours)."""
+    if weight <= 0:
+        return probs
+    from pipeline.model.predict import plain
+
+    refined = crf_refine(plain(probs)[0], plain(image)[channel], grid_spacing(image), weight)
+    return refined[None]
