@@ -75,7 +75,7 @@ def spacing_mode(run) -> str:
 def speed(run, cases, repeats: int, report: dict) -> None:
     print(f"\nspeed ({len(run.models)} model(s), batch {run.cfg.infer.batch_size}, amp {run.cfg.infer.amp}, "
           f"{torch.get_num_threads()} threads, {spacing_mode(run)})")
-    stages = ("read", "preprocess", "network", "invert", "postprocess", "write")
+    stages = ("read", "preprocess", "network", "crf", "invert", "postprocess", "write")
     print(f"{'case':<16}{'slices':>7}{'e2e s':>9}{'bare s':>9}{'ratio':>8}   " + " ".join(f"{s:>11}" for s in stages))
     ratios = {"CT": [], "MR": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():

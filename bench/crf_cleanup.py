@@ -13,20 +13,15 @@ the mask (one run of one view only): where an infer option would put it, at a bo
 Printed: Dice per patient for the plain probability and every variant, the mean and how many patients
 each variant raises; a JSON line at the end.
 
-The CRF: a fully factorised mean field of a two-label Potts model whose pairwise kernel is a bilateral
-one, exp(-d^2 / 2 theta_mm^2) * exp(-dI^2 / 2 theta_i^2), over a local window (in-plane radius
-`--radius` voxels, one slice above and below), intensities on the volume's 1-99 percentile range. Each
-iteration sets the liver logit to the network's logit plus `weight` times the kernel-weighted mean of
-(2q - 1) over the window (the message normalised by the kernel's mass, so `weight` is in logit units).
-MONAI's `CRF` block would be the real component, but it needs MONAI's compiled extension (monai._C, a
-permutohedral lattice), which the pip wheel lacks; a local window in torch is enough to measure whether
-the image's edges move the masks at all.
+The CRF is infer's (pipeline/model/crf.py, `infer.crf_weight`) with the widths and window given here;
+on the source grid the intensities are the volume's 1-99 percentile range.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -34,49 +29,19 @@ import torch
 from pipeline.core.config import pixel_spacing_mm
 from pipeline.evaluate.metrics import dice
 from pipeline.infer.segment import Stages, view_parts
+from pipeline.model import crf as crf_module
+from pipeline.model.crf import crf_refine
 from pipeline.model.inversion import probability_on_source_grid, views_mask_on_source_grid
 from pipeline.model.postprocess import postprocess
 
 from cv_models import add_run_arguments, validation_cases  # beside this file
 
 
-def crf(prob: np.ndarray, image: np.ndarray, spacing: np.ndarray, weight: float, theta_mm: float,
-        theta_i: float, iterations: int, radius: int) -> np.ndarray:
-    """Mean-field refinement of `prob` (X, Y, Z) with the bilateral Potts kernel on `image` (same grid,
-    intensities in [0, 1]); only the box of prob >= 0.05 plus the window's reach changes."""
-    near = np.argwhere(prob >= 0.05)
-    if not len(near):
-        return prob
-    reach = np.array([2 * radius, 2 * radius, 2])
-    lo = np.maximum(near.min(0) - reach, 0)
-    hi = np.minimum(near.max(0) + reach + 1, prob.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    p = torch.from_numpy(np.clip(prob[box], 1e-4, 1 - 1e-4).astype(np.float32))
-    img = torch.from_numpy(image[box].astype(np.float32))
-    unary = torch.log(p) - torch.log1p(-p)
-    pad = (1, 1, radius, radius, radius, radius)  # (Z, Y, X) padding, last axis first
-    img_pad = torch.nn.functional.pad(img[None, None], pad, mode="replicate")[0, 0]
-    offsets = [(dx, dy, dz) for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1)
-               for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
-    X, Y, Z = img.shape
-
-    def shifted(t: torch.Tensor, dx: int, dy: int, dz: int) -> torch.Tensor:
-        return t[radius + dx:radius + dx + X, radius + dy:radius + dy + Y, 1 + dz:1 + dz + Z]
-
-    kernels = []
-    for dx, dy, dz in offsets:
-        d2 = (dx * spacing[0]) ** 2 + (dy * spacing[1]) ** 2 + (dz * spacing[2]) ** 2
-        diff = shifted(img_pad, dx, dy, dz) - img
-        kernels.append(float(np.exp(-d2 / (2 * theta_mm ** 2))) * torch.exp(-diff * diff / (2 * theta_i ** 2)))
-    mass = torch.stack(kernels).sum(0).clamp_min(1e-6)
-    q = p.clone()
-    for _ in range(iterations):
-        label = torch.nn.functional.pad((2 * q - 1)[None, None], pad, mode="replicate")[0, 0]
-        message = sum(k * shifted(label, *o) for k, o in zip(kernels, offsets)) / mass
-        q = torch.sigmoid(unary + weight * message)
-    out = prob.copy()
-    out[box] = q.numpy()
-    return out
+def crf(probs: np.ndarray, image: np.ndarray, spacing, weight: float, theta_mm: float, theta_i: float,
+        iterations: int, radius: int) -> np.ndarray:
+    """pipeline.model.crf.crf_refine (infer's) on numpy arrays."""
+    return crf_refine(torch.from_numpy(probs), torch.from_numpy(image.astype(np.float32)), list(spacing), weight,
+                      iterations, radius, theta_mm, theta_i).numpy()
 
 
 def normalised(array: np.ndarray) -> np.ndarray:
@@ -89,16 +54,16 @@ def main() -> None:
     add_run_arguments(ap)
     ap.add_argument("--weights", default="1,3", help="comma-separated CRF weights (logit units)")
     ap.add_argument("--theta-intensity", default="0.05,0.1", help="comma-separated intensity widths (of the 1-99 range)")
-    ap.add_argument("--theta-mm", type=float, default=5.0, help="spatial width of the kernel (mm)")
-    ap.add_argument("--radius", type=int, default=3, help="in-plane window radius (voxels)")
-    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--theta-mm", type=float, default=crf_module.THETA_MM, help="spatial width of the kernel (mm)")
+    ap.add_argument("--radius", type=int, default=crf_module.RADIUS, help="in-plane window radius (voxels)")
+    ap.add_argument("--iterations", type=int, default=crf_module.ITERATIONS)
     ap.add_argument("--grid", choices=["source", "model"], default="source",
                     help="refine on the source grid (fused probability) or on the model's grid (one axial run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     variants = [(float(w), float(t)) for w in args.weights.split(",") for t in args.theta_intensity.split(",")]
     names = ["plain"] + [f"w{w:g} ti{t:g}" for w, t in variants]
-    rows = []
+    rows, seconds = [], []
     print("patient  " + "  ".join(f"{n:>12}" for n in names), flush=True)
     for case in validation_cases(args):
         shape = case.image.array.shape
@@ -127,14 +92,19 @@ def main() -> None:
                 return refined >= 0.5
         scores = []
         for variant in [None, *variants]:
+            t0 = time.perf_counter()
             refined = probs if variant is None else crf(probs, image, spacing, variant[0], args.theta_mm,
                                                         variant[1], args.iterations, args.radius)
+            if variant is not None:
+                seconds.append(time.perf_counter() - t0)
             mask = postprocess(threshold(refined), infer.largest_component, infer.fill_holes)
             scores.append(float(dice(mask > 0, case.liver)))
         rows.append({"patient": case.entry["case"], "dice": dict(zip(names, scores))})
         print(f"{case.entry['case']:<8} " + "  ".join(f"{s:12.4f}" for s in scores), flush=True)
     print("mean     " + "  ".join(f"{statistics.mean(r['dice'][n] for r in rows):12.4f}" for n in names))
     print("raised   " + "  ".join(f"{sum(r['dice'][n] > r['dice']['plain'] for r in rows):>12}" for n in names))
+    print(f"CRF seconds per case and variant (one thread): median {statistics.median(seconds or [0]):.3f}, "
+          f"max {max(seconds or [0]):.3f}")
     print(json.dumps({"variants": names, "rows": rows}))
 
 

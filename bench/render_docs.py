@@ -26,13 +26,13 @@ def render_bench_infer(report: dict, head: str) -> str:
     lines = [head, "",
              f"Run: {report['models']} model(s), {report['mode']}, amp {report['amp']}, {report['threads']} threads, "
              f"medians of {report['repeats']} repeats (every repeat listed).", "",
-             "| series | slices | end to end s | bare forward s | ratio | read | preprocess | network | invert | postprocess | write |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| series | slices | end to end s | bare forward s | ratio | read | preprocess | network | crf | invert | postprocess | write |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["speed"]:
         st = row["stages_s"]
         lines.append(f"| {row['case']} | {row['slices']} | {_median(row['e2e_s']):.3f} ({', '.join(f'{v:.3f}' for v in row['e2e_s'])}) "
                      f"| {_median(row['bare_s']):.3f} ({', '.join(f'{v:.3f}' for v in row['bare_s'])}) | **{row['ratio']:.2f}** | "
-                     + " | ".join(f"{st.get(s, 0.0):.3f}" for s in ("read", "preprocess", "network", "invert", "postprocess", "write"))
+                     + " | ".join(f"{st.get(s, 0.0):.3f}" for s in ("read", "preprocess", "network", "crf", "invert", "postprocess", "write"))
                      + " |")
     lines.append("")
     for modality, s in report.get("summary", {}).items():

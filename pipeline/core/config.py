@@ -168,7 +168,7 @@ class InferConfig:
     # test-time augmentation: each slice also predicted zoomed by these factors about its centre, the
     # liver probabilities zoomed back and averaged ([1.0] = off; docs/decisions.md#test-time-zooms)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
-    crf_weight: float = 0.0  # mean-field CRF on the liver probability with the image's edges (0 = off; model/crf.py)
+    crf_weight: float = 4.0  # mean-field CRF on the liver probability with the image's edges (0 = off; model/crf.py)
     sw_overlap: float = 0.25  # model.dims 3: overlap of the sliding windows (fraction of the patch)
     amp: AmpMode = "auto"  # auto: CUDA AMP on GPU, bf16 on CPUs that have it
     device: str = "auto"  # auto | cpu | cuda | cuda:N

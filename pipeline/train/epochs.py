@@ -50,8 +50,9 @@ def validate(model: nn.Module, val_items: list[dict], refs: list, transforms, lo
     `transforms` maps each view to the Compose that made it), each view is predicted along its own
     slices and their probabilities averaged on the source grid, as infer does.
     The Dice that counts (best checkpoint, CV summary) is that of the mask `infer` would write, i.e.
-    after the config's infer section (slice smoothing, then the mask's post-processing); the raw mask's
-    Dice (smoothed, not post-processed) is kept beside it.
+    after the config's infer section (slice smoothing, then the mask's post-processing), but without the
+    CRF (infer.crf_weight: a few tenths of a second per patient at every validation would come out of the
+    training budget); the raw mask's Dice (smoothed, not post-processed) is kept beside it.
     With a dict `overlays`, the first tracking.OVERLAY_PATIENTS patients' overlay images are put in it
     (from the first view); with a dict `confidences`, each patient's predict.mask_confidence (the model's
     own probability on its grid, before the smoothing, as infer measures it; the mean over the patient's
