@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=["source", "model"], default="source",
                     help="refine on the source grid (fused probability) or on the model's grid (one axial run)")
     args = ap.parse_args()
+    args.overrides = ["infer.crf_weight=0", *args.overrides]  # "plain" is the network's; the variants add the CRF
     torch.set_num_threads(1)
     variants = [(float(w), float(t)) for w in args.weights.split(",") for t in args.theta_intensity.split(",")]
     names = ["plain"] + [f"w{w:g} ti{t:g}" for w, t in variants]

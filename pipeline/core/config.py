@@ -108,7 +108,7 @@ class TrainConfig:
     liver_slice_ratio: float = 0.85  # fraction of training slices that contain liver
     slices_per_volume: int = 8  # 2D slices drawn from each volume per epoch
     batch_size: int = 16  # slices per optimisation step (per process under DDP)
-    epochs: int = 280  # epochs per fold
+    epochs: int = 700  # epochs per fold
     # minutes of training per fold (0 = off): after the warm-up the run times itself and fixes
     # train.epochs to what fits; the fixed count is saved (config.yaml, checkpoints) and --resume keeps it
     budget_minutes: float = 0.0
