@@ -59,20 +59,34 @@ def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float
                                   mode="replicate").reshape(-1)
     first = radius * strides[0] + radius * strides[1] + 1
     span = (X - 1) * strides[0] + (Y - 1) * strides[1] + (Z - 1) + 1
-    centre = img[first:first + span]
-    offsets = _offsets(radius)
+    # one of each pair of opposite offsets: the kernel is symmetric, k(i, i + o) = k(i + o, i), so the kernel of -o
+    # at i is the kernel of o at i - o, read from the same values (half the memory and the exponentials)
+    offsets = [o for o in _offsets(radius) if o > (0, 0, 0)]
     near_weights = [float(np.exp(-((dx * spacing[0]) ** 2 + (dy * spacing[1]) ** 2 + (dz * spacing[2]) ** 2)
                                  / (2 * theta_mm ** 2))) for dx, dy, dz in offsets]
-    flat = [first + dx * strides[0] + dy * strides[1] + dz for dx, dy, dz in offsets]
+    shift = [dx * strides[0] + dy * strides[1] + dz for dx, dy, dz in offsets]  # all > 0
 
-    def kernel(i: int) -> torch.Tensor:
-        diff = img[flat[i]:flat[i] + span] - centre
+    def kernel(i: int) -> torch.Tensor:  # k(p, p + o) for p from first - o to the span's end
+        start = first - shift[i]
+        diff = img[start + shift[i]:first + span + shift[i]] - img[start:first + span]
         return torch.exp(diff.square_().mul_(-0.5 / theta_intensity ** 2)).mul_(near_weights[i])
 
-    stored = [kernel(i) for i in range(len(offsets))] if span * len(offsets) <= _STORE_LIMIT else None
+    stored = [kernel(i) for i in range(len(offsets))] if (span + shift[-1]) * len(offsets) <= _STORE_LIMIT else None
+
+    def both_ways(i: int, values: torch.Tensor | None, out: torch.Tensor) -> None:
+        """out += k(i, i + o) v(i + o) + k(i, i - o) v(i - o) over the span (v = 1 when values is None)."""
+        k = stored[i] if stored is not None else kernel(i)
+        forward, backward = k[shift[i]:], k[:span]
+        if values is None:
+            out += forward
+            out += backward
+        else:
+            out.addcmul_(forward, values[first + shift[i]:first + span + shift[i]])
+            out.addcmul_(backward, values[first - shift[i]:first + span - shift[i]])
+
     mass = torch.zeros(span)
     for i in range(len(offsets)):
-        mass += stored[i] if stored is not None else kernel(i)
+        both_ways(i, None, mass)
     mass.clamp_(min=1e-6)
     pad = (1, 1, radius, radius, radius, radius)  # F.pad's order: the last axis (Z) first
 
@@ -85,7 +99,7 @@ def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float
         label = padded_flat(2 * q - 1)
         message = torch.zeros(span)
         for i in range(len(offsets)):
-            message.addcmul_(stored[i] if stored is not None else kernel(i), label[flat[i]:flat[i] + span])
+            both_ways(i, label, message)
         label[first:first + span] = torch.sigmoid(unary + weight * message / mass)  # (a buffer now)
         q = label.view(padded)[radius:radius + X, radius:radius + Y, 1:1 + Z]
     out = probs.clone()
