@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(ap)
     ap.add_argument("--weights", default="1,3", help="comma-separated CRF weights (logit units)")
-    ap.add_argument("--theta-intensity", default="0.05,0.1", help="comma-separated intensity widths (of the 1-99 range)")
+    ap.add_argument("--theta-intensity", default="0.05,0.1", help="comma-separated intensity widths")
     ap.add_argument("--theta-mm", type=float, default=crf_module.THETA_MM, help="spatial width of the kernel (mm)")
     ap.add_argument("--radius", type=int, default=crf_module.RADIUS, help="in-plane window radius (voxels)")
     ap.add_argument("--iterations", type=int, default=crf_module.ITERATIONS)

@@ -116,7 +116,8 @@ def preprocessing_description(cfg: Config) -> dict:
                  "rule": "after the smoothing, on the model's grid: each iteration sets every voxel's liver logit to "
                          "the network's plus weight x the mean of (2q - 1) over its window, weighted by "
                          "exp(-d^2 / 2 theta_mm^2) exp(-dI^2 / 2 theta_intensity^2) (d in mm, I the centre input "
-                         "channel); only the box of probability >= 0.05 plus the window's reach (pipeline/model/crf.py)"}
+                         "channel); only the box of probability >= 0.05 plus the window's reach "
+                         "(pipeline/model/crf.py)"}
                 if (weight := cfg.infer.crf_weight) > 0 else "none"),
         "to_source_grid": "the averaged liver probability taken back through those steps to the source grid "
                           "(bilinear, no smoothing; as MONAI's Invertd does) and reoriented to the source axes",
