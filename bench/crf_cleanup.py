@@ -7,8 +7,8 @@ probability on the source grid, against the same probability thresholded as infe
 Every validation patient of every fold is segmented by its own fold's models (last checkpoint), the
 runs' probabilities averaged on the source grid (infer's fusion), then for each (weight, intensity
 width) the CRF below runs and the result goes through infer's post-processing (largest component).
-`--grid model` refines instead the axial probability on the model's grid (the pixel spacing in-plane,
-the source slices through the plane) with the network's own input image, before infer's inversion of
+`--grid model` refines instead the axial probability on the model's grid with the network's own
+input image, before infer's inversion of
 the mask (one run of one view only): where an infer option would put it, at a bounded cost.
 Printed: Dice per patient for the plain probability and every variant, the mean and how many patients
 each variant raises; a JSON line at the end.
@@ -26,7 +26,6 @@ import time
 import numpy as np
 import torch
 
-from pipeline.core.config import pixel_spacing_mm
 from pipeline.evaluate.metrics import dice
 from pipeline.infer.segment import Stages, view_parts
 from pipeline.model import crf as crf_module
@@ -76,9 +75,8 @@ def main() -> None:
                 raise SystemExit("--grid model: one run of one view only")
             part = predicted[0][0][0]
             probs = np.asarray(part.probs[0], dtype=np.float32)
-            image = np.clip(np.asarray(part.image[0], dtype=np.float32), 0, 1)
-            spacing = np.array([pixel_spacing_mm(case.run.cfg.train)] * 2
-                               + [np.linalg.norm(case.image.affine[:3, 2])])
+            image = np.asarray(part.image[case.run.cfg.model.context_slices], dtype=np.float32)  # as infer's
+            spacing = crf_module.grid_spacing(part.image)
 
             def threshold(refined: np.ndarray) -> np.ndarray:
                 with torch.inference_mode():

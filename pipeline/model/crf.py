@@ -55,8 +55,12 @@ def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float
     # over the span from the first to the last box voxel (pad voxels inside the span are computed and dropped)
     padded = (X + 2 * radius, Y + 2 * radius, Z + 2)
     strides = (padded[1] * padded[2], padded[2], 1)
-    img = torch.nn.functional.pad(image[box].float().clamp(0, 1)[None, None], (1, 1, radius, radius, radius, radius),
-                                  mode="replicate").reshape(-1)
+    pad = (1, 1, radius, radius, radius, radius)  # F.pad's order: the last axis (Z) first
+
+    def padded_flat(values: torch.Tensor) -> torch.Tensor:  # the box's values, their edges repeated
+        return torch.nn.functional.pad(values[None, None], pad, mode="replicate").reshape(-1)
+
+    img = padded_flat(image[box].float().clamp(0, 1))
     first = radius * strides[0] + radius * strides[1] + 1
     span = (X - 1) * strides[0] + (Y - 1) * strides[1] + (Z - 1) + 1
     # one of each pair of opposite offsets: the kernel is symmetric, k(i, i + o) = k(i + o, i), so the kernel of -o
@@ -67,8 +71,7 @@ def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float
     shift = [dx * strides[0] + dy * strides[1] + dz for dx, dy, dz in offsets]  # all > 0
 
     def kernel(i: int) -> torch.Tensor:  # k(p, p + o) for p from first - o to the span's end
-        start = first - shift[i]
-        diff = img[start + shift[i]:first + span + shift[i]] - img[start:first + span]
+        diff = img[first:first + span + shift[i]] - img[first - shift[i]:first + span]
         return torch.exp(diff.square_().mul_(-0.5 / theta_intensity ** 2)).mul_(near_weights[i])
 
     stored = [kernel(i) for i in range(len(offsets))] if (span + shift[-1]) * len(offsets) <= _STORE_LIMIT else None
@@ -88,11 +91,6 @@ def crf_refine(probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float
     for i in range(len(offsets)):
         both_ways(i, None, mass)
     mass.clamp_(min=1e-6)
-    pad = (1, 1, radius, radius, radius, radius)  # F.pad's order: the last axis (Z) first
-
-    def padded_flat(values: torch.Tensor) -> torch.Tensor:  # the box's values, their edges repeated
-        return torch.nn.functional.pad(values[None, None], pad, mode="replicate").reshape(-1)
-
     unary = padded_flat(torch.log(p) - torch.log1p(-p))[first:first + span]
     q = p
     for _ in range(iterations):
