@@ -226,6 +226,16 @@ def make_run(run_dir: Path, folds=(0,)) -> Path:
     return run_dir
 
 
+def two_fold_case(tmp_path: Path):
+    """A tiny ellipsoid MR series written as DICOM under tmp_path and read back, and the two-fold tiny run
+    (make_run): (run_dir, volume, geometry), for the tests of what infer does with a fold ensemble."""
+    series = tmp_path / "s"
+    write_tiny(series, ellipsoid_volume())
+    run_dir = make_run(tmp_path / "run", folds=(0, 1))
+    volume, geom = read_series(series)
+    return run_dir, volume, geom
+
+
 def ellipsoid_volume(n=6, rows=24, cols=20):
     z, r, c = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
     inside = ((r - rows / 2) / (rows / 3)) ** 2 + ((c - cols / 2) / (cols / 3)) ** 2 + ((z - n / 2) / (n / 2)) ** 2 < 1

@@ -7,12 +7,11 @@ import torch
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.dicom.series import read_series
 from pipeline.infer.loaded import load_run
 from pipeline.model import crf
 from pipeline.model.crf import crf_refine
 
-from helpers import TINY, ellipsoid_volume, make_run, write_tiny
+from helpers import TINY, two_fold_case
 
 
 def _organ_scene():
@@ -76,10 +75,7 @@ def test_crf_weight_is_checked():
 def test_infer_refines_the_ensemble_probability_with_the_image(tmp_path):
     from pipeline.infer.segment import Stages, network_probs, preprocess_case
 
-    series = tmp_path / "s"
-    write_tiny(series, ellipsoid_volume())
-    run_dir = make_run(tmp_path / "run", folds=(0, 1))
-    volume, geom = read_series(series)
+    run_dir, volume, geom = two_fold_case(tmp_path)
     with torch.inference_mode():
         plain_run = load_run(run_dir, None, ["infer.crf_weight=0"])
         crf_run = load_run(run_dir, None, ["infer.crf_weight=4"])

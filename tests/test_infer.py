@@ -21,7 +21,7 @@ from pipeline.model.networks import build_model
 from pipeline.model.postprocess import postprocess
 
 from helpers import (OBLIQUE_COL, OBLIQUE_ROW, TINY, assert_one_line_error, ellipsoid_volume, infer_in_process,
-                     make_run, write_tiny)
+                     make_run, two_fold_case, write_tiny)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,10 +55,7 @@ def test_mask_has_the_shape_and_affine_of_the_series(tmp_path, name):
 
 
 def test_fold_ensemble_averages_probabilities(tmp_path):
-    series = tmp_path / "s"
-    write_tiny(series, ellipsoid_volume())
-    run_dir = make_run(tmp_path / "run", folds=(0, 1))
-    volume, geom = read_series(series)
+    run_dir, volume, geom = two_fold_case(tmp_path)
     network_only = ["infer.crf_weight=0"]  # the CRF after the average is not linear in it
     both = load_run(run_dir, None, network_only)
     singles = [load_run(run_dir, str(k), network_only) for k in (0, 1)]
@@ -174,10 +171,7 @@ def test_infer_smooths_the_ensemble_probability_through_the_slices(tmp_path):
     from pipeline.model.inversion import liver_on_source_grid
     from pipeline.model.predict import smooth_through_slices
 
-    series = tmp_path / "s"
-    write_tiny(series, ellipsoid_volume())
-    run_dir = make_run(tmp_path / "run", folds=(0, 1))
-    volume, geom = read_series(series)
+    run_dir, volume, geom = two_fold_case(tmp_path)
     with torch.inference_mode():
         plain_run = load_run(run_dir, None, ["infer.slice_smoothing=0", "infer.crf_weight=0"])
         pre, image = preprocess_case(plain_run, volume, geom.affine, "MR")
