@@ -86,8 +86,7 @@ def test_the_bundle_runs_with_monai_alone_and_writes_infers_masks(trained, space
     assert done.returncode == 0, done.stderr[-3000:]
     # the bundle leaves the CRF out (export warns): infer without it
     run_inference(run_dir, data, tmp_path / "infer", ["infer.montage=false", "infer.amp=off", "infer.crf_weight=0"],
-                  fold="0",
-                  patients=",".join(c.split("_T2SPIR")[0] for c in cases))
+                  fold="0", patients=",".join(c.split("_T2SPIR")[0] for c in cases))
     for case in cases:
         ours = nib.load(str(tmp_path / "infer" / f"{case}_liver.nii.gz"))
         theirs = nib.load(str(tmp_path / "masks" / f"{case}_liver.nii.gz"))
